@@ -1,0 +1,140 @@
+"""Golden byte vectors for the multifd wire format, one file per message type.
+
+The vectors are committed as tests/golden/*.bin; tests/test_protocol.py checks
+that encoding the inputs below gives exactly those bytes and that decoding the
+bytes gives exactly the messages below. Regenerate them only on purpose, after
+a deliberate change of the wire format:
+
+    .venv/bin/python tests/golden/make_golden.py          # check, exit 1 if stale
+    .venv/bin/python tests/golden/make_golden.py --write  # rewrite the files
+
+Tests import this file by path (tests/ is not a package).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import xxhash
+
+from multifd_cli import protocol as P
+
+HERE = Path(__file__).resolve().parent
+
+SESSION = bytes(range(16))
+PAGE_SIZE = P.MIN_PAGE_SIZE
+# Block 0 of the golden layout is 1300 bytes: pages at 0 and 512 are full, the
+# page at 1024 is a short tail page of 276 bytes.
+BLOCK0_SIZE = 1300
+BLOCK1_SIZE = 4096
+PAGE0 = bytes(range(256)) * 2
+TAIL = b"multifd tail page " + bytes(258)  # 276 bytes, not a multiple of 8 on purpose
+assert len(PAGE0) == PAGE_SIZE and len(TAIL) == BLOCK0_SIZE - 2 * PAGE_SIZE
+
+
+def page_hash(data: bytes) -> int:
+    return int(xxhash.xxh3_64_intdigest(data))
+
+
+def table_digest() -> bytes:
+    """xxh3-128 over the little-endian u64 page-hash table of the golden layout,
+    after the golden PACKET: block 0 pages 0 and 1024 carry data, every other
+    page of both blocks is zero."""
+    hashes = [
+        page_hash(PAGE0),
+        page_hash(bytes(PAGE_SIZE)),
+        page_hash(TAIL),
+        *[page_hash(bytes(PAGE_SIZE))] * (BLOCK1_SIZE // PAGE_SIZE),
+    ]
+    return bytes(xxhash.xxh3_128_digest(b"".join(P.HASH.pack(h) for h in hashes)))
+
+
+CONFIG = P.Config(
+    channels=4, compression=0, level=-3, page_size=PAGE_SIZE, packet_size=8 * PAGE_SIZE,
+    features=0,
+)
+LAYOUT = P.Layout(
+    (
+        P.BlockInfo("disk.img", BLOCK0_SIZE, 1024),
+        P.BlockInfo("données-ñ-日本", BLOCK1_SIZE, 0),
+    )
+)
+PACKET_FIELDS = {
+    "epoch": 3,
+    "packet_num": 7,
+    "block": 0,
+    "normal_offsets": [0, 1024],
+    "zero_offsets": [512],
+    "hashes": [page_hash(PAGE0), page_hash(TAIL)],
+    "payload": PAGE0 + TAIL,
+}
+
+# name -> (expected decoded message, encoded bytes). For PACKET the expected
+# message is given as PACKET_FIELDS (a Packet holds memoryviews).
+VECTORS: dict[str, tuple[object, bytes]] = {
+    "hello": (
+        P.Hello(P.VERSION, P.ROLE_MAIN, SESSION, 0),
+        P.encode_hello(P.ROLE_MAIN, SESSION),
+    ),
+    "welcome": (P.Welcome(P.VERSION, SESSION), P.encode_welcome(SESSION)),
+    "config": (CONFIG, P.encode_config(CONFIG)),
+    "layout": (LAYOUT, P.encode_layout(LAYOUT)),
+    "accept": (P.Accept(), P.encode_accept()),
+    "epoch_start": (
+        P.EpochStart(3, (BLOCK0_SIZE, BLOCK1_SIZE)),
+        P.encode_epoch_start(3, [BLOCK0_SIZE, BLOCK1_SIZE]),
+    ),
+    "epoch_end": (
+        P.EpochEnd(3, P.Counts(5, 17, 9)),
+        P.encode_epoch_end(3, P.Counts(5, 17, 9)),
+    ),
+    "packet": (PACKET_FIELDS, b"".join(bytes(b) for b in P.encode_packet(**PACKET_FIELDS))),
+    "sync": (P.Sync(3, P.Counts(2, 10, 4)), P.encode_sync(3, 8, P.Counts(2, 10, 4))),
+    "heartbeat": (P.Heartbeat(), P.encode_heartbeat()),
+    "digest": (P.Digest(3, table_digest()), P.encode_digest(3, table_digest())),
+    "complete": (
+        P.Complete(table_digest(), BLOCK0_SIZE + BLOCK1_SIZE),
+        P.encode_complete(table_digest(), BLOCK0_SIZE + BLOCK1_SIZE),
+    ),
+    "abort": (
+        P.Abort(6, "verify failed: page 3 — ü"),
+        P.encode_abort(6, "verify failed: page 3 — ü"),
+    ),
+}
+
+# The order of a whole session, used for the concatenated-stream test.
+STREAM_ORDER = [
+    "hello", "welcome", "config", "layout", "accept", "epoch_start", "packet", "sync",
+    "heartbeat", "epoch_end", "digest", "complete", "abort",
+]
+
+
+def path_of(name: str) -> Path:
+    return HERE / f"{name}.bin"
+
+
+def main(argv: list[str]) -> int:
+    write = "--write" in argv
+    stale = 0
+    for name, (_, data) in VECTORS.items():
+        path = path_of(name)
+        current = path.read_bytes() if path.exists() else None
+        if current == data:
+            continue
+        stale += 1
+        if write:
+            path.write_bytes(data)
+            print(f"wrote {path.name} ({len(data)} bytes)")
+        else:
+            print(f"stale: {path.name}")
+    if not write and stale:
+        print(f"{stale} vector(s) differ; rerun with --write only if the format changed on purpose")
+        return 1
+    if not stale:
+        print(f"all {len(VECTORS)} vectors up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
