@@ -1,0 +1,230 @@
+"""The receive side of one channel: unframe, check, decompress, verify, write.
+
+The channel owns its socket and pwrites the destination itself. It holds at
+every SYNC until main releases it into the next epoch:
+
+    main -> channel   ("release", epoch, sizes)   or   ("quit",)
+    channel -> main   ("synced", epoch, counts, wire_bytes, written_bytes)
+                      ("error", exit_code, message)
+
+Holding at SYNC is the epoch barrier: no channel applies pass k+1 before every
+channel has applied all of pass k, so an older copy of a page that travelled on
+a slower channel can never land after a newer one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Sequence
+
+from multifd_cli import protocol as P
+from multifd_cli.compression import Compressor, by_wire_id
+from multifd_cli.config import TestHooks
+from multifd_cli.errors import (
+    ConnectionFailed,
+    IOFailure,
+    PeerAborted,
+    ProtocolError,
+    VerifyError,
+    expect,
+)
+from multifd_cli.sink import HOLE_BIT, DestTables, punch_hole
+from multifd_cli.tables import page_hash, zero_bytes, zero_hash
+from multifd_cli.transport import recv_exact
+
+log = logging.getLogger("multifd")
+
+
+@dataclass(frozen=True)
+class RecvChannelArgs:
+    config: P.Config
+    fds: tuple[int, ...]
+    tables: tuple[DestTables, ...]
+    timeout: float
+    hooks: TestHooks
+
+
+class ChannelReceiver:
+    """Applies the packets of one channel to the destination files."""
+
+    def __init__(self, index: int, sock: socket.socket, args: RecvChannelArgs) -> None:
+        cfg = args.config
+        self.index = index
+        self.sock = sock
+        self.args = args
+        self.page_size = cfg.page_size
+        self.max_pages = cfg.pages_per_packet
+        self.limits = P.Limits(
+            max_pages=cfg.pages_per_packet,
+            max_payload=cfg.packet_size,
+            max_control=P.ABORT.size + P.MAX_ABORT_MESSAGE,
+        )
+        self._hdr = bytearray(P.HEADER_SIZE)
+        self._body = bytearray(16 * cfg.pages_per_packet + cfg.packet_size)
+        self._decompressors: dict[int, Compressor] = {}
+        self.packet_num = 0
+        self.epoch = 0
+        self.sizes: Sequence[int] = ()
+        self.counts = P.Counts()
+        self.wire_bytes = 0
+        self.written_bytes = 0
+        hooks = args.hooks
+        self.delay = hooks.delay_seconds if hooks.delay_channel == index else 0.0
+        self.delay_epoch = hooks.delay_epoch
+
+    def _decompressor(self, wire_id: int) -> Compressor:
+        d = self._decompressors.get(wire_id)
+        if d is None:
+            d = self._decompressors[wire_id] = by_wire_id(wire_id)
+        return d
+
+    def run_epoch(self, epoch: int, sizes: Sequence[int]) -> P.Counts:
+        """Apply packets until this channel's SYNC for `epoch`; return its counts."""
+        self.epoch = epoch
+        self.sizes = sizes
+        self.counts = P.Counts()
+        hv = memoryview(self._hdr)
+        bv = memoryview(self._body)
+        while True:
+            recv_exact(self.sock, hv)
+            h = P.parse_header(hv, self.limits)
+            body = bv[: h.body_len]
+            if h.body_len:
+                recv_exact(self.sock, body)
+            self.wire_bytes += P.HEADER_SIZE + h.body_len
+            if h.type == P.MsgType.HEARTBEAT:
+                continue
+            if h.type == P.MsgType.ABORT:
+                msg = P.parse_control(h, body)
+                assert isinstance(msg, P.Abort)
+                raise PeerAborted(msg.message, msg.exit_code)
+            if h.type != P.MsgType.PACKET:
+                raise ProtocolError(f"on a channel: got {h.type.name}, expected PACKET")
+            expect("packet number", h.packet_num, self.packet_num)
+            self.packet_num += 1
+            expect("packet epoch", h.epoch, epoch)
+            msg = P.parse_packet_body(h, body)
+            if isinstance(msg, P.Sync):
+                expect(f"epoch {epoch} counts in SYNC", msg.counts, self.counts)
+                return self.counts
+            if self.delay and self.delay_epoch in (0, epoch):
+                time.sleep(self.delay)  # test-only: a slow channel
+            self._apply(msg)
+            self.counts += P.Counts(1, h.normal, h.zero)
+
+    def _apply(self, p: P.Packet) -> None:
+        h = p.header
+        ps = self.page_size
+        raw = P.check_packet(p, self.sizes, ps, self.max_pages)
+        size = self.sizes[h.block]
+        fd = self.args.fds[h.block]
+        tables = self.args.tables[h.block]
+        data: bytes | memoryview = p.payload
+        if h.compression and not h.flags & P.FLAG_RAW and raw:
+            data = self._decompressor(h.compression).decompress(p.payload, raw)
+        mv = memoryview(data)
+        stamps = tables.stamp.view
+        hashes = tables.page_hash.view
+        epoch = self.epoch
+        pos = 0
+        run_off = run_pos = -1
+        run_len = 0
+        for off, want in zip(p.normal_offsets, p.hashes):
+            n = ps if off + ps <= size else size - off
+            got = page_hash(mv[pos : pos + n])
+            if got != want:
+                raise VerifyError(
+                    f"page at offset {off} of block {h.block}: hash {got:#018x}, expected {want:#018x}",
+                    channel=self.index,
+                )
+            pi = off // ps
+            if stamps[pi] & ~HOLE_BIT == epoch:
+                raise ProtocolError(f"page at offset {off} arrived twice in epoch {epoch}")
+            stamps[pi] = epoch
+            hashes[pi] = want
+            if off == run_off + run_len and pos == run_pos + run_len:
+                run_len += n
+            else:
+                self._write(fd, mv, run_pos, run_len, run_off)
+                run_off, run_pos, run_len = off, pos, n
+            pos += n
+        self._write(fd, mv, run_pos, run_len, run_off)
+        if p.zero_offsets:
+            self._zero(fd, tables, p.zero_offsets, size)
+
+    def _write(self, fd: int, mv: memoryview, pos: int, length: int, offset: int) -> None:
+        if length <= 0:
+            return
+        chunk = mv[pos : pos + length]
+        while len(chunk):
+            try:
+                n = os.pwrite(fd, chunk, offset)
+            except OSError as e:
+                raise IOFailure(f"writing the destination at offset {offset}: {e.strerror}") from None
+            chunk = chunk[n:]
+            offset += n
+        self.written_bytes += length
+
+    def _zero(self, fd: int, tables: DestTables, offsets: Sequence[int], size: int) -> None:
+        """Make pages zero. Skip only pages known to be holes in this new file."""
+        ps = self.page_size
+        stamps = tables.stamp.view
+        hashes = tables.page_hash.view
+        epoch = self.epoch
+        run_off = -1
+        run_len = 0
+        for off in offsets:
+            pi = off // ps
+            n = ps if off + ps <= size else size - off
+            st = stamps[pi]
+            if st & ~HOLE_BIT == epoch and st:
+                raise ProtocolError(f"page at offset {off} arrived twice in epoch {epoch}")
+            hashes[pi] = zero_hash(n)
+            if st == 0 or st & HOLE_BIT:
+                stamps[pi] = epoch | HOLE_BIT
+                continue
+            stamps[pi] = epoch | HOLE_BIT
+            if off == run_off + run_len:
+                run_len += n
+            else:
+                self._clear(fd, run_off, run_len)
+                run_off, run_len = off, n
+        self._clear(fd, run_off, run_len)
+
+    def _clear(self, fd: int, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        if punch_hole(fd, offset, length):
+            return
+        ps = self.page_size
+        for o in range(offset, offset + length, ps):
+            self._write(fd, memoryview(zero_bytes(min(ps, offset + length - o))), 0, min(ps, offset + length - o), o)
+
+
+def channel_main(index: int, pipe: Connection, sock: socket.socket, args: RecvChannelArgs) -> None:
+    """Process entry point of a receive channel."""
+    sock.settimeout(args.timeout)
+    rx = ChannelReceiver(index, sock, args)
+    try:
+        while True:
+            try:
+                cmd = pipe.recv()
+            except EOFError:
+                raise ConnectionFailed("main process went away") from None
+            if cmd[0] == "quit":
+                return
+            _, epoch, sizes = cmd
+            for t in args.tables:
+                t.refresh()
+            counts = rx.run_epoch(epoch, sizes)
+            pipe.send(
+                ("synced", epoch, (counts.packets, counts.normal, counts.zero),
+                 rx.wire_bytes, rx.written_bytes)
+            )
+    finally:
+        sock.close()

@@ -1,0 +1,203 @@
+"""The send side of one channel: read, hash, compress, frame, write.
+
+Each channel connects its own socket, opens the sources itself and preads
+them, so page bytes never cross a pipe. Main sends work descriptions:
+
+    ("work", item, epoch, block, start_page, end_page, size, full)
+    ("flush",)            push the paged client's partial batch
+    ("sync", epoch)       send the SYNC packet that closes this channel's epoch
+    ("quit",)
+
+and the channel answers ("ready",), ("done", item, stats), ("flushed",),
+("synced", epoch, counts) or ("error", exit_code, message).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Sequence
+
+from multifd_cli import protocol as P
+from multifd_cli.clients import PagedClient
+from multifd_cli.compression import Compressor, get_compressor
+from multifd_cli.errors import ConnectionFailed, IOFailure, ProtocolError, expect
+from multifd_cli.tracker import HashTracker, SourceTables
+from multifd_cli.transport import Uri, connect, send_all
+from multifd_cli.workers import recv_exact_deadline
+
+log = logging.getLogger("multifd")
+
+
+@dataclass(frozen=True)
+class SendChannelArgs:
+    uri: Uri
+    session: bytes
+    config: P.Config
+    compression: str
+    sources: tuple[str, ...]
+    tables: tuple[SourceTables, ...]
+    timeout: float
+    heartbeat: float
+
+
+class ChannelSender:
+    """Frames packets onto this channel's socket and counts them per epoch."""
+
+    def __init__(self, sock: socket.socket, compressor: Compressor | None) -> None:
+        self.sock = sock
+        self.comp = compressor
+        self.comp_id = compressor.wire_id if compressor is not None else 0
+        self.epoch = 0
+        self.packet_num = 0
+        self.epoch_counts = P.Counts()
+        self.wire_bytes = 0
+        self.payload_bytes = 0
+        self.last_send = time.monotonic()
+
+    def send_pages(
+        self,
+        block: int,
+        normal_offsets: list[int],
+        zero_offsets: list[int],
+        hashes: list[int],
+        payload: memoryview,
+    ) -> None:
+        raw = False
+        data: bytes | memoryview = payload
+        if self.comp is not None and len(payload):
+            packed = self.comp.compress(payload)
+            if len(packed) < len(payload):
+                data = packed
+            else:
+                raw = True  # it did not shrink: send it as it is, flagged
+        bufs = P.encode_packet(
+            epoch=self.epoch,
+            packet_num=self.packet_num,
+            block=block,
+            normal_offsets=normal_offsets,
+            zero_offsets=zero_offsets,
+            hashes=hashes,
+            payload=data,
+            compression=self.comp_id,
+            raw=raw,
+        )
+        self.wire_bytes += send_all(self.sock, bufs)
+        self.payload_bytes += len(payload)
+        self.packet_num += 1
+        self.epoch_counts += P.Counts(1, len(normal_offsets), len(zero_offsets))
+        self.last_send = time.monotonic()
+
+    def send_sync(self, epoch: int) -> P.Counts:
+        """Close this channel's epoch: a SYNC packet with what it sent in it."""
+        expect("sync epoch", epoch, self.epoch)
+        counts = self.epoch_counts
+        self.wire_bytes += send_all(self.sock, [P.encode_sync(epoch, self.packet_num, counts)])
+        self.packet_num += 1
+        self.epoch_counts = P.Counts()
+        self.last_send = time.monotonic()
+        return counts
+
+    def heartbeat_if_idle(self, interval: float) -> None:
+        if time.monotonic() - self.last_send >= interval:
+            self.wire_bytes += send_all(self.sock, [P.encode_heartbeat()])
+            self.last_send = time.monotonic()
+
+
+def handshake(sock: socket.socket, role: int, session: bytes, timeout: float) -> None:
+    """HELLO out, WELCOME back, on any connection of the send side."""
+    send_all(sock, [P.encode_hello(role, session)])
+    deadline = time.monotonic() + timeout
+    header = P.parse_header(recv_exact_deadline(sock, P.HEADER_SIZE, deadline))
+    body = recv_exact_deadline(sock, header.body_len, deadline)
+    msg = P.parse_control(header, body) if header.type != P.MsgType.PACKET else None
+    if isinstance(msg, P.Abort):
+        from multifd_cli.errors import PeerAborted
+
+        raise PeerAborted(msg.message, msg.exit_code)
+    if not isinstance(msg, P.Welcome):
+        raise ProtocolError(f"handshake: got {header.type.name}, expected WELCOME")
+    expect("protocol version", msg.version, P.VERSION)
+    expect("session UUID", msg.session.hex(), session.hex())
+
+
+def channel_main(index: int, pipe: Connection, args: SendChannelArgs) -> None:
+    """Process entry point of a send channel."""
+    sock = connect(args.uri, args.timeout)
+    try:
+        handshake(sock, index, args.session, args.timeout)
+        _serve(index, pipe, sock, args)
+    finally:
+        sock.close()
+
+
+def _open_sources(paths: Sequence[str]) -> list[int]:
+    fds = []
+    for p in paths:
+        try:
+            fds.append(os.open(p, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as e:
+            raise IOFailure(f"cannot open source {p}: {e.strerror}") from None
+    return fds
+
+
+def _serve(index: int, pipe: Connection, sock: socket.socket, args: SendChannelArgs) -> None:
+    cfg = args.config
+    comp = None if args.compression == "none" else get_compressor(args.compression)
+    sender = ChannelSender(sock, comp)
+    client = PagedClient(sender, cfg.page_size, cfg.pages_per_packet)
+    tracker = HashTracker(cfg.page_size, lambda: sender.heartbeat_if_idle(args.heartbeat))
+    fds = _open_sources(args.sources)
+    pipe.send(("ready",))
+    while True:
+        if not pipe.poll(args.heartbeat):
+            sender.heartbeat_if_idle(args.heartbeat)
+            continue
+        try:
+            cmd = pipe.recv()
+        except EOFError:
+            raise ConnectionFailed("main process went away") from None
+        op = cmd[0]
+        if op == "work":
+            _, item, epoch, block, start, end, size, full = cmd
+            if epoch != sender.epoch:
+                # An epoch's packets never mix with the next one's in a batch.
+                client.flush()
+                sender.epoch = epoch
+            tables = args.tables[block]
+            tables.refresh()
+            t0 = time.monotonic()
+            wire0 = sender.wire_bytes
+            res = tracker.scan(fds[block], block, tables, start, end, size, full, client)
+            pipe.send(
+                (
+                    "done",
+                    item,
+                    {
+                        "dirty_pages": res.dirty_pages,
+                        "zero_pages": res.zero_pages,
+                        "read_bytes": res.read_bytes,
+                        "wire_bytes": sender.wire_bytes - wire0,
+                        "seconds": time.monotonic() - t0,
+                        "short_read": res.short_read,
+                    },
+                )
+            )
+        elif op == "flush":
+            client.flush()
+            pipe.send(("flushed", sender.wire_bytes, sender.payload_bytes))
+        elif op == "sync":
+            epoch = cmd[1]
+            sender.epoch = epoch  # a channel given no work this epoch still syncs it
+            counts = sender.send_sync(epoch)
+            pipe.send(
+                ("synced", epoch, (counts.packets, counts.normal, counts.zero), sender.wire_bytes)
+            )
+        elif op == "quit":
+            return
+        else:
+            raise ProtocolError(f"channel command: got {op!r}")

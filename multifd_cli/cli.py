@@ -1,0 +1,251 @@
+"""The click commands: parse and validate options into a config, then call in.
+
+Every argument is checked before anything is opened, bound or connected. One
+handler, `main()`, turns every error into one line on stderr and its exit code;
+a traceback appears only with --debug.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import traceback
+from typing import Any, Callable, NoReturn
+
+import click
+
+from multifd_cli import __version__
+from multifd_cli.config import RecvConfig, SendConfig, TestHooks, parse_size
+from multifd_cli.errors import (
+    EXIT_INTERNAL,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_USAGE,
+    Cancelled,
+    MultifdError,
+    UsageError,
+)
+
+log = logging.getLogger("multifd")
+_debug = False
+_json_requested = False  # --json seen: failures must end with a "failed" event too
+_failed_emitted = False
+_side_name = "cli"
+
+
+class SizeType(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
+    """A byte count with an optional K/M/G (1024) or KB/MB/GB (1000) suffix."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except UsageError as e:
+            self.fail(e.message, param, ctx)
+
+
+SIZE = SizeType()
+
+
+def _common(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options both commands share, composed once."""
+    options = [
+        click.option("--json", "json_events", is_flag=True, envvar="MULTIFD_JSON",
+                     show_envvar=True, help="Print one JSON event per line on stdout."),
+        click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0,
+                     show_default=True, envvar="MULTIFD_TIMEOUT", show_envvar=True,
+                     help="Seconds to wait for the peer, and the longest silence tolerated."),
+        click.option("--log-level", default="info", show_default=True,
+                     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+                     envvar="MULTIFD_LOG_LEVEL", show_envvar=True),
+        click.option("--log-file", type=click.Path(dir_okay=False), default=None,
+                     envvar="MULTIFD_LOG_FILE", show_envvar=True,
+                     help="Write logs here instead of stderr."),
+        click.option("--debug", is_flag=True, help="Show tracebacks for errors."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="multifd")
+def cli() -> None:
+    """Live-migrate a changing file to another host over parallel channels.
+
+    Start `multifd recv DEST` on the destination, then `multifd send SOURCE
+    --to URI` on the source. Exit codes are listed in the README.
+    """
+
+
+def _setup(debug: bool, log_level: str, log_file: str | None) -> None:
+    global _debug
+    _debug = debug
+    from multifd_cli import logsetup
+
+    logsetup.configure("debug" if debug else log_level, log_file)
+
+    def on_signal(signum: int, frame: Any) -> NoReturn:
+        if signum == signal.SIGTERM:
+            raise Cancelled("terminated by SIGTERM", EXIT_SIGTERM)
+        raise Cancelled("interrupted by SIGINT", EXIT_SIGINT)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+
+def _run(side: str, json_events: bool, body: Callable[[Any], dict[str, Any]]) -> None:
+    from multifd_cli import logsetup
+    from multifd_cli.events import Events, human_summary
+
+    global _failed_emitted
+    events = Events(side, json_events)
+    try:
+        logsetup.install_for_channels()
+        summary = body(events)
+    except BaseException as e:
+        code = e.exit_code if isinstance(e, MultifdError) else EXIT_INTERNAL
+        if isinstance(e, KeyboardInterrupt):
+            code = EXIT_SIGINT
+        events.emit("failed", error=_one_line(e), exit_code=code)
+        _failed_emitted = True
+        raise
+    finally:
+        logsetup.shutdown()
+    events.emit("completed", status="completed", **summary)
+    if not json_events:
+        click.echo(human_summary(side, "completed", summary), err=True)
+
+
+@cli.command()
+@click.argument("dest", type=click.Path(dir_okay=True))
+@click.option("--listen", default="tcp:127.0.0.1:0", show_default=True, envvar="MULTIFD_LISTEN",
+              show_envvar=True, help="tcp:HOST:PORT, tcp:[IPv6]:PORT or unix:PATH; port 0 picks one.")
+@click.option("--force", is_flag=True, help="Replace an existing DEST, atomically at completion.")
+@click.option("--keep-partial", is_flag=True, help="Keep a failed copy as DEST.partial.")
+@_common
+def recv(dest: str, listen: str, force: bool, keep_partial: bool, json_events: bool,
+         timeout: float, log_level: str, log_file: str | None, debug: bool) -> None:
+    """Receive one migration into DEST, then exit."""
+    _note_json("recv", json_events)
+    from multifd_cli.transport import parse_uri
+
+    parse_uri(listen)
+    cfg = RecvConfig(dest=dest, listen=listen, timeout=timeout, force=force,
+                     keep_partial=keep_partial, json=json_events)
+    _setup(debug, log_level, log_file)
+    hooks = TestHooks.from_env()
+
+    def body(events: Any) -> dict[str, Any]:
+        from multifd_cli import receiver
+
+        return receiver.run(cfg, events, hooks)
+
+    _run("recv", json_events, body)
+
+
+@cli.command()
+@click.argument("sources", nargs=-1, required=True, metavar="SOURCE...")
+@click.option("--to", "to", required=True, envvar="MULTIFD_TO", show_envvar=True,
+              help="Where recv listens: tcp:HOST:PORT, tcp:[IPv6]:PORT or unix:PATH.")
+@click.option("--channels", type=click.IntRange(1, 64), default=2, show_default=True,
+              envvar="MULTIFD_CHANNELS", show_envvar=True,
+              help="Parallel channel processes, each with its own socket.")
+@click.option("--compress", "compress", default="none", show_default=True,
+              envvar="MULTIFD_COMPRESS", show_envvar=True,
+              help="none, zlib, lz4 or zstd, with an optional :LEVEL.")
+@click.option("--page-size", type=SIZE, default="4K", show_default=True,
+              help="Unit of dirty tracking: a power of two from 512 bytes to 1M.")
+@click.option("--packet-size", type=SIZE, default="512K", show_default=True,
+              help="Payload of one packet: a multiple of the page size, up to 64M.")
+@click.option("--max-passes", type=click.IntRange(1), default=30, show_default=True,
+              envvar="MULTIFD_MAX_PASSES", show_envvar=True,
+              help="Give up (exit 9) if the source still changes after this many passes.")
+@click.option("--no-mtime-shortcut", is_flag=True,
+              help="Always confirm with a pass that finds nothing, even when size, mtime and "
+                   "ctime did not change (needed for writers that use mmap).")
+@_common
+def send(sources: tuple[str, ...], to: str, channels: int, compress: str, page_size: int,
+         packet_size: int, max_passes: int, no_mtime_shortcut: bool, json_events: bool,
+         timeout: float, log_level: str, log_file: str | None, debug: bool) -> None:
+    """Migrate SOURCE to the recv listening at --to."""
+    _note_json("send", json_events)
+    from multifd_cli import protocol as P
+    from multifd_cli.compression import get_compressor, parse_spec
+    from multifd_cli.transport import parse_uri
+
+    parse_uri(to)
+    get_compressor(parse_spec(compress))
+    if page_size & (page_size - 1) or not P.MIN_PAGE_SIZE <= page_size <= P.MAX_PAGE_SIZE:
+        raise UsageError(
+            f"--page-size {page_size}: expected a power of two from {P.MIN_PAGE_SIZE} to {P.MAX_PAGE_SIZE}"
+        )
+    if packet_size % page_size or not page_size <= packet_size <= P.MAX_PACKET_SIZE:
+        raise UsageError(
+            f"--packet-size {packet_size}: expected a multiple of --page-size ({page_size}) "
+            f"up to {P.MAX_PACKET_SIZE}"
+        )
+    cfg = SendConfig(sources=sources, to=to, channels=channels, compression=compress,
+                     page_size=page_size, packet_size=packet_size, max_passes=max_passes,
+                     timeout=timeout, mtime_shortcut=not no_mtime_shortcut, json=json_events)
+    _setup(debug, log_level, log_file)
+    hooks = TestHooks.from_env()
+
+    def body(events: Any) -> dict[str, Any]:
+        from multifd_cli import orchestrator
+
+        return orchestrator.run(cfg, events, hooks)
+
+    _run("send", json_events, body)
+
+
+def _note_json(side: str, enabled: bool) -> None:
+    global _json_requested, _side_name
+    _json_requested = enabled
+    _side_name = side
+
+
+def _exit(code: int, message: str) -> NoReturn:
+    """Print the one-line error (and the failed event, under --json) and exit."""
+    click.echo(f"multifd: error: {message}", err=True)
+    if _json_requested and not _failed_emitted:
+        from multifd_cli.events import Events
+
+        Events(_side_name, True).emit("failed", error=message, exit_code=code)
+    sys.exit(code)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, MultifdError):
+        return str(e)
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    return f"internal error: {type(e).__name__}: {e}"
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point: run the CLI and turn every failure into one line and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="multifd", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(EXIT_USAGE)
+    except click.exceptions.Abort:
+        _exit(EXIT_SIGINT, "interrupted")
+    except MultifdError as e:
+        if _debug:
+            traceback.print_exc()
+        _exit(e.exit_code, _one_line(e))
+    except KeyboardInterrupt:
+        _exit(EXIT_SIGINT, "interrupted")
+    except Exception as e:  # noqa: BLE001 - the one place that catches everything
+        if _debug:
+            traceback.print_exc()
+        _exit(EXIT_INTERNAL, f"{_one_line(e)} (run with --debug for a traceback)")
+    sys.exit(0)

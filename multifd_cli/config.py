@@ -1,0 +1,83 @@
+"""Validated settings for both commands, parsed at the edge and passed inward."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from multifd_cli.errors import UsageError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(B?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, *, what: str = "size") -> int:
+    """Parse '4096', '4K', '512KiB'-less forms: K/M/G/T are powers of 1024, KB/MB/GB/TB of 1000."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise UsageError(f"bad {what} {text!r}: expected a number with an optional K, M, G, KB, MB or GB")
+    number, unit, b = m.groups()
+    unit = unit.upper()
+    base = 1000 if (b and unit) else 1024
+    power = "KMGT".find(unit) + 1 if unit else 0
+    value = float(number) * base**power
+    if value != int(value):
+        raise UsageError(f"bad {what} {text!r}: not a whole number of bytes")
+    return int(value)
+
+
+def parse_rate(text: str) -> int:
+    """A rate in bytes per second: a size with an optional '/s'."""
+    t = str(text).strip()
+    if t.lower().endswith("/s"):
+        t = t[:-2]
+    return parse_size(t, what="rate")
+
+
+@dataclass(frozen=True)
+class SendConfig:
+    sources: tuple[str, ...]
+    to: str
+    channels: int = 2
+    compression: str = "none"
+    page_size: int = 4096
+    packet_size: int = 512 << 10
+    max_passes: int = 30
+    timeout: float = 60.0
+    mtime_shortcut: bool = True
+    json: bool = False
+
+
+@dataclass(frozen=True)
+class RecvConfig:
+    dest: str
+    listen: str = "tcp:127.0.0.1:0"
+    timeout: float = 60.0
+    force: bool = False
+    keep_partial: bool = False
+    json: bool = False
+    max_channels: int = 64
+
+
+@dataclass
+class TestHooks:
+    """Switches that exist only so tests can show the barrier matters."""
+
+    no_barrier: bool = False
+    delay_channel: int = -1
+    delay_seconds: float = 0.0
+    delay_epoch: int = 0
+    between_passes: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> TestHooks:
+        hooks = cls(no_barrier=os.environ.get("MULTIFD_TEST_NO_BARRIER") == "1")
+        spec = os.environ.get("MULTIFD_TEST_DELAY", "")
+        if spec:
+            parts = spec.split(":")
+            hooks.delay_channel = int(parts[0])
+            hooks.delay_seconds = float(parts[1])
+            hooks.delay_epoch = int(parts[2]) if len(parts) > 2 else 0
+        hooks.between_passes = os.environ.get("MULTIFD_TEST_BETWEEN_PASSES", "")
+        return hooks

@@ -1,0 +1,102 @@
+"""The main connection: control messages in both directions, checked against
+the state table, with heartbeats and a silence limit."""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+
+from multifd_cli import protocol as P
+from multifd_cli.errors import ConnectionFailed, PeerAborted, Timeout
+from multifd_cli.transport import send_all
+
+
+class MainConnection:
+    def __init__(self, sock: socket.socket, kind: str, timeout: float) -> None:
+        self.sock = sock
+        self.timeout = timeout
+        self.decoder = P.Decoder()
+        self.conv = P.Conversation(kind)
+        self.last_rx = time.monotonic()
+        self.last_tx = time.monotonic()
+        self.closed = False
+        self._pending: list[P.Message] = []
+        sock.settimeout(timeout)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, data: bytes) -> None:
+        send_all(self.sock, [data])
+        self.last_tx = time.monotonic()
+
+    def heartbeat_if_idle(self, interval: float) -> None:
+        if time.monotonic() - self.last_tx >= interval:
+            self.send(P.encode_heartbeat())
+
+    def check_silence(self) -> None:
+        if time.monotonic() - self.last_rx > self.timeout:
+            raise Timeout(f"peer silent for more than {self.timeout:g} s (--timeout)")
+
+    def read_available(self) -> list[P.Message]:
+        """Read what the socket has now; return the messages that completed.
+
+        HEARTBEATs are consumed here; an ABORT raises PeerAborted.
+        """
+        try:
+            data = self.sock.recv(1 << 16)
+        except socket.timeout:
+            raise Timeout(f"peer silent for more than {self.timeout:g} s (--timeout)") from None
+        except OSError as e:
+            raise ConnectionFailed(f"main connection lost: {e.strerror or e}") from None
+        if not data:
+            self.closed = True
+            raise ConnectionFailed("main connection closed by peer")
+        self.last_rx = time.monotonic()
+        self.decoder.feed(data)
+        out: list[P.Message] = []
+        for msg in self.decoder.messages():
+            self.conv.advance(P.event_name(msg))
+            if isinstance(msg, P.Abort):
+                raise PeerAborted(msg.message, msg.exit_code)
+            if not isinstance(msg, P.Heartbeat):
+                out.append(msg)
+        return out
+
+    def receive(self, deadline: float) -> P.Message:
+        """Block until one message arrives (handshake and completion)."""
+        while True:
+            msg = self._pop()
+            if msg is not None:
+                return msg
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Timeout("timed out waiting for the peer")
+            r, _, _ = select.select([self.sock], [], [], left)
+            if r:
+                self._pending.extend(self.read_available())
+
+    def _pop(self) -> P.Message | None:
+        return self._pending.pop(0) if self._pending else None
+
+    def drain(self) -> list[P.Message]:
+        """Messages read ahead by receive() and not yet handed out."""
+        out, self._pending = self._pending, []
+        return out
+
+    def abort(self, exit_code: int, message: str) -> None:
+        """Best effort: tell the peer why we stop. Never raises."""
+        if self.closed:
+            return
+        try:
+            self.sock.settimeout(1.0)
+            self.sock.sendall(P.encode_abort(exit_code, message))
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

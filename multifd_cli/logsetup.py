@@ -1,0 +1,81 @@
+"""Logging: stderr (or --log-file) in main; channel records reach it through
+multiprocessing-logging, tagged with the process and channel name.
+
+A channel killed while it holds the log queue must not hang anyone: children
+cancel the queue's join, and shutdown never waits on logging for long.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from multiprocessing_logging import MultiProcessingHandler
+
+FORMAT = "%(asctime)s %(processName)s %(levelname)s %(message)s"
+_root = logging.getLogger("multifd")
+
+
+class _ChannelLogHandler(MultiProcessingHandler):  # type: ignore[misc]
+    """Main's end of the log queue; closing it waits a bounded time, never forever."""
+
+    def close(self) -> None:
+        if not self._is_closed:  # type: ignore[has-type]
+            self._is_closed = True
+            self._receive_thread.join(0.5)
+            self.sub_handler.flush()
+            logging.Handler.close(self)
+
+
+def configure(level: str = "INFO", log_file: str | None = None) -> None:
+    """Send records to stderr, or to a file; stdout is reserved for --json events."""
+    for h in list(_root.handlers):
+        _root.removeHandler(h)
+    handler: logging.Handler
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
+    _root.addHandler(handler)
+    _root.setLevel(level.upper())
+    _root.propagate = False
+
+
+def install_for_channels() -> None:
+    """Wrap main's handlers so forked channels log through one queue."""
+    for i, h in enumerate(list(_root.handlers)):
+        if isinstance(h, MultiProcessingHandler):
+            continue
+        mp = _ChannelLogHandler(f"multifd-log-{i}", sub_handler=h)
+        _root.removeHandler(h)
+        _root.addHandler(mp)
+
+
+def shutdown() -> None:
+    """Stop the log thread and go back to plain handlers (main only)."""
+    for h in list(_root.handlers):
+        if isinstance(h, MultiProcessingHandler):
+            _root.removeHandler(h)
+            h.close()
+            _root.addHandler(h.sub_handler)
+
+
+def _queues() -> list[Any]:
+    return [h.queue for h in _root.handlers if isinstance(h, MultiProcessingHandler)]
+
+
+def in_child() -> None:
+    """In a forked channel: never block exit on the shared log queue."""
+    for q in _queues():
+        q.cancel_join_thread()
+
+
+def flush_child() -> None:
+    """Give the queue's feeder a moment to hand over the last records, no more."""
+    for q in _queues():
+        try:
+            q.close()
+            thread = getattr(q, "_thread", None)
+            if thread is not None:
+                thread.join(1.0)
+        except Exception:  # noqa: BLE001 - logging must never keep a channel alive
+            pass

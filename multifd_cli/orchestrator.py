@@ -1,0 +1,362 @@
+"""send's main process: passes, flush, sync, completion.
+
+Main touches no page bytes. Each pass it announces the epoch and the source
+size on the main connection, hands chunk-aligned ranges to whichever channel is
+free, then closes the epoch in two separate steps:
+
+1. flush(): every client pushes what it still holds (the paged client's
+   partial batch; a blob client has nothing to flush);
+2. sync(): every channel sends its SYNC packet, and main sends EPOCH_END.
+
+The orchestrator owns that one sync per epoch; no client ever syncs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import subprocess
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from multifd_cli import protocol as P
+from multifd_cli import workers
+from multifd_cli.channel_send import SendChannelArgs, channel_main, handshake
+from multifd_cli.compression import get_compressor, parse_spec
+from multifd_cli.config import SendConfig, TestHooks
+from multifd_cli.connection import MainConnection
+from multifd_cli.errors import (
+    ConvergeError,
+    IOFailure,
+    MultifdError,
+    PeerAborted,
+    ProtocolError,
+    UsageError,
+    VerifyError,
+    expect,
+)
+from multifd_cli.events import Events, Stats
+from multifd_cli.tables import chunk_pages, pages_of, table_digest
+from multifd_cli.tracker import SourceTables
+from multifd_cli.transport import connect, parse_uri
+
+log = logging.getLogger("multifd")
+
+ITEM_BYTES = 8 << 20  # one work description covers this much of a block
+IN_FLIGHT = 2  # work items queued per channel, so none idles between items
+# mtime/ctime granularity can be a clock tick or more; a change within this
+# window of the pass start might not move them, so the shortcut is not trusted.
+MTIME_MARGIN_NS = 2_000_000_000
+
+
+@dataclass
+class Source:
+    path: str
+    name: str
+    fd: int
+    size: int
+    allocated: int
+    is_block_device: bool
+
+    def stat_key(self) -> tuple[int, int, int]:
+        st = os.fstat(self.fd)
+        return (self._size(st), st.st_mtime_ns, st.st_ctime_ns)
+
+    def _size(self, st: os.stat_result) -> int:
+        if self.is_block_device:
+            return os.lseek(self.fd, 0, os.SEEK_END)
+        return st.st_size
+
+    def current_size(self) -> int:
+        return self.stat_key()[0]
+
+
+def open_source(path: str) -> Source:
+    """Open and stat one source; refuse what cannot be migrated, with the reason."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UsageError(f"source {path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"source {path} is a directory") from None
+    except OSError as e:
+        raise IOFailure(f"cannot open source {path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        os.close(fd)
+        raise UsageError(f"source {path} is a directory")
+    blk = stat.S_ISBLK(st.st_mode)
+    if not (blk or stat.S_ISREG(st.st_mode)):
+        os.close(fd)
+        raise UsageError(f"source {path} is neither a regular file nor a block device")
+    size = os.lseek(fd, 0, os.SEEK_END) if blk else st.st_size
+    allocated = size if blk else min(size, st.st_blocks * 512)
+    return Source(path, os.path.basename(path), fd, size, allocated, blk)
+
+
+@dataclass
+class PassResult:
+    dirty_pages: int = 0
+    zero_pages: int = 0
+    read_bytes: int = 0
+    wire_bytes: int = 0
+    short_read: bool = False
+    counts: P.Counts = field(default_factory=P.Counts)
+
+
+class Orchestrator:
+    def __init__(self, cfg: SendConfig, events: Events, hooks: TestHooks) -> None:
+        self.cfg = cfg
+        self.events = events
+        self.hooks = hooks
+        self.uri = parse_uri(cfg.to)
+        self.spec = parse_spec(cfg.compression)
+        self.compressor = get_compressor(self.spec)
+        self.heartbeat = max(0.05, min(1.0, cfg.timeout / 4))
+        self.stats = Stats(channels=cfg.channels, compression=str(self.spec))
+        self.sources: list[Source] = []
+        self.tables: list[SourceTables] = []
+        self.main: MainConnection | None = None
+        self.workers: list[workers.Worker] = []
+        self.session = uuid.uuid4().bytes
+        self.sizes: list[int] = []
+        self.wire = [0] * cfg.channels  # bytes each channel put on the wire
+
+    # -- the whole migration -----------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        try:
+            self.sources = [open_source(p) for p in self.cfg.sources]
+            if len(self.sources) != 1:
+                raise UsageError("several sources need the multi-source support of a later release")
+            self._connect()
+            self._start_channels()
+            self.stats.setup_done = time.monotonic()
+            self._migrate()
+            return self.stats.summary()
+        except BaseException as e:
+            code = e.exit_code if isinstance(e, MultifdError) else 1
+            if self.main is not None and not isinstance(e, PeerAborted):
+                self.main.abort(code, f"source: {e}")
+            raise
+        finally:
+            if self.workers:
+                workers.terminate(self.workers)
+            if self.main is not None:
+                self.main.close()
+            for t in self.tables:
+                t.close()
+            for s in self.sources:
+                os.close(s.fd)
+
+    def _connect(self) -> None:
+        cfg = self.cfg
+        sock = connect(self.uri, cfg.timeout)
+        handshake(sock, P.ROLE_MAIN, self.session, cfg.timeout)
+        self.main = main = MainConnection(sock, "send-main", cfg.timeout)
+        main.conv.advance("WELCOME")
+        self.config = P.Config(
+            cfg.channels,
+            self.compressor.wire_id,
+            self.spec.effective_level,
+            cfg.page_size,
+            cfg.packet_size,
+        )
+        self.sizes = [s.size for s in self.sources]
+        layout = P.Layout(tuple(P.BlockInfo(s.name, s.size, s.allocated) for s in self.sources))
+        main.send(P.encode_config(self.config) + P.encode_layout(layout))
+        reply = main.receive(time.monotonic() + cfg.timeout)
+        if not isinstance(reply, P.Accept):
+            raise ProtocolError(f"setup: got {type(reply).__name__}, expected ACCEPT")
+        self.tables = [
+            SourceTables.create(f"send{i}", s.size, cfg.page_size) for i, s in enumerate(self.sources)
+        ]
+
+    def _start_channels(self) -> None:
+        assert self.main is not None
+        args = SendChannelArgs(
+            self.uri,
+            self.session,
+            self.config,
+            str(self.spec),
+            tuple(s.path for s in self.sources),
+            tuple(self.tables),
+            self.cfg.timeout,
+            self.heartbeat,
+        )
+        self.workers = workers.start(
+            self.cfg.channels, "send", channel_main, args_for=lambda i: (args,),
+            close_for=lambda i: [self.main.sock] if self.main else [],
+        )
+        ready: set[int] = set()
+        deadline = time.monotonic() + self.cfg.timeout
+        while len(ready) < len(self.workers):
+            if time.monotonic() > deadline:
+                raise workers.WorkerFailed("channels did not connect in time", 3, -1)
+            for w, msg in self._poll():
+                expect("channel report", msg[0], "ready")
+                ready.add(w.index)
+
+    def _poll(self) -> list[tuple[workers.Worker, tuple[Any, ...]]]:
+        """Wait briefly for channel reports while watching the main connection."""
+        assert self.main is not None
+        reports, ready = workers.poll(self.workers, [self.main], self.heartbeat)
+        if ready:
+            for msg in self.main.read_available():
+                raise ProtocolError(f"main connection: unexpected {type(msg).__name__} mid-pass")
+        self.main.heartbeat_if_idle(self.heartbeat)
+        self.main.check_silence()
+        return reports
+
+    # -- passes ---------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        cfg = self.cfg
+        epoch = 0
+        while True:
+            epoch += 1
+            keys = [s.stat_key() for s in self.sources]
+            wall_start = time.time_ns()
+            self._begin_epoch(epoch, [k[0] for k in keys])
+            pass_start = time.monotonic()
+            self.stats.final_pass_started = pass_start
+            res = self._run_pass(epoch, full=epoch == 1)
+            self.flush()
+            res.counts = self.sync(epoch)
+            self.stats.passes = epoch
+            self.stats.normal_pages += res.counts.normal
+            self.stats.zero_pages += res.counts.zero
+            found = res.dirty_pages + res.zero_pages
+            self.events.emit(
+                "pass", **{"pass": epoch}, dirty_bytes=res.dirty_pages * cfg.page_size,
+                sent_bytes=res.wire_bytes, normal_pages=res.counts.normal,
+                zero_pages=res.counts.zero,
+                duration_ms=round((time.monotonic() - pass_start) * 1000, 1),
+            )
+            log.info(
+                "pass %d: %d dirty pages, %d zero pages, %d bytes sent",
+                epoch, res.dirty_pages, res.zero_pages, res.wire_bytes,
+            )
+            if epoch > 1 and found == 0 and not res.short_read:
+                break  # a pass that found nothing to send confirms the copy
+            if cfg.mtime_shortcut and not res.short_read and self._unchanged(keys, wall_start):
+                break
+            if epoch >= cfg.max_passes:
+                raise ConvergeError(
+                    f"still changing after {epoch} passes (--max-passes); "
+                    "pause the writer or raise --max-passes"
+                )
+            if self.hooks.between_passes:
+                subprocess.run(self.hooks.between_passes, shell=True, check=True,
+                               stdout=subprocess.DEVNULL)
+        self._complete(epoch)
+
+    def _unchanged(self, keys: list[tuple[int, int, int]], wall_start: int) -> bool:
+        """Size, mtime and ctime unchanged since the pass began, and old enough to trust.
+
+        Writes through a shared mmap need not update mtime, which is why
+        --no-mtime-shortcut exists.
+        """
+        for src, before in zip(self.sources, keys):
+            if src.stat_key() != before:
+                return False
+            if wall_start - max(before[1], before[2]) < MTIME_MARGIN_NS:
+                return False
+        return True
+
+    def _begin_epoch(self, epoch: int, sizes: list[int]) -> None:
+        assert self.main is not None
+        for i, (old, new) in enumerate(zip(self.sizes, sizes)):
+            if old != new:
+                log.info("%s changed size: %d -> %d bytes", self.sources[i].path, old, new)
+                self.tables[i].resize(old, new, self.cfg.page_size)
+        self.sizes = sizes
+        self.main.send(P.encode_epoch_start(epoch, sizes))
+
+    def _work_items(self) -> deque[tuple[int, int, int]]:
+        ps = self.cfg.page_size
+        step = max(chunk_pages(ps), ITEM_BYTES // ps // chunk_pages(ps) * chunk_pages(ps))
+        items: deque[tuple[int, int, int]] = deque()
+        for b, size in enumerate(self.sizes):
+            n = pages_of(size, ps)
+            for start in range(0, n, step):
+                items.append((b, start, min(n, start + step)))
+        return items
+
+    def _run_pass(self, epoch: int, full: bool) -> PassResult:
+        """Hand every range to whichever channel is free; gather what they found."""
+        items = self._work_items()
+        res = PassResult()
+        outstanding = {w.index: 0 for w in self.workers}
+        next_id = 0
+        while items or any(outstanding.values()):
+            for w in self.workers:
+                while items and outstanding[w.index] < IN_FLIGHT:
+                    b, start, end = items.popleft()
+                    w.send("work", next_id, epoch, b, start, end, self.sizes[b], full)
+                    next_id += 1
+                    outstanding[w.index] += 1
+            for w, msg in self._poll():
+                expect("channel report", msg[0], "done")
+                s = msg[2]
+                outstanding[w.index] -= 1
+                res.dirty_pages += s["dirty_pages"]
+                res.zero_pages += s["zero_pages"]
+                res.read_bytes += s["read_bytes"]
+                res.wire_bytes += s["wire_bytes"]
+                res.short_read |= s["short_read"]
+        return res
+
+    def flush(self) -> None:
+        """Every client pushes out what it still holds; nothing is synced here."""
+        for w in self.workers:
+            w.send("flush")
+        self._gather("flushed")
+
+    def sync(self, epoch: int) -> P.Counts:
+        """Close the epoch: a SYNC packet on every channel, then EPOCH_END on main."""
+        assert self.main is not None
+        for w in self.workers:
+            w.send("sync", epoch)
+        total = P.Counts()
+        for w, msg in self._gather("synced"):
+            total += P.Counts(*msg[2])
+            self.wire[w.index] = msg[3]
+        self.stats.transferred_bytes = sum(self.wire)
+        self.main.send(P.encode_epoch_end(epoch, total))
+        return total
+
+    def _gather(self, what: str) -> list[tuple[workers.Worker, tuple[Any, ...]]]:
+        got: dict[int, tuple[workers.Worker, tuple[Any, ...]]] = {}
+        while len(got) < len(self.workers):
+            for w, msg in self._poll():
+                expect("channel report", msg[0], what)
+                got[w.index] = (w, msg)
+        return list(got.values())
+
+    # -- completion -------------------------------------------------------------------------------
+    def _complete(self, epoch: int) -> None:
+        assert self.main is not None
+        digest = table_digest(
+            [(size, t.page_hash) for size, t in zip(self.sizes, self.tables)], self.cfg.page_size
+        )
+        self.main.send(P.encode_digest(epoch, digest))
+        deadline = time.monotonic() + self.cfg.timeout
+        while True:
+            msg = self.main.receive(deadline)
+            if isinstance(msg, P.Complete):
+                break
+            raise ProtocolError(f"completion: got {type(msg).__name__}, expected COMPLETE")
+        if msg.digest != digest:
+            raise VerifyError(f"digest: destination reported {msg.digest.hex()}, expected {digest.hex()}")
+        workers.stop(self.workers)
+        self.workers = []
+        self.stats.digest = digest.hex()
+        self.stats.finished = time.monotonic()
+
+
+def run(cfg: SendConfig, events: Events, hooks: TestHooks) -> dict[str, Any]:
+    """Migrate cfg.sources to cfg.to; return the completed counters."""
+    return Orchestrator(cfg, events, hooks).run()

@@ -1,0 +1,321 @@
+"""recv's main process: accept one session, run the epoch barrier, complete.
+
+Main never touches page bytes. It accepts the connections, checks what the
+source declares, forks one channel per channel connection, releases the
+channels epoch by epoch, and at the end compares digests and names the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import time
+from dataclasses import dataclass, field
+
+from multifd_cli import protocol as P
+from multifd_cli import workers
+from multifd_cli.channel_recv import RecvChannelArgs, channel_main
+from multifd_cli.compression import by_wire_id
+from multifd_cli.config import RecvConfig, TestHooks
+from multifd_cli.connection import MainConnection
+from multifd_cli.errors import (
+    ConnectionFailed,
+    MultifdError,
+    ProtocolError,
+    Timeout,
+    VerifyError,
+    expect,
+)
+from multifd_cli.events import Events, Stats
+from multifd_cli.sink import Destination, DestTables
+from multifd_cli.tables import table_digest
+from multifd_cli.transport import Uri, listen, parse_uri, tune
+from multifd_cli.workers import recv_exact_deadline
+
+log = logging.getLogger("multifd")
+
+
+@dataclass
+class EpochState:
+    sizes: tuple[int, ...] = ()
+    started: float = 0.0
+    end: P.EpochEnd | None = None
+    synced: dict[int, P.Counts] = field(default_factory=dict)
+
+
+class Receiver:
+    def __init__(self, cfg: RecvConfig, events: Events, hooks: TestHooks) -> None:
+        self.cfg = cfg
+        self.events = events
+        self.hooks = hooks
+        self.heartbeat = max(0.05, min(1.0, cfg.timeout / 4))
+        self.stats = Stats()
+        self.dest = Destination(cfg.dest, force=cfg.force, keep_partial=cfg.keep_partial)
+        self.uri: Uri = parse_uri(cfg.listen)
+        self.lsock: socket.socket | None = None
+        self.real_uri: Uri | None = None
+        self.main: MainConnection | None = None
+        self.workers: list[workers.Worker] = []
+        self.tables: DestTables | None = None
+        self.config: P.Config | None = None
+        self.sizes: tuple[int, ...] = ()
+
+    # -- the whole session ------------------------------------------------------------
+    def run(self) -> dict[str, object]:
+        try:
+            self.dest.check()
+            self.dest.lock()
+            self.lsock, self.real_uri = listen(self.uri)
+            self.events.emit("listening", uri=str(self.real_uri))
+            log.info("listening on %s", self.real_uri)
+            deadline = time.monotonic() + self.cfg.timeout
+            self._accept_session(deadline)
+            socks = self._accept_channels(deadline)
+            self._close_listener()
+            self._start_channels(socks)
+            self.stats.setup_done = time.monotonic()
+            self._serve()
+            return self.stats.summary()
+        except BaseException as e:
+            self._fail(e)
+            raise
+        finally:
+            self._close_listener()
+            if self.tables is not None:
+                self.tables.close()
+            self.dest.close()
+
+    def _fail(self, e: BaseException) -> None:
+        code = e.exit_code if isinstance(e, MultifdError) else 1
+        if self.main is not None:
+            self.main.abort(code, f"destination: {e}")
+        if self.workers:
+            workers.terminate(self.workers)
+            self.workers = []
+        self.dest.discard()
+
+    def _close_listener(self) -> None:
+        if self.lsock is not None:
+            self.lsock.close()
+            self.lsock = None
+            if self.uri.scheme == "unix":
+                try:
+                    os.unlink(self.uri.path)
+                except OSError:
+                    pass
+
+    # -- handshake ------------------------------------------------------------------------
+    def _accept(self, deadline: float) -> tuple[socket.socket, P.Hello]:
+        """Accept the next connection that says HELLO; drop anything else."""
+        assert self.lsock is not None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Timeout(f"no session started within {self.cfg.timeout:g} s (--timeout)")
+            r, _, _ = select.select([self.lsock], [], [], left)
+            if not r:
+                continue
+            conn, peer = self.lsock.accept()
+            try:
+                tune(conn)
+                hs_deadline = min(deadline, time.monotonic() + min(10.0, self.cfg.timeout))
+                raw = recv_exact_deadline(conn, P.HEADER_SIZE, hs_deadline)
+                h = P.parse_header(raw)
+                if h.type != P.MsgType.HELLO:
+                    raise ProtocolError(f"first message: got {h.type.name}, expected HELLO")
+                msg = P.parse_control(h, recv_exact_deadline(conn, h.body_len, hs_deadline))
+                assert isinstance(msg, P.Hello)
+                expect("protocol version", msg.version, P.VERSION)
+                return conn, msg
+            except MultifdError as e:
+                log.warning("dropped a connection from %s: %s", peer or "a local peer", e)
+                conn.close()
+
+    def _accept_session(self, deadline: float) -> None:
+        while True:
+            conn, hello = self._accept(deadline)
+            if hello.role == P.ROLE_MAIN:
+                break
+            log.warning("dropped channel %d: it arrived before any session", hello.role)
+            conn.close()
+        self.session = hello.session
+        self.main = main = MainConnection(conn, "recv-main", self.cfg.timeout)
+        main.conv.advance("HELLO")
+        main.send(P.encode_welcome(self.session))
+        cfg = main.receive(deadline)
+        layout = main.receive(deadline)
+        if not isinstance(cfg, P.Config) or not isinstance(layout, P.Layout):
+            raise ProtocolError("setup: expected CONFIG then LAYOUT")
+        P.check_config(cfg, max_channels=self.cfg.max_channels)
+        by_wire_id(cfg.compression)  # an unknown method fails here, not mid-copy
+        if len(layout.blocks) != 1:
+            raise ProtocolError(
+                f"blocks: got {len(layout.blocks)}, expected 1 (DEST {self.dest.path} is a file)"
+            )
+        block = layout.blocks[0]
+        self.dest.check_space(min(block.size, block.allocated))
+        self.config = cfg
+        self.sizes = (block.size,)
+        self.dest.create(block.size)
+        self.tables = DestTables.create("recv", block.size, cfg.page_size)
+        self.stats.channels = cfg.channels
+        try:
+            from multifd_cli.compression import by_wire_id as _b
+
+            self.stats.compression = _b(cfg.compression).name
+        except MultifdError:
+            self.stats.compression = str(cfg.compression)
+        main.send(P.encode_accept())
+        log.info(
+            "session %s: %d channels, %d-byte pages, %d bytes",
+            self.session.hex()[:8], cfg.channels, cfg.page_size, block.size,
+        )
+
+    def _accept_channels(self, deadline: float) -> dict[int, socket.socket]:
+        assert self.config is not None
+        socks: dict[int, socket.socket] = {}
+        while len(socks) < self.config.channels:
+            conn, hello = self._accept(deadline)
+            problem = ""
+            if hello.session != self.session:
+                problem = f"session {hello.session.hex()[:8]}, expected {self.session.hex()[:8]}"
+            elif hello.role >= self.config.channels:
+                problem = f"channel id {hello.role}, expected 0..{self.config.channels - 1}"
+            elif hello.role in socks:
+                problem = f"duplicate channel id {hello.role}"
+            if problem:
+                log.warning("dropped a connection: %s", problem)
+                conn.close()
+                continue
+            conn.sendall(P.encode_welcome(self.session))
+            socks[hello.role] = conn
+        return socks
+
+    def _start_channels(self, socks: dict[int, socket.socket]) -> None:
+        assert self.config is not None and self.tables is not None and self.main is not None
+        args = RecvChannelArgs(
+            self.config, (self.dest.fd,), (self.tables,), self.cfg.timeout, self.hooks
+        )
+        n = self.config.channels
+        others = [self.main.sock] + ([self.lsock] if self.lsock else [])
+        self.workers = workers.start(
+            n,
+            "recv",
+            channel_main,
+            args_for=lambda i: (socks[i], args),
+            close_for=lambda i: [*others, *(s for j, s in socks.items() if j != i)],
+        )
+        for s in socks.values():
+            s.close()
+
+    # -- the epochs ---------------------------------------------------------------------------
+    def _serve(self) -> None:
+        assert self.main is not None and self.config is not None
+        main = self.main
+        n = self.config.channels
+        epochs: dict[int, EpochState] = {}
+        chan_epoch = [0] * n  # last epoch each channel was released into
+        running = [False] * n
+        done = 0  # last epoch applied by every channel and closed by EPOCH_END
+        digest: P.Digest | None = None
+        wire = [0] * n
+        written = [0] * n
+        pending = list(main.drain())
+        while True:
+            for msg in pending:
+                if isinstance(msg, P.EpochStart):
+                    expect("epoch", msg.epoch, max(epochs, default=0) + 1)
+                    expect("block count", len(msg.sizes), len(self.sizes))
+                    epochs[msg.epoch] = EpochState(msg.sizes, time.monotonic())
+                elif isinstance(msg, P.EpochEnd):
+                    st = epochs.get(msg.epoch)
+                    if st is None:
+                        raise ProtocolError(f"EPOCH_END for epoch {msg.epoch} that never started")
+                    st.end = msg
+                elif isinstance(msg, P.Digest):
+                    digest = msg
+                else:
+                    raise ProtocolError(f"main connection: unexpected {type(msg).__name__}")
+            pending = []
+            # Release channels. With the barrier, epoch k+1 opens only once every
+            # channel applied all of epoch k; the test-only switch releases each
+            # channel as soon as it alone is done.
+            for c in range(n):
+                k = chan_epoch[c] + 1
+                if running[c] or k not in epochs:
+                    continue
+                if not self.hooks.no_barrier and done < k - 1:
+                    continue
+                if self.sizes != epochs[k].sizes:
+                    self._resize(epochs[k].sizes)
+                self.workers[c].send("release", k, epochs[k].sizes)
+                chan_epoch[c] = k
+                running[c] = True
+            # Close an epoch once all channels synced it and EPOCH_END arrived.
+            k = done + 1
+            st = epochs.get(k)
+            if st is not None and st.end is not None and len(st.synced) == n:
+                total = sum(st.synced.values(), P.Counts())
+                expect(f"epoch {k} totals", total, st.end.counts)
+                done = k
+                self.stats.passes = k
+                self.stats.normal_pages += total.normal
+                self.stats.zero_pages += total.zero
+                self.stats.transferred_bytes = sum(wire)
+                self.dest.background_flush()
+                self.events.emit(
+                    "pass", **{"pass": k}, normal_pages=total.normal, zero_pages=total.zero,
+                    packets=total.packets, transferred_bytes=sum(wire),
+                    duration_ms=round((time.monotonic() - st.started) * 1000, 1),
+                )
+                continue
+            if digest is not None and digest.epoch == done and done == max(epochs, default=0):
+                self.stats.final_pass_started = epochs[done].started
+                self._complete(digest, sum(written))
+                return
+            reports, ready = workers.poll(self.workers, [main], self.heartbeat)
+            for w, r in reports:
+                if r[0] != "synced":
+                    raise ProtocolError(f"channel report: got {r[0]!r}")
+                _, epoch, counts, wire[w.index], written[w.index] = r
+                expect(f"channel {w.index} sync epoch", epoch, chan_epoch[w.index])
+                epochs[epoch].synced[w.index] = P.Counts(*counts)
+                running[w.index] = False
+            if ready:
+                pending = main.read_available()
+            main.heartbeat_if_idle(self.heartbeat)
+            main.check_silence()
+
+    def _resize(self, sizes: tuple[int, ...]) -> None:
+        assert self.tables is not None and self.config is not None
+        old, new = self.sizes[0], sizes[0]
+        log.info("source size changed: %d -> %d bytes", old, new)
+        self.dest.resize(new)
+        self.tables.resize(old, new, self.config.page_size)
+        self.sizes = sizes
+
+    def _complete(self, digest: P.Digest, written: int) -> None:
+        assert self.main is not None and self.tables is not None and self.config is not None
+        ours = table_digest([(self.sizes[0], self.tables.page_hash)], self.config.page_size)
+        if ours != digest.digest:
+            raise VerifyError(
+                f"digest: got {digest.digest.hex()} from the source, "
+                f"computed {ours.hex()} from what was written"
+            )
+        self.dest.finalize()
+        self.main.send(P.encode_complete(ours, written))
+        workers.stop(self.workers)
+        self.workers = []
+        self.stats.digest = ours.hex()
+        self.stats.finished = time.monotonic()
+        log.info("verified and completed %s", self.dest.path)
+
+
+def run(cfg: RecvConfig, events: Events, hooks: TestHooks) -> dict[str, object]:
+    """Serve one session into cfg.dest; return the completed counters."""
+    try:
+        return Receiver(cfg, events, hooks).run()
+    except ConnectionResetError as e:
+        raise ConnectionFailed(f"connection reset: {e}") from None

@@ -1,0 +1,218 @@
+"""Dirty detection: which pages changed since they were last sent.
+
+The default tracker hashes in two levels. A pass reads the range in large
+reads, hashes each 64 KiB chunk, and only inside chunks whose hash changed does
+it hash pages and compare them with the table of what was last sent. The page
+hash recorded is of the very buffer that is then queued, so the table always
+describes the bytes on the wire, never a second read.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from multifd_cli.clients import PagedClient
+from multifd_cli.errors import IOFailure
+from multifd_cli.tables import (
+    SharedTable,
+    chunk_pages,
+    page_hash,
+    pages_of,
+    zero_bytes,
+    zero_hash,
+)
+
+READ_BYTES = 1 << 20  # one pread per MiB; a multiple of every chunk size
+
+
+@dataclass
+class SourceTables:
+    """The tables of one source block, shared between send's main and channels."""
+
+    page_hash: SharedTable  # u64 per page: hash of what was last sent
+    chunk_hash: SharedTable  # u64 per chunk: hash of the chunk as last read
+    chunk_valid: SharedTable  # u8 per chunk: 0 means "send every page in it"
+
+    @classmethod
+    def create(cls, name: str, size: int, page_size: int) -> SourceTables:
+        n = pages_of(size, page_size)
+        chunks = pages_of(n, chunk_pages(page_size))
+        return cls(
+            SharedTable(f"{name}-pages", "Q", n),
+            SharedTable(f"{name}-chunks", "Q", chunks),
+            SharedTable(f"{name}-valid", "B", chunks),
+        )
+
+    def tables(self) -> tuple[SharedTable, ...]:
+        return (self.page_hash, self.chunk_hash, self.chunk_valid)
+
+    def refresh(self) -> None:
+        for t in self.tables():
+            t.refresh()
+
+    def resize(self, old_size: int, new_size: int, page_size: int) -> None:
+        """Main, at the barrier: make room, and forget chunks whose bytes moved."""
+        cp = chunk_pages(page_size)
+        n = pages_of(new_size, page_size)
+        chunks = pages_of(n, cp)
+        self.page_hash.ensure(n)
+        self.chunk_hash.ensure(chunks)
+        self.chunk_valid.ensure(chunks)
+        # The chunk holding either end-of-file changed length; everything past the
+        # smaller end is new or gone. Those chunks are sent whole next time.
+        first = min(old_size, new_size) // page_size // cp
+        self.chunk_valid.fill(first, self.chunk_valid.capacity, 0)
+
+    def close(self) -> None:
+        for t in self.tables():
+            t.close()
+
+
+@dataclass
+class ScanResult:
+    dirty_pages: int = 0
+    zero_pages: int = 0
+    read_bytes: int = 0
+    short_read: bool = False
+
+
+class HashTracker:
+    """Scans a page range of one block and queues what changed into a PagedClient."""
+
+    def __init__(self, page_size: int, tick: Callable[[], None]) -> None:
+        self.page_size = page_size
+        self.cpages = chunk_pages(page_size)
+        self.cbytes = self.cpages * page_size
+        self.read_bytes = max(self.cbytes, READ_BYTES // self.cbytes * self.cbytes)
+        self._buf = bytearray(self.read_bytes)
+        self._view = memoryview(self._buf)
+        self._tick = tick
+
+    def scan(
+        self,
+        fd: int,
+        block: int,
+        tables: SourceTables,
+        start_page: int,
+        end_page: int,
+        size: int,
+        full: bool,
+        client: PagedClient,
+    ) -> ScanResult:
+        """Queue every changed page of [start_page, end_page); `full` sends all pages."""
+        ps = self.page_size
+        cb = self.cbytes
+        res = ScanResult()
+        pos = start_page * ps
+        end = min(end_page * ps, size)
+        data_end = -1  # end of the data extent known to hold `pos` (sparse pass 1)
+        while pos < end:
+            if full and pos >= data_end:
+                pos, data_end = self._skip_holes(fd, block, tables, pos, end, size, client, res)
+                if pos >= end:
+                    break
+            want = min(self.read_bytes, end - pos)
+            try:
+                n = os.preadv(fd, [self._view[:want]], pos)
+            except OSError as e:
+                raise IOFailure(f"reading the source at offset {pos}: {e.strerror}") from None
+            res.read_bytes += n
+            usable = n
+            if n < want:
+                # The file shrank under us: a short read means it ended, not zeros.
+                # Pages not read whole are left for the next pass.
+                res.short_read = True
+                usable = n // ps * ps
+                first_bad = (pos + usable) // cb
+                tables.chunk_valid.fill(first_bad, pages_of(end, ps) // self.cpages + 1, 0)
+            self._scan_buffer(block, tables, pos, usable, full, client, res, partial_tail=n < want)
+            pos += want
+            self._tick()
+            if n < want:
+                break
+        return res
+
+    def _scan_buffer(
+        self,
+        block: int,
+        tables: SourceTables,
+        base: int,
+        length: int,
+        full: bool,
+        client: PagedClient,
+        res: ScanResult,
+        partial_tail: bool,
+    ) -> None:
+        ps = self.page_size
+        cb = self.cbytes
+        mv = self._view
+        ph = tables.page_hash.view
+        chh = tables.chunk_hash.view
+        chv = tables.chunk_valid.view
+        queue_page = client.queue_page
+        queue_zero = client.queue_zero
+        for a in range(0, length, cb):
+            b = min(a + cb, length)
+            ci = (base + a) // cb
+            ch = page_hash(mv[a:b])
+            whole = full or not chv[ci]
+            if not whole and chh[ci] == ch:
+                continue
+            pi = (base + a) // ps
+            for x in range(a, b, ps):
+                pv = mv[x : x + ps] if x + ps <= b else mv[x:b]
+                h = page_hash(pv)
+                if whole or ph[pi] != h:
+                    ph[pi] = h
+                    if h == zero_hash(len(pv)) and pv == zero_bytes(len(pv)):
+                        queue_zero(block, base + x)
+                        res.zero_pages += 1
+                    else:
+                        queue_page(block, base + x, pv, h)
+                        res.dirty_pages += 1
+                pi += 1
+            chh[ci] = ch
+            # A chunk cut short by a shrinking file was not checked whole.
+            chv[ci] = 0 if (partial_tail and b == length and b - a < cb) else 1
+
+    def _skip_holes(
+        self,
+        fd: int,
+        block: int,
+        tables: SourceTables,
+        pos: int,
+        end: int,
+        size: int,
+        client: PagedClient,
+        res: ScanResult,
+    ) -> tuple[int, int]:
+        """Describe whole chunks inside a hole as zero pages without reading them."""
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+            stop = min(end, data // self.cbytes * self.cbytes)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                return pos, end  # no SEEK_DATA here: read everything
+            data = stop = end  # a hole runs to the end of the file
+        ps = self.page_size
+        while pos < stop:
+            ci = pos // self.cbytes
+            cend = min(pos + self.cbytes, size)
+            tables.chunk_hash.view[ci] = zero_hash(cend - pos)
+            tables.chunk_valid.view[ci] = 1
+            for off in range(pos, cend, ps):
+                tables.page_hash.view[off // ps] = zero_hash(min(ps, size - off))
+                client.queue_zero(block, off)
+                res.zero_pages += 1
+            pos = cend
+            self._tick()
+        if pos >= end:
+            return pos, end
+        try:
+            data_end = os.lseek(fd, max(pos, data), os.SEEK_HOLE)
+        except OSError:
+            data_end = end
+        return pos, max(data_end, pos + self.cbytes)

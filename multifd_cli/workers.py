@@ -1,0 +1,219 @@
+"""Starting, watching and stopping channel processes.
+
+Channels are forked, so they inherit the source or destination fds and the
+shared tables. Main talks to each over a Pipe carrying small tuples (work
+descriptions and reports, never page bytes) and waits only on
+multiprocessing.connection.wait() with a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable, Iterable, Sequence
+
+from multifd_cli import logsetup
+from multifd_cli.errors import (
+    EXIT_INTERNAL,
+    ConnectionFailed,
+    InternalError,
+    MultifdError,
+    Timeout,
+)
+
+log = logging.getLogger("multifd")
+CTX = multiprocessing.get_context("fork")
+
+
+class WorkerFailed(MultifdError):
+    """A channel reported an error; carries the channel's exit code."""
+
+    def __init__(self, message: str, exit_code: int, channel: int) -> None:
+        super().__init__(message, channel=channel)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Worker:
+    index: int
+    process: multiprocessing.process.BaseProcess
+    pipe: Connection
+
+    def send(self, *msg: Any) -> None:
+        try:
+            self.pipe.send(msg)
+        except (BrokenPipeError, OSError):
+            raise InternalError(f"channel {self.index} is gone") from None
+
+
+def _child(
+    index: int,
+    pipe: Connection,
+    close: Sequence[Any],
+    target: Callable[..., None],
+    args: tuple[Any, ...],
+) -> None:
+    # The terminal sends SIGINT to the whole group; main decides, channels follow.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    logsetup.in_child()
+    for obj in close:
+        try:
+            obj.close()
+        except OSError:
+            pass
+    code = 0
+    try:
+        target(index, pipe, *args)
+    except MultifdError as e:
+        code = e.exit_code
+        _report(pipe, ("error", e.exit_code, e.message))
+    except BaseException as e:  # noqa: BLE001 - the channel must always report
+        code = EXIT_INTERNAL
+        log.debug("channel %d crashed:\n%s", index, traceback.format_exc())
+        _report(pipe, ("error", EXIT_INTERNAL, f"internal error: {type(e).__name__}: {e}"))
+    finally:
+        logsetup.flush_child()
+        # Skip interpreter teardown: the fork inherited main's atexit hooks and
+        # logging handlers, which must run only in main.
+        os._exit(code)
+
+
+def _report(pipe: Connection, msg: tuple[Any, ...]) -> None:
+    try:
+        pipe.send(msg)
+    except OSError:
+        pass
+
+
+def start(
+    count: int,
+    name: str,
+    target: Callable[..., None],
+    args_for: Callable[[int], tuple[Any, ...]],
+    close_for: Callable[[int], Iterable[Any]] = lambda i: (),
+) -> list[Worker]:
+    """Fork `count` channel processes running target(index, pipe, *args_for(index))."""
+    workers: list[Worker] = []
+    ends: list[Connection] = []
+    for i in range(count):
+        parent, child = CTX.Pipe()
+        # Each child must hold only its own pipe end, or a dead main is never seen as EOF.
+        close = [parent, *ends, *[w.pipe for w in workers], *close_for(i)]
+        p = CTX.Process(
+            target=_child,
+            name=f"{name}-ch{i}",
+            args=(i, child, close, target, args_for(i)),
+            daemon=True,
+        )
+        p.start()
+        child.close()
+        workers.append(Worker(i, p, parent))
+    return workers
+
+
+def stop(workers: Sequence[Worker], grace: float = 1.0) -> None:
+    """Ask, then terminate, then kill; reap every child so none is left behind."""
+    for w in workers:
+        try:
+            w.pipe.send(("quit",))
+        except OSError:
+            pass
+    deadline = time.monotonic() + grace
+    for w in workers:
+        w.process.join(max(0.0, deadline - time.monotonic()))
+    for w in workers:
+        if w.process.is_alive():
+            w.process.terminate()
+    for w in workers:
+        w.process.join(1.0)
+        if w.process.is_alive():
+            w.process.kill()
+            w.process.join(1.0)
+    for w in workers:
+        w.pipe.close()
+
+
+def terminate(workers: Sequence[Worker]) -> None:
+    """Stop at once: used when the migration already failed."""
+    for w in workers:
+        if w.process.is_alive():
+            w.process.terminate()
+    stop(workers, grace=0.0)
+
+
+def poll(
+    workers: Sequence[Worker],
+    extra: Sequence[Any],
+    timeout: float,
+) -> tuple[list[tuple[Worker, tuple[Any, ...]]], list[Any]]:
+    """Wait for channel reports or readiness of `extra` objects (e.g. a socket).
+
+    Returns the reports received and the ready extras. A channel that died
+    without reporting, or reported an error, raises WorkerFailed.
+    """
+    by_pipe = {w.pipe: w for w in workers}
+    by_sentinel = {w.process.sentinel: w for w in workers}
+    ready = wait([*by_pipe, *by_sentinel, *extra], timeout)
+    reports: list[tuple[Worker, tuple[Any, ...]]] = []
+    extras: list[Any] = []
+    dead: list[Worker] = []
+    for obj in ready:
+        if obj in by_pipe:
+            w = by_pipe[obj]
+            try:
+                while w.pipe.poll():
+                    msg = w.pipe.recv()
+                    if msg[0] == "error":
+                        raise WorkerFailed(msg[2], msg[1], w.index)
+                    reports.append((w, msg))
+            except (EOFError, OSError):
+                dead.append(w)
+        elif obj in by_sentinel:
+            dead.append(by_sentinel[obj])
+        else:
+            extras.append(obj)
+    for w in dead:
+        # A last report may still sit in the pipe of a channel that just exited.
+        try:
+            while w.pipe.poll():
+                msg = w.pipe.recv()
+                if msg[0] == "error":
+                    raise WorkerFailed(msg[2], msg[1], w.index)
+                reports.append((w, msg))
+        except (EOFError, OSError):
+            pass
+        if not any(r[0] is w for r in reports) or w.process.exitcode not in (0, None):
+            w.process.join(0.5)
+            code = w.process.exitcode
+            how = f"killed by signal {-code}" if code and code < 0 else f"exit status {code}"
+            raise WorkerFailed(f"channel process died ({how})", EXIT_INTERNAL, w.index)
+    return reports, extras
+
+
+def recv_exact_deadline(sock: socket.socket, n: int, deadline: float) -> bytes:
+    """Read n bytes before the deadline (handshakes, before a session exists)."""
+    buf = bytearray()
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Timeout("handshake timed out")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(n - len(buf))
+        except socket.timeout:
+            raise Timeout("handshake timed out") from None
+        except OSError as e:
+            raise ConnectionFailed(f"connection lost during handshake: {e.strerror or e}") from None
+        if not chunk:
+            raise ConnectionFailed("connection closed during handshake")
+        buf += chunk
+    sock.settimeout(None)
+    return bytes(buf)

@@ -1,0 +1,163 @@
+"""Shared fixtures: real `multifd` processes on loopback, real files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import pytest
+
+MULTIFD = [sys.executable, "-m", "multifd_cli"]
+
+
+def sha256(path: os.PathLike[str] | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Proc:
+    """A running multifd process whose stdout carries JSON events."""
+
+    popen: subprocess.Popen[str]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    stderr: str = ""
+
+    def next_event(self, timeout: float = 20.0) -> dict[str, Any]:
+        assert self.popen.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = ""
+        while not line:
+            if time.monotonic() > deadline:
+                raise TimeoutError("no event from multifd")
+            line = self.popen.stdout.readline()
+            if not line and self.popen.poll() is not None:
+                raise RuntimeError(f"multifd exited {self.popen.returncode}: {self.read_stderr()}")
+        ev = json.loads(line)
+        self.events.append(ev)
+        return ev
+
+    def wait(self, timeout: float = 120.0) -> int:
+        out, err = self.popen.communicate(timeout=timeout)
+        self.stderr += err
+        for line in out.splitlines():
+            if line.strip():
+                self.events.append(json.loads(line))
+        return self.popen.returncode
+
+    def read_stderr(self) -> str:
+        if self.popen.stderr is not None and self.popen.poll() is not None:
+            self.stderr += self.popen.stderr.read()
+        return self.stderr
+
+    def last(self) -> dict[str, Any]:
+        return self.events[-1]
+
+    def of(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == name]
+
+
+def spawn(args: list[str], env: dict[str, str] | None = None, stdin: IO[str] | None = None) -> Proc:
+    full_env = {**os.environ, **(env or {})}
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    popen = subprocess.Popen(
+        [*MULTIFD, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=full_env,
+        start_new_session=True,
+    )
+    return Proc(popen)
+
+
+@dataclass
+class Migration:
+    recv: Proc
+    send: Proc
+    uri: str
+
+    def wait(self, timeout: float = 120.0) -> tuple[int, int]:
+        s = self.send.wait(timeout)
+        r = self.recv.wait(timeout)
+        return s, r
+
+
+class Runner:
+    """Starts recv (reads its listening event), then send, like a user would."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[Proc] = []
+
+    def recv(self, dest: Path, *args: str, listen: str = "tcp:127.0.0.1:0",
+             env: dict[str, str] | None = None) -> tuple[Proc, str]:
+        p = spawn(["recv", "--json", "--listen", listen, "--timeout", "30", *args, str(dest)], env)
+        self.procs.append(p)
+        ev = p.next_event()
+        assert ev["event"] == "listening", ev
+        return p, ev["uri"]
+
+    def send(self, sources: list[Path] | Path, uri: str, *args: str,
+             env: dict[str, str] | None = None) -> Proc:
+        srcs = [sources] if isinstance(sources, Path) else sources
+        p = spawn(["send", "--json", "--timeout", "30", *map(str, srcs), "--to", uri, *args], env)
+        self.procs.append(p)
+        return p
+
+    def migrate(self, source: Path, dest: Path, send_args: tuple[str, ...] = (),
+                recv_args: tuple[str, ...] = (), listen: str = "tcp:127.0.0.1:0",
+                send_env: dict[str, str] | None = None,
+                recv_env: dict[str, str] | None = None) -> Migration:
+        r, uri = self.recv(dest, *recv_args, listen=listen, env=recv_env)
+        s = self.send(source, uri, *send_args, env=send_env)
+        return Migration(r, s, uri)
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.popen.poll() is None:
+                try:
+                    os.killpg(p.popen.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.popen.wait(5)
+
+
+@pytest.fixture
+def runner(tmp_path: Path) -> Iterator[Runner]:
+    r = Runner(tmp_path)
+    yield r
+    r.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No MULTIFD_* settings from the developer's shell leak into a test."""
+    for k in list(os.environ):
+        if k.startswith("MULTIFD_"):
+            monkeypatch.delenv(k)
+
+
+def write_random(path: Path, size: int, seed: int = 1) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            f.write(rng.randbytes(n))
+            left -= n
+    return path
