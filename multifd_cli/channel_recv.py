@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import time
+from array import array
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Sequence
@@ -128,25 +129,68 @@ class ChannelReceiver:
         if h.compression and not h.flags & P.FLAG_RAW and raw:
             data = self._decompressor(h.compression).decompress(p.payload, raw)
         mv = memoryview(data)
+        offsets = list(p.normal_offsets)
+        want = list(p.hashes)
+        n = len(offsets)
+        if n and offsets == list(range(offsets[0], offsets[0] + n * ps, ps)):
+            self._apply_run(h.block, fd, tables, offsets[0], mv, want)
+        elif n:
+            self._apply_scattered(h.block, fd, tables, offsets, mv, want, size)
+        if p.zero_offsets:
+            self._zero(fd, tables, p.zero_offsets, size)
+
+    def _mismatch(self, block: int, offset: int, got: int, want: int) -> VerifyError:
+        return VerifyError(
+            f"page at offset {offset} of block {block}: hash {got:#018x}, expected {want:#018x}",
+            channel=self.index,
+        )
+
+    def _apply_run(
+        self, block: int, fd: int, tables: DestTables, start: int, mv: memoryview, want: list[int]
+    ) -> None:
+        """Consecutive pages (the common case): verify in one sweep, one pwrite."""
+        ps = self.page_size
+        got = [page_hash(mv[x : x + ps]) for x in range(0, len(mv), ps)]
+        if got != want:
+            i = next(i for i, (g, w) in enumerate(zip(got, want)) if g != w)
+            raise self._mismatch(block, start + i * ps, got[i], want[i])
+        p0 = start // ps
+        n = len(want)
+        stamps = tables.stamp.view
+        epoch = self.epoch
+        if any(s & ~HOLE_BIT == epoch for s in stamps[p0 : p0 + n].tolist()):
+            raise ProtocolError(f"a page at offset {start}.. arrived twice in epoch {epoch}")
+        stamps[p0 : p0 + n] = array("I", [epoch]) * n
+        tables.page_hash.view[p0 : p0 + n] = array("Q", got)
+        self._write(fd, mv, 0, len(mv), start)
+
+    def _apply_scattered(
+        self,
+        block: int,
+        fd: int,
+        tables: DestTables,
+        offsets: list[int],
+        mv: memoryview,
+        want: list[int],
+        size: int,
+    ) -> None:
+        ps = self.page_size
         stamps = tables.stamp.view
         hashes = tables.page_hash.view
         epoch = self.epoch
         pos = 0
         run_off = run_pos = -1
         run_len = 0
-        for off, want in zip(p.normal_offsets, p.hashes):
+        for off, w in zip(offsets, want):
             n = ps if off + ps <= size else size - off
             got = page_hash(mv[pos : pos + n])
-            if got != want:
-                raise VerifyError(
-                    f"page at offset {off} of block {h.block}: hash {got:#018x}, expected {want:#018x}",
-                    channel=self.index,
-                )
+            if got != w:
+                raise self._mismatch(block, off, got, w)
             pi = off // ps
             if stamps[pi] & ~HOLE_BIT == epoch:
                 raise ProtocolError(f"page at offset {off} arrived twice in epoch {epoch}")
             stamps[pi] = epoch
-            hashes[pi] = want
+            hashes[pi] = w
             if off == run_off + run_len and pos == run_pos + run_len:
                 run_len += n
             else:
@@ -154,8 +198,6 @@ class ChannelReceiver:
                 run_off, run_pos, run_len = off, pos, n
             pos += n
         self._write(fd, mv, run_pos, run_len, run_off)
-        if p.zero_offsets:
-            self._zero(fd, tables, p.zero_offsets, size)
 
     def _write(self, fd: int, mv: memoryview, pos: int, length: int, offset: int) -> None:
         if length <= 0:

@@ -26,6 +26,7 @@ from multifd_cli import protocol as P
 from multifd_cli.clients import PagedClient
 from multifd_cli.compression import Compressor, get_compressor
 from multifd_cli.errors import ConnectionFailed, IOFailure, ProtocolError, expect
+from multifd_cli.ratelimit import SharedRateLimit
 from multifd_cli.tracker import HashTracker, SourceTables
 from multifd_cli.transport import Uri, connect, send_all
 from multifd_cli.workers import recv_exact_deadline
@@ -43,13 +44,17 @@ class SendChannelArgs:
     tables: tuple[SourceTables, ...]
     timeout: float
     heartbeat: float
+    limit: SharedRateLimit
 
 
 class ChannelSender:
     """Frames packets onto this channel's socket and counts them per epoch."""
 
-    def __init__(self, sock: socket.socket, compressor: Compressor | None) -> None:
+    def __init__(
+        self, sock: socket.socket, compressor: Compressor | None, limit: SharedRateLimit
+    ) -> None:
         self.sock = sock
+        self.limit = limit
         self.comp = compressor
         self.comp_id = compressor.wire_id if compressor is not None else 0
         self.epoch = 0
@@ -65,14 +70,15 @@ class ChannelSender:
         normal_offsets: list[int],
         zero_offsets: list[int],
         hashes: list[int],
-        payload: memoryview,
+        payload: list[memoryview | bytes],
     ) -> None:
         raw = False
-        data: bytes | memoryview = payload
-        if self.comp is not None and len(payload):
-            packed = self.comp.compress(payload)
-            if len(packed) < len(payload):
-                data = packed
+        size = sum(len(p) for p in payload)
+        data: list[memoryview | bytes] = payload
+        if self.comp is not None and size:
+            packed = self.comp.compress(payload[0] if len(payload) == 1 else b"".join(payload))
+            if len(packed) < size:
+                data = [packed]
             else:
                 raw = True  # it did not shrink: send it as it is, flagged
         bufs = P.encode_packet(
@@ -86,8 +92,9 @@ class ChannelSender:
             compression=self.comp_id,
             raw=raw,
         )
+        self.limit.consume(sum(len(b) for b in bufs))
         self.wire_bytes += send_all(self.sock, bufs)
-        self.payload_bytes += len(payload)
+        self.payload_bytes += size
         self.packet_num += 1
         self.epoch_counts += P.Counts(1, len(normal_offsets), len(zero_offsets))
         self.last_send = time.monotonic()
@@ -148,7 +155,7 @@ def _open_sources(paths: Sequence[str]) -> list[int]:
 def _serve(index: int, pipe: Connection, sock: socket.socket, args: SendChannelArgs) -> None:
     cfg = args.config
     comp = None if args.compression == "none" else get_compressor(args.compression)
-    sender = ChannelSender(sock, comp)
+    sender = ChannelSender(sock, comp, args.limit)
     client = PagedClient(sender, cfg.page_size, cfg.pages_per_packet)
     tracker = HashTracker(cfg.page_size, lambda: sender.heartbeat_if_idle(args.heartbeat))
     fds = _open_sources(args.sources)

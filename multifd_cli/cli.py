@@ -16,7 +16,7 @@ from typing import Any, Callable, NoReturn
 import click
 
 from multifd_cli import __version__
-from multifd_cli.config import RecvConfig, SendConfig, TestHooks, parse_size
+from multifd_cli.config import RecvConfig, SendConfig, TestHooks, parse_rate, parse_size
 from multifd_cli.errors import (
     EXIT_INTERNAL,
     EXIT_SIGINT,
@@ -49,6 +49,23 @@ class SizeType(click.ParamType):  # type: ignore[type-arg]  # generic only in ne
 
 
 SIZE = SizeType()
+
+
+class RateType(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
+    """Bytes per second: a size with an optional '/s'."""
+
+    name = "rate"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_rate(value)
+        except UsageError as e:
+            self.fail(e.message, param, ctx)
+
+
+RATE = RateType()
 
 
 def _common(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -165,13 +182,37 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, json_events: b
 @click.option("--max-passes", type=click.IntRange(1), default=30, show_default=True,
               envvar="MULTIFD_MAX_PASSES", show_envvar=True,
               help="Give up (exit 9) if the source still changes after this many passes.")
+@click.option("--downtime-limit", type=click.FloatRange(min=1), default=300, show_default=True,
+              envvar="MULTIFD_DOWNTIME_LIMIT", show_envvar=True, metavar="MS",
+              help="Switch over once the rest fits in this many milliseconds.")
+@click.option("--pause-pid", type=int, multiple=True, metavar="PID",
+              help="Pause this writer with SIGSTOP for the switchover (repeatable).")
+@click.option("--pause-cgroup", metavar="PATH", default="",
+              help="Freeze this cgroup v2 (all its processes and threads) for the switchover.")
+@click.option("--pause-cmd", metavar="CMD", default="",
+              help="Run CMD to pause the writer (e.g. 'fsfreeze -f /mnt'); needs --resume-cmd.")
+@click.option("--resume-cmd", metavar="CMD", default="", help="Run CMD to resume the writer.")
+@click.option("--after-success", type=click.Choice(["keep-paused", "resume"]),
+              default="keep-paused", show_default=True,
+              help="What to do with the paused writer once the copy is complete. keep-paused, "
+                   "like QEMU's postmigrate, stops writes that the copy would never see.")
+@click.option("--auto-converge", is_flag=True,
+              help="Throttle the writer when it dirties faster than the link sends.")
+@click.option("--strict-downtime", is_flag=True,
+              help="Exit 9 instead of switching over when --max-passes is reached above the limit.")
+@click.option("--max-bandwidth", type=RATE, default="0", metavar="RATE",
+              envvar="MULTIFD_MAX_BANDWIDTH", show_envvar=True,
+              help="Bytes/s for all channels together (100M, 1G); lifted during the downtime.")
 @click.option("--no-mtime-shortcut", is_flag=True,
               help="Always confirm with a pass that finds nothing, even when size, mtime and "
                    "ctime did not change (needed for writers that use mmap).")
 @_common
 def send(sources: tuple[str, ...], to: str, channels: int, compress: str, page_size: int,
-         packet_size: int, max_passes: int, no_mtime_shortcut: bool, json_events: bool,
-         timeout: float, log_level: str, log_file: str | None, debug: bool) -> None:
+         packet_size: int, max_passes: int, downtime_limit: float, pause_pid: tuple[int, ...],
+         pause_cgroup: str, pause_cmd: str, resume_cmd: str, after_success: str,
+         auto_converge: bool, strict_downtime: bool, max_bandwidth: int,
+         no_mtime_shortcut: bool, json_events: bool, timeout: float, log_level: str,
+         log_file: str | None, debug: bool) -> None:
     """Migrate SOURCE to the recv listening at --to."""
     _note_json("send", json_events)
     from multifd_cli import protocol as P
@@ -189,9 +230,18 @@ def send(sources: tuple[str, ...], to: str, channels: int, compress: str, page_s
             f"--packet-size {packet_size}: expected a multiple of --page-size ({page_size}) "
             f"up to {P.MAX_PACKET_SIZE}"
         )
+    from multifd_cli.pause import PauseSpec
+
+    pause = PauseSpec(pause_pid, pause_cgroup, pause_cmd, resume_cmd)
+    pause.validate()
+    if auto_converge and not (pause_pid or pause_cgroup):
+        raise UsageError("--auto-converge needs a writer to throttle: --pause-pid or --pause-cgroup")
     cfg = SendConfig(sources=sources, to=to, channels=channels, compression=compress,
                      page_size=page_size, packet_size=packet_size, max_passes=max_passes,
-                     timeout=timeout, mtime_shortcut=not no_mtime_shortcut, json=json_events)
+                     timeout=timeout, mtime_shortcut=not no_mtime_shortcut, json=json_events,
+                     downtime_limit_ms=downtime_limit, pause=pause, after_success=after_success,
+                     auto_converge=auto_converge, strict_downtime=strict_downtime,
+                     max_bandwidth=max_bandwidth)
     _setup(debug, log_level, log_file)
     hooks = TestHooks.from_env()
 

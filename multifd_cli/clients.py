@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from multifd_cli.errors import InternalError
-
 
 class PacketSink(Protocol):
     """What a client needs from its channel: a way to put one packet on the wire."""
@@ -22,21 +20,24 @@ class PacketSink(Protocol):
         normal_offsets: list[int],
         zero_offsets: list[int],
         hashes: list[int],
-        payload: memoryview,
+        payload: list[memoryview | bytes],
     ) -> None: ...
 
 
 class PagedClient:
-    """Queues dirty pages of one block at a time into packet-sized batches."""
+    """Queues dirty pages of one block at a time into packet-sized batches.
+
+    A batch holds views into the tracker's read buffer, so full packets go out
+    with no copy; `detach()` copies what is still queued before that buffer is
+    reused.
+    """
 
     def __init__(self, sink: PacketSink, page_size: int, pages_per_packet: int) -> None:
         self.sink = sink
         self.page_size = page_size
         self.max_pages = pages_per_packet
-        self._buf = bytearray(page_size * pages_per_packet)
-        self._view = memoryview(self._buf)
-        self._fill = 0
         self._block = -1
+        self._parts: list[memoryview | bytes] = []
         self._normal: list[int] = []
         self._hashes: list[int] = []
         self._zero: list[int] = []
@@ -46,37 +47,54 @@ class PagedClient:
         """Pages queued but not yet handed to the channel."""
         return len(self._normal) + len(self._zero)
 
-    def _room_for(self, block: int) -> None:
+    def _switch(self, block: int) -> None:
         if block != self._block:
             self.flush()
             self._block = block
-        elif len(self._normal) + len(self._zero) >= self.max_pages:
-            self.flush()
+
+    def queue_run(self, block: int, offset: int, data: memoryview, hashes: list[int]) -> None:
+        """Queue consecutive pages starting at `offset`; hashes[i] is of page i of `data`.
+
+        Only the last page of a run may be short (the tail of the block).
+        """
+        self._switch(block)
+        ps = self.page_size
+        done = 0
+        count = len(hashes)
+        while done < count:
+            take = min(count - done, self.max_pages - len(self._normal) - len(self._zero))
+            lo = done * ps
+            hi = (done + take) * ps if done + take < count else len(data)
+            self._parts.append(data[lo:hi])
+            start = offset + lo
+            self._normal.extend(range(start, start + take * ps, ps))
+            self._hashes.extend(hashes[done : done + take])
+            done += take
+            if len(self._normal) + len(self._zero) >= self.max_pages:
+                self.flush()
 
     def queue_page(self, block: int, offset: int, data: memoryview, page_hash: int) -> None:
-        """Copy one page into the batch; `page_hash` must be the hash of exactly `data`."""
-        self._room_for(block)
-        end = self._fill + len(data)
-        if end > len(self._buf):
-            raise InternalError(f"page of {len(data)} bytes overflows the packet buffer")
-        self._view[self._fill : end] = data
-        self._fill = end
-        self._normal.append(offset)
-        self._hashes.append(page_hash)
+        """Queue one page; `page_hash` must be the hash of exactly `data`."""
+        self.queue_run(block, offset, data, [page_hash])
 
     def queue_zero(self, block: int, offset: int) -> None:
         """Describe a zero page: no payload, the destination makes it zero."""
-        self._room_for(block)
+        self._switch(block)
         self._zero.append(offset)
+        if len(self._normal) + len(self._zero) >= self.max_pages:
+            self.flush()
+
+    def detach(self) -> None:
+        """Copy queued page data out of buffers the caller is about to reuse."""
+        if self._parts and not (len(self._parts) == 1 and isinstance(self._parts[0], bytes)):
+            self._parts = [b"".join(self._parts)]
 
     def flush(self) -> None:
         """Push the partial batch, if any. Called when full, on a block change, and at pass end."""
         if not self._normal and not self._zero:
             return
-        self.sink.send_pages(
-            self._block, self._normal, self._zero, self._hashes, self._view[: self._fill]
-        )
+        self.sink.send_pages(self._block, self._normal, self._zero, self._hashes, self._parts)
+        self._parts = []
         self._normal = []
         self._hashes = []
         self._zero = []
-        self._fill = 0

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from multifd_cli.errors import UsageError
+from multifd_cli.pause import PauseSpec
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(B?)\s*$", re.IGNORECASE)
 
@@ -46,6 +47,12 @@ class SendConfig:
     timeout: float = 60.0
     mtime_shortcut: bool = True
     json: bool = False
+    downtime_limit_ms: float = 300.0
+    pause: PauseSpec = field(default_factory=PauseSpec)
+    after_success: str = "keep-paused"  # or "resume"
+    auto_converge: bool = False
+    strict_downtime: bool = False
+    max_bandwidth: int = 0  # bytes/s shared by all channels; 0 is unlimited
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ class Stats:
     zero_pages: int = 0
     passes: int = 0
     digest: str = ""
+    paused: bool = False
 
     def summary(self) -> dict[str, Any]:
         end = self.finished or time.monotonic()
@@ -70,6 +71,7 @@ class Stats:
             "channels": self.channels,
             "compression": self.compression,
             "digest": self.digest,
+            "paused": self.paused,
         }
 
 

@@ -29,6 +29,7 @@ from multifd_cli.channel_send import SendChannelArgs, channel_main, handshake
 from multifd_cli.compression import get_compressor, parse_spec
 from multifd_cli.config import SendConfig, TestHooks
 from multifd_cli.connection import MainConnection
+from multifd_cli.convergence import Estimator, PassSample
 from multifd_cli.errors import (
     ConvergeError,
     IOFailure,
@@ -40,8 +41,10 @@ from multifd_cli.errors import (
     expect,
 )
 from multifd_cli.events import Events, Stats
+from multifd_cli.pause import Pauser, Throttle, Watchdog, pids_in_cgroup, writers_of
+from multifd_cli.ratelimit import SharedRateLimit
 from multifd_cli.tables import chunk_pages, pages_of, table_digest
-from multifd_cli.tracker import SourceTables
+from multifd_cli.tracker import DirtyLog, SourceTables
 from multifd_cli.transport import connect, parse_uri
 
 log = logging.getLogger("multifd")
@@ -109,15 +112,27 @@ class PassResult:
 
 
 class Orchestrator:
-    def __init__(self, cfg: SendConfig, events: Events, hooks: TestHooks) -> None:
+    def __init__(
+        self,
+        cfg: SendConfig,
+        events: Events,
+        hooks: TestHooks,
+        dirty_log: DirtyLog | None = None,
+        pauser: Pauser | None = None,
+    ) -> None:
         self.cfg = cfg
         self.events = events
         self.hooks = hooks
+        self.dirty_log = dirty_log
         self.uri = parse_uri(cfg.to)
         self.spec = parse_spec(cfg.compression)
         self.compressor = get_compressor(self.spec)
         self.heartbeat = max(0.05, min(1.0, cfg.timeout / 4))
-        self.stats = Stats(channels=cfg.channels, compression=str(self.spec))
+        method = self.spec.name
+        self.stats = Stats(
+            channels=cfg.channels,
+            compression=method if method == "none" else f"{method}:{self.spec.effective_level}",
+        )
         self.sources: list[Source] = []
         self.tables: list[SourceTables] = []
         self.main: MainConnection | None = None
@@ -125,6 +140,18 @@ class Orchestrator:
         self.session = uuid.uuid4().bytes
         self.sizes: list[int] = []
         self.wire = [0] * cfg.channels  # bytes each channel put on the wire
+        self._next_channel = 0
+        self.limit = SharedRateLimit(cfg.max_bandwidth)
+        self.estimator = Estimator(
+            channels=cfg.channels, scan_is_free=dirty_log is not None,
+            bandwidth_cap=float(cfg.max_bandwidth),
+        )
+        self.pauser = pauser or Pauser(cfg.pause)
+        self.can_pause = cfg.pause.any or self.pauser.extra_pause is not None
+        self.throttle = Throttle(cfg.pause)
+        self.watchdog: Watchdog | None = None
+        self.paused_at = 0.0
+        self.succeeded = False
 
     # -- the whole migration -----------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -132,10 +159,15 @@ class Orchestrator:
             self.sources = [open_source(p) for p in self.cfg.sources]
             if len(self.sources) != 1:
                 raise UsageError("several sources need the multi-source support of a later release")
+            self._warn_unpaused_writers()
+            if self.cfg.pause.any:
+                self.watchdog = Watchdog(self.cfg.pause)
+                self.pauser.on_intent = self.watchdog.paused
             self._connect()
             self._start_channels()
             self.stats.setup_done = time.monotonic()
             self._migrate()
+            self.succeeded = True
             return self.stats.summary()
         except BaseException as e:
             code = e.exit_code if isinstance(e, MultifdError) else 1
@@ -143,6 +175,7 @@ class Orchestrator:
                 self.main.abort(code, f"source: {e}")
             raise
         finally:
+            self._release_writer()
             if self.workers:
                 workers.terminate(self.workers)
             if self.main is not None:
@@ -151,6 +184,33 @@ class Orchestrator:
                 t.close()
             for s in self.sources:
                 os.close(s.fd)
+
+    def _release_writer(self) -> None:
+        """Never leave the writer paused or throttled, except after success if asked."""
+        self.throttle.stop()
+        keep = self.succeeded and self.cfg.after_success == "keep-paused"
+        try:
+            if self.pauser.paused and not keep:
+                self.pauser.resume()
+                log.info("the writer runs again")
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.close(keep=keep and self.pauser.paused)
+                self.watchdog = None
+
+    def _warn_unpaused_writers(self) -> None:
+        covered = set(self.cfg.pause.pids)
+        if self.cfg.pause.cgroup:
+            covered |= pids_in_cgroup(self.cfg.pause.cgroup)
+        for src in self.sources:
+            if src.is_block_device:
+                continue
+            others = [p for p in writers_of(src.path) if p not in covered]
+            if others and not self.cfg.pause.pause_cmd:
+                log.warning(
+                    "%s is open for writing by process %s, which no pause mechanism covers",
+                    src.path, ", ".join(map(str, others)),
+                )
 
     def _connect(self) -> None:
         cfg = self.cfg
@@ -186,6 +246,7 @@ class Orchestrator:
             tuple(self.tables),
             self.cfg.timeout,
             self.heartbeat,
+            self.limit,
         )
         self.workers = workers.start(
             self.cfg.channels, "send", channel_main, args_for=lambda i: (args,),
@@ -214,44 +275,132 @@ class Orchestrator:
     # -- passes ---------------------------------------------------------------------------------
     def _migrate(self) -> None:
         cfg = self.cfg
+        limit_s = cfg.downtime_limit_ms / 1000
+        size = sum(self.sizes)
+        if self.can_pause and self.estimator.scan_seconds(size) > limit_s:
+            log.warning(
+                "scanning %d bytes alone may take about %.0f ms, more than --downtime-limit %g ms: "
+                "raise the limit, or track writes with the API tracker",
+                size, self.estimator.scan_seconds(size) * 1000, cfg.downtime_limit_ms,
+            )
         epoch = 0
         while True:
             epoch += 1
             keys = [s.stat_key() for s in self.sources]
             wall_start = time.time_ns()
-            self._begin_epoch(epoch, [k[0] for k in keys])
-            pass_start = time.monotonic()
-            self.stats.final_pass_started = pass_start
-            res = self._run_pass(epoch, full=epoch == 1)
-            self.flush()
-            res.counts = self.sync(epoch)
-            self.stats.passes = epoch
-            self.stats.normal_pages += res.counts.normal
-            self.stats.zero_pages += res.counts.zero
+            res = self._pass(epoch, full=epoch == 1)
             found = res.dirty_pages + res.zero_pages
-            self.events.emit(
-                "pass", **{"pass": epoch}, dirty_bytes=res.dirty_pages * cfg.page_size,
-                sent_bytes=res.wire_bytes, normal_pages=res.counts.normal,
-                zero_pages=res.counts.zero,
-                duration_ms=round((time.monotonic() - pass_start) * 1000, 1),
-            )
-            log.info(
-                "pass %d: %d dirty pages, %d zero pages, %d bytes sent",
-                epoch, res.dirty_pages, res.zero_pages, res.wire_bytes,
-            )
-            if epoch > 1 and found == 0 and not res.short_read:
-                break  # a pass that found nothing to send confirms the copy
-            if cfg.mtime_shortcut and not res.short_read and self._unchanged(keys, wall_start):
-                break
-            if epoch >= cfg.max_passes:
-                raise ConvergeError(
-                    f"still changing after {epoch} passes (--max-passes); "
-                    "pause the writer or raise --max-passes"
-                )
+            expected = self.estimator.expected_downtime(sum(self.sizes))
+            if not self.can_pause:
+                if epoch > 1 and found == 0 and not res.short_read:
+                    break  # a pass that found nothing to send confirms the copy
+                if (cfg.mtime_shortcut and self.dirty_log is None and not res.short_read
+                        and self._unchanged(keys, wall_start)):
+                    break
+                if epoch >= cfg.max_passes:
+                    raise ConvergeError(
+                        f"still changing after {epoch} passes (--max-passes); "
+                        "pause the writer (--pause-pid, --pause-cgroup, --pause-cmd) "
+                        "or raise --max-passes"
+                    )
+            else:
+                if expected <= limit_s:
+                    break
+                if epoch >= cfg.max_passes:
+                    if cfg.strict_downtime:
+                        raise ConvergeError(
+                            f"expected downtime {expected * 1000:.0f} ms is over --downtime-limit "
+                            f"{cfg.downtime_limit_ms:g} ms after {epoch} passes (--strict-downtime)"
+                        )
+                    log.warning(
+                        "reached --max-passes %d: switching over now; the downtime may exceed "
+                        "%g ms (expected %.0f ms)", epoch, cfg.downtime_limit_ms, expected * 1000,
+                    )
+                    break
+                if cfg.auto_converge and not self.estimator.converging():
+                    pct = self.throttle.step()
+                    log.info("auto-converge: throttling the writer to %d%%", 100 - pct)
             if self.hooks.between_passes:
                 subprocess.run(self.hooks.between_passes, shell=True, check=True,
                                stdout=subprocess.DEVNULL)
+        if self.can_pause:
+            epoch = self._switchover(epoch)
+        else:
+            log.warning(
+                "completed without pausing the writer: the copy is only as consistent "
+                "as the writer was quiet during the last pass"
+            )
         self._complete(epoch)
+
+    def _switchover(self, epoch: int) -> int:
+        """Pause, run the final pass, and check nothing else wrote meanwhile."""
+        self.throttle.stop()
+        self.limit.set_rate(0)  # the downtime runs at full speed
+        self.events.emit(
+            "switchover", **{"pass": epoch + 1},
+            expected_downtime_ms=round(self.estimator.expected_downtime(sum(self.sizes)) * 1000, 1),
+            remaining_bytes=self.estimator.remaining,
+        )
+        self.paused_at = time.monotonic()
+        self.pauser.pause()
+        self.stats.paused = True
+        log.info("writer paused; final pass")
+        keys = [s.stat_key() for s in self.sources]
+        epoch += 1
+        res = self._pass(epoch, full=False, final=True)
+        if [s.stat_key() for s in self.sources] != keys or res.short_read:
+            raise IOFailure(
+                "the source changed during the final pass although the writer was paused: "
+                "another process writes to it (pause it too)"
+            )
+        return epoch
+
+    def _pass(self, epoch: int, full: bool, final: bool = False) -> PassResult:
+        """One epoch: announce it, scan and send, flush, sync, report."""
+        cfg = self.cfg
+        sizes = [s.current_size() for s in self.sources]
+        pass_start = time.monotonic()
+        if not final:
+            self.stats.final_pass_started = pass_start
+        else:
+            self.stats.final_pass_started = self.paused_at
+        self._begin_epoch(epoch, sizes)
+        wire_before = sum(self.wire)
+        res = self._run_pass(epoch, full)
+        sync_start = time.monotonic()
+        self.flush()
+        res.counts = self.sync(epoch)
+        now = time.monotonic()
+        res.wire_bytes = sum(self.wire) - wire_before
+        self.stats.passes = epoch
+        self.stats.normal_pages += res.counts.normal
+        self.stats.zero_pages += res.counts.zero
+        self.estimator.end_pass(
+            PassSample(epoch, pass_start, now - pass_start,
+                       (res.dirty_pages + res.zero_pages) * cfg.page_size, res.wire_bytes,
+                       res.read_bytes, now - sync_start)
+        )
+        est = self.estimator
+        expected = est.expected_downtime(sum(self.sizes))
+        self.events.emit(
+            "pass", **{"pass": epoch},
+            dirty_bytes=res.dirty_pages * cfg.page_size,
+            sent_bytes=res.wire_bytes,
+            normal_pages=res.counts.normal,
+            zero_pages=res.counts.zero,
+            duration_ms=round((now - pass_start) * 1000, 1),
+            bandwidth_bytes_per_s=round(est.bandwidth),
+            dirty_rate_bytes_per_s=round(est.dirty_rate),
+            remaining_bytes=est.remaining,
+            expected_downtime_ms=round(expected * 1000, 1) if expected != float("inf") else None,
+            throttle_pct=self.throttle.pct,
+            final=final,
+        )
+        log.info(
+            "pass %d: %d dirty pages, %d zero pages, %d bytes sent in %.0f ms",
+            epoch, res.dirty_pages, res.zero_pages, res.wire_bytes, (now - pass_start) * 1000,
+        )
+        return res
 
     def _unchanged(self, keys: list[tuple[int, int, int]], wall_start: int) -> bool:
         """Size, mtime and ctime unchanged since the pass began, and old enough to trust.
@@ -272,13 +421,33 @@ class Orchestrator:
             if old != new:
                 log.info("%s changed size: %d -> %d bytes", self.sources[i].path, old, new)
                 self.tables[i].resize(old, new, self.cfg.page_size)
+                if self.dirty_log is not None and new > old:
+                    self.dirty_log.mark_dirty(old, new - old, block=i)
         self.sizes = sizes
         self.main.send(P.encode_epoch_start(epoch, sizes))
 
-    def _work_items(self) -> deque[tuple[int, int, int]]:
+    def _work_items(self, full: bool) -> deque[tuple[int, int, int]]:
+        """Chunk-aligned ranges: at most ITEM_BYTES, and small enough that every
+        channel gets several per pass, so a slow channel cannot hold up the pass."""
         ps = self.cfg.page_size
-        step = max(chunk_pages(ps), ITEM_BYTES // ps // chunk_pages(ps) * chunk_pages(ps))
+        cp = chunk_pages(ps)
+        total_pages = sum(pages_of(size, ps) for size in self.sizes)
+        per_item = min(ITEM_BYTES // ps, total_pages // (8 * len(self.workers)))
+        step = max(cp, per_item // cp * cp)
         items: deque[tuple[int, int, int]] = deque()
+        if self.dirty_log is not None and not full:
+            # The API tracker: only chunks the application marked, merged into runs.
+            for b, chunks in sorted(self.dirty_log.take().items()):
+                n = pages_of(self.sizes[b], ps)
+                run_start = run_end = -1
+                for c in chunks + [-2]:
+                    if c == run_end and run_end - run_start < step // cp:
+                        run_end += 1
+                        continue
+                    if run_start >= 0 and run_start * cp < n:
+                        items.append((b, run_start * cp, min(n, run_end * cp)))
+                    run_start, run_end = c, c + 1
+            return items
         for b, size in enumerate(self.sizes):
             n = pages_of(size, ps)
             for start in range(0, n, step):
@@ -286,14 +455,24 @@ class Orchestrator:
         return items
 
     def _run_pass(self, epoch: int, full: bool) -> PassResult:
-        """Hand every range to whichever channel is free; gather what they found."""
-        items = self._work_items()
+        """Hand every range to whichever channel is free; gather what they found.
+
+        The round-robin start carries over between passes, as QEMU's does, so
+        a range need not travel on the same channel twice: only the barrier
+        keeps an older copy from landing last.
+        """
+        if self.dirty_log is not None and full:
+            self.dirty_log.take()  # the full pass covers everything marked so far
+        items = self._work_items(full)
         res = PassResult()
-        outstanding = {w.index: 0 for w in self.workers}
+        n = len(self.workers)
+        outstanding = [0] * n
         next_id = 0
-        while items or any(outstanding.values()):
-            for w in self.workers:
-                while items and outstanding[w.index] < IN_FLIGHT:
+        while items or any(outstanding):
+            for _ in range(n):
+                w = self.workers[self._next_channel]
+                self._next_channel = (self._next_channel + 1) % n
+                if items and outstanding[w.index] < IN_FLIGHT:
                     b, start, end = items.popleft()
                     w.send("work", next_id, epoch, b, start, end, self.sizes[b], full)
                     next_id += 1
@@ -305,8 +484,8 @@ class Orchestrator:
                 res.dirty_pages += s["dirty_pages"]
                 res.zero_pages += s["zero_pages"]
                 res.read_bytes += s["read_bytes"]
-                res.wire_bytes += s["wire_bytes"]
                 res.short_read |= s["short_read"]
+                self.estimator.on_sent(time.monotonic(), s["wire_bytes"])
         return res
 
     def flush(self) -> None:
@@ -351,10 +530,10 @@ class Orchestrator:
             raise ProtocolError(f"completion: got {type(msg).__name__}, expected COMPLETE")
         if msg.digest != digest:
             raise VerifyError(f"digest: destination reported {msg.digest.hex()}, expected {digest.hex()}")
+        self.stats.finished = time.monotonic()
         workers.stop(self.workers)
         self.workers = []
         self.stats.digest = digest.hex()
-        self.stats.finished = time.monotonic()
 
 
 def run(cfg: SendConfig, events: Events, hooks: TestHooks) -> dict[str, Any]:

@@ -246,22 +246,29 @@ def encode_packet(
     normal_offsets: Sequence[int],
     zero_offsets: Sequence[int],
     hashes: Sequence[int],
-    payload: Buffer,
+    payload: Buffer | Sequence[Buffer],
     compression: int = 0,
     raw: bool = False,
 ) -> list[Buffer]:
-    """Return the packet as a buffer list for sendmsg(); the payload is not copied."""
+    """Return the packet as a buffer list for sendmsg(); the payload is not copied.
+
+    `payload` is one buffer, or a list of buffers that together form it (pages
+    gathered from several places are sent without joining them first).
+    """
     if len(hashes) != len(normal_offsets):
         raise ValueError("one hash per normal page")
+    parts: list[Buffer] = (
+        [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else list(payload)
+    )
     h = Header(
         MsgType.PACKET, FLAG_RAW if raw else 0, compression, block, epoch, packet_num,
-        len(normal_offsets), len(zero_offsets), len(payload),
+        len(normal_offsets), len(zero_offsets), sum(len(b) for b in parts),
     )
     return [
         encode_header(h),
         _u64_array(list(normal_offsets) + list(zero_offsets)),
         _u64_array(hashes),
-        payload,
+        *parts,
     ]
 
 
@@ -451,6 +458,7 @@ def parse_control(h: Header, payload: Buffer) -> Message:
         if t == MsgType.DIGEST:
             expect("DIGEST length", len(p), DIGEST.size)
             epoch, digest = DIGEST.unpack(p)
+            expect("DIGEST epoch", epoch, h.epoch)
             return Digest(epoch, digest)
         if t == MsgType.COMPLETE:
             expect("COMPLETE length", len(p), COMPLETE.size)

@@ -77,7 +77,9 @@ class Receiver:
             self._start_channels(socks)
             self.stats.setup_done = time.monotonic()
             self._serve()
-            return self.stats.summary()
+            summary = self.stats.summary()
+            del summary["paused"]  # only send knows whether it paused the writer
+            return summary
         except BaseException as e:
             self._fail(e)
             raise
@@ -149,7 +151,7 @@ class Receiver:
         if not isinstance(cfg, P.Config) or not isinstance(layout, P.Layout):
             raise ProtocolError("setup: expected CONFIG then LAYOUT")
         P.check_config(cfg, max_channels=self.cfg.max_channels)
-        by_wire_id(cfg.compression)  # an unknown method fails here, not mid-copy
+        by_wire_id(cfg.compression, cfg.level)  # an unknown method fails here, not mid-copy
         if len(layout.blocks) != 1:
             raise ProtocolError(
                 f"blocks: got {len(layout.blocks)}, expected 1 (DEST {self.dest.path} is a file)"
@@ -161,12 +163,8 @@ class Receiver:
         self.dest.create(block.size)
         self.tables = DestTables.create("recv", block.size, cfg.page_size)
         self.stats.channels = cfg.channels
-        try:
-            from multifd_cli.compression import by_wire_id as _b
-
-            self.stats.compression = _b(cfg.compression).name
-        except MultifdError:
-            self.stats.compression = str(cfg.compression)
+        method = by_wire_id(cfg.compression, cfg.level).name
+        self.stats.compression = method if method == "none" else f"{method}:{cfg.level}"
         main.send(P.encode_accept())
         log.info(
             "session %s: %d channels, %d-byte pages, %d bytes",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+from array import array
 from dataclasses import dataclass
 from typing import Callable
 
@@ -129,6 +131,7 @@ class HashTracker:
                 first_bad = (pos + usable) // cb
                 tables.chunk_valid.fill(first_bad, pages_of(end, ps) // self.cpages + 1, 0)
             self._scan_buffer(block, tables, pos, usable, full, client, res, partial_tail=n < want)
+            client.detach()  # the next pread reuses the buffer the batch points into
             pos += want
             self._tick()
             if n < want:
@@ -152,31 +155,40 @@ class HashTracker:
         ph = tables.page_hash.view
         chh = tables.chunk_hash.view
         chv = tables.chunk_valid.view
-        queue_page = client.queue_page
-        queue_zero = client.queue_zero
+        zfull = zero_hash(ps)
         for a in range(0, length, cb):
-            b = min(a + cb, length)
+            cv = mv[a : min(a + cb, length)]
+            clen = len(cv)
             ci = (base + a) // cb
-            ch = page_hash(mv[a:b])
+            ch = page_hash(cv)
             whole = full or not chv[ci]
             if not whole and chh[ci] == ch:
                 continue
+            # A comprehension keeps the per-page work in C as far as Python allows.
+            hs = [page_hash(cv[x : x + ps]) for x in range(0, clen, ps)]
+            k = len(hs)
             pi = (base + a) // ps
-            for x in range(a, b, ps):
-                pv = mv[x : x + ps] if x + ps <= b else mv[x:b]
-                h = page_hash(pv)
-                if whole or ph[pi] != h:
-                    ph[pi] = h
-                    if h == zero_hash(len(pv)) and pv == zero_bytes(len(pv)):
-                        queue_zero(block, base + x)
+            ztail = zero_hash(clen - (k - 1) * ps)
+            maybe_zero = zfull in hs or hs[-1] == ztail
+            if whole and not maybe_zero:
+                ph[pi : pi + k] = array("Q", hs)
+                client.queue_run(block, base + a, cv, hs)
+                res.dirty_pages += k
+            else:
+                old = ph[pi : pi + k].tolist()
+                ph[pi : pi + k] = array("Q", hs)
+                for i in range(k) if whole else [i for i in range(k) if hs[i] != old[i]]:
+                    pv = cv[i * ps : (i + 1) * ps]
+                    h = hs[i]
+                    if h in (zfull, ztail) and pv == zero_bytes(len(pv)):
+                        client.queue_zero(block, base + a + i * ps)
                         res.zero_pages += 1
                     else:
-                        queue_page(block, base + x, pv, h)
+                        client.queue_page(block, base + a + i * ps, pv, h)
                         res.dirty_pages += 1
-                pi += 1
             chh[ci] = ch
             # A chunk cut short by a shrinking file was not checked whole.
-            chv[ci] = 0 if (partial_tail and b == length and b - a < cb) else 1
+            chv[ci] = 0 if (partial_tail and a + clen == length and clen < cb) else 1
 
     def _skip_holes(
         self,
@@ -216,3 +228,33 @@ class HashTracker:
         except OSError:
             data_end = end
         return pos, max(data_end, pos + self.cbytes)
+
+
+class DirtyLog:
+    """The embedding API's tracker: the application says what it wrote.
+
+    Call mark_dirty() after each write has completed (as KVM's dirty log
+    records a write after it happens). Each pass takes the whole log at its
+    start, so a write that lands during a pass is in the next pass's log, and
+    a pass costs what was dirtied, not the size of the file.
+    """
+
+    def __init__(self, page_size: int = 4096) -> None:
+        self.page_size = page_size
+        self._lock = threading.Lock()
+        self._chunks: dict[int, set[int]] = {}
+
+    def mark_dirty(self, offset: int, length: int, block: int = 0) -> None:
+        """Record that bytes [offset, offset + length) of `block` were written."""
+        if length <= 0:
+            return
+        cb = chunk_pages(self.page_size) * self.page_size
+        first, last = offset // cb, (offset + length - 1) // cb
+        with self._lock:
+            self._chunks.setdefault(block, set()).update(range(first, last + 1))
+
+    def take(self) -> dict[int, list[int]]:
+        """Hand over and clear the log: sorted dirty chunk numbers per block."""
+        with self._lock:
+            chunks, self._chunks = self._chunks, {}
+        return {b: sorted(c) for b, c in chunks.items()}

@@ -161,3 +161,36 @@ def write_random(path: Path, size: int, seed: int = 1) -> Path:
             f.write(rng.randbytes(n))
             left -= n
     return path
+
+
+_TEXT = (
+    b"Live migration copies a changing file in passes; each pass resends the pages "
+    b"that changed since the one before, over several channels at once.\n"
+)
+
+
+def write_mixed(path: Path, size: int, seed: int = 1) -> Path:
+    """Deterministic data that compresses partly: 64 KiB units of random bytes,
+    text, zeros (page aligned, so they become zero pages) and half random/half text."""
+    import random
+
+    rng = random.Random(seed)
+    unit = 64 << 10
+    text = (_TEXT * (unit // len(_TEXT) + 1))[:unit]
+    with open(path, "wb") as f:
+        left, k = size, 0
+        while left:
+            n = min(left, unit)
+            kind = k % 4
+            if kind == 0:
+                data = rng.randbytes(n)
+            elif kind == 1:
+                data = text[:n]
+            elif kind == 2:
+                data = bytes(n)
+            else:
+                data = (rng.randbytes(unit // 2) + text[: unit // 2])[:n]
+            f.write(data)
+            left -= n
+            k += 1
+    return path

@@ -149,11 +149,24 @@ def test_golden_packet_passes_check_packet():
     assert P.check_packet(msg, [G.BLOCK0_SIZE, G.BLOCK1_SIZE], G.PAGE_SIZE, 16) == 512 + 276
 
 
-def test_golden_digest_is_the_page_hash_table_digest():
+def test_golden_digest_is_the_page_hash_table_digest() -> None:
+    """The golden DIGEST is what the real table code computes for that layout."""
+    from multifd_cli.tables import SharedTable, table_digest
+
     zero = xxhash.xxh3_64_intdigest(bytes(G.PAGE_SIZE))
-    table = [xxhash.xxh3_64_intdigest(G.PAGE0), zero, xxhash.xxh3_64_intdigest(G.TAIL)]
-    table += [zero] * (G.BLOCK1_SIZE // G.PAGE_SIZE)
-    want = xxhash.xxh3_128_digest(struct.pack(f"<{len(table)}Q", *table))
+    hashes0 = [xxhash.xxh3_64_intdigest(G.PAGE0), zero, xxhash.xxh3_64_intdigest(G.TAIL)]
+    hashes1 = [zero] * (G.BLOCK1_SIZE // G.PAGE_SIZE)
+    tables = []
+    for size, hashes in ((G.BLOCK0_SIZE, hashes0), (G.BLOCK1_SIZE, hashes1)):
+        t = SharedTable("golden", "Q", len(hashes))
+        for i, h in enumerate(hashes):
+            t.view[i] = h
+        tables.append((size, t))
+    try:
+        want = table_digest(tables, G.PAGE_SIZE)
+    finally:
+        for _, t in tables:
+            t.close()
     assert decode_all(golden("digest")) == [P.Digest(3, want)]
 
 

@@ -38,16 +38,15 @@ def page_hash(data: bytes) -> int:
 
 
 def table_digest() -> bytes:
-    """xxh3-128 over the little-endian u64 page-hash table of the golden layout,
-    after the golden PACKET: block 0 pages 0 and 1024 carry data, every other
-    page of both blocks is zero."""
-    hashes = [
-        page_hash(PAGE0),
-        page_hash(bytes(PAGE_SIZE)),
-        page_hash(TAIL),
-        *[page_hash(bytes(PAGE_SIZE))] * (BLOCK1_SIZE // PAGE_SIZE),
-    ]
-    return bytes(xxhash.xxh3_128_digest(b"".join(P.HASH.pack(h) for h in hashes)))
+    """xxh3-128 over each block's size and little-endian u64 page-hash table, in
+    layout order, after the golden PACKET: block 0 pages 0 and 1024 carry data,
+    every other page of both blocks is zero."""
+    zero = page_hash(bytes(PAGE_SIZE))
+    block0 = [page_hash(PAGE0), zero, page_hash(TAIL)]
+    block1 = [zero] * (BLOCK1_SIZE // PAGE_SIZE)
+    parts = [P.BLOCK_SIZE.pack(BLOCK0_SIZE), *map(P.HASH.pack, block0)]
+    parts += [P.BLOCK_SIZE.pack(BLOCK1_SIZE), *map(P.HASH.pack, block1)]
+    return bytes(xxhash.xxh3_128_digest(b"".join(parts)))
 
 
 CONFIG = P.Config(

@@ -1,0 +1,121 @@
+"""Convergence maths: bandwidth, dirty rate, and the expected downtime.
+
+Pure and clock-free (callers pass times in), so the policy is unit-tested
+without processes. The switchover rule is QEMU's: stop the writer once what is
+left can be sent within the downtime limit at the measured bandwidth.
+
+    expected downtime = final scan time + remaining / bandwidth + sync latency
+
+where the final scan time is the tracker's measured scan rate times the size
+(about zero for the API tracker, which reads only what was marked), remaining
+is what the last pass found dirty, and the sync latency is measured from the
+flush + sync of the last pass plus one round trip for completion.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+# Before anything is measured, assume a scan this fast per channel. It only
+# feeds the setup-time warning; every pass replaces it with a measurement.
+ASSUMED_SCAN_BYTES_PER_S = 2e9
+WINDOW_S = 1.0  # bandwidth is averaged over this much recent sending
+
+
+@dataclass
+class PassSample:
+    number: int
+    started: float
+    duration: float
+    dirty_bytes: int
+    wire_bytes: int
+    scanned_bytes: int
+    sync_seconds: float
+
+
+@dataclass
+class Estimator:
+    """Running estimates for one migration."""
+
+    channels: int = 1
+    scan_is_free: bool = False  # the API tracker reads only what was marked
+    bandwidth_cap: float = 0.0  # --max-bandwidth, bytes/s; 0 means none
+    _window: deque[tuple[float, int]] = field(default_factory=deque)
+    _best_bandwidth: float = 0.0
+    passes: list[PassSample] = field(default_factory=list)
+    scan_rate: float = 0.0  # bytes/s of a pass that sends little
+
+    # -- inputs ------------------------------------------------------------------------
+    def on_sent(self, now: float, nbytes: int) -> None:
+        """Bytes put on the wire at `now` (from channel reports, often)."""
+        self._window.append((now, nbytes))
+        while self._window and now - self._window[0][0] > WINDOW_S:
+            self._window.popleft()
+        span = now - self._window[0][0]
+        total = sum(n for _, n in self._window)
+        # Only a window that is mostly sending says anything about the link.
+        if span >= 0.1 and total >= 1 << 20:
+            self._best_bandwidth = max(self._best_bandwidth * 0.9, total / span)
+
+    def end_pass(self, sample: PassSample) -> None:
+        self.passes.append(sample)
+        if sample.duration > 0 and sample.wire_bytes >= 4 << 20:
+            rate = sample.wire_bytes / sample.duration
+            self._best_bandwidth = max(self._best_bandwidth, rate)
+        if sample.duration > 0 and sample.scanned_bytes:
+            # Time not spent sending was spent scanning.
+            send_time = sample.wire_bytes / self.bandwidth if self.bandwidth else 0.0
+            scan_time = max(sample.duration - send_time, sample.duration * 0.1, 1e-3)
+            self.scan_rate = max(self.scan_rate, sample.scanned_bytes / scan_time)
+
+    # -- outputs --------------------------------------------------------------------------
+    @property
+    def bandwidth(self) -> float:
+        """Bytes/s the channels together put on the wire, capped by --max-bandwidth."""
+        bw = self._best_bandwidth
+        if self.bandwidth_cap:
+            bw = min(bw, self.bandwidth_cap) if bw else self.bandwidth_cap
+        return bw
+
+    @property
+    def dirty_rate(self) -> float:
+        """Bytes/s the writer dirtied, judged from the last pass and the gap before it."""
+        if len(self.passes) < 2:
+            return 0.0
+        prev, last = self.passes[-2], self.passes[-1]
+        interval = last.started + last.duration - (prev.started + prev.duration)
+        return last.dirty_bytes / interval if interval > 0 else 0.0
+
+    @property
+    def remaining(self) -> int:
+        """Bytes the final pass is expected to send: what the last pass found."""
+        return self.passes[-1].dirty_bytes if self.passes else 0
+
+    def scan_seconds(self, size: int) -> float:
+        if self.scan_is_free:
+            return 0.0
+        rate = self.scan_rate or ASSUMED_SCAN_BYTES_PER_S * self.channels
+        return size / rate
+
+    def sync_seconds(self) -> float:
+        if not self.passes:
+            return 0.0
+        # The final pass pays one flush+sync and the completion round trip,
+        # which costs about as much again.
+        return 2 * self.passes[-1].sync_seconds
+
+    def expected_downtime(self, size: int) -> float:
+        """Seconds from the pause to the destination's acknowledgement."""
+        if not self.passes:
+            return float("inf")
+        bw = self.bandwidth
+        send = self.remaining / bw if bw else (0.0 if not self.remaining else float("inf"))
+        return self.scan_seconds(size) + send + self.sync_seconds()
+
+    def converging(self) -> bool:
+        """False when the writer dirties faster than the link sends, pass after pass."""
+        if len(self.passes) < 3:
+            return True
+        a, b = self.passes[-2], self.passes[-1]
+        return b.dirty_bytes < a.dirty_bytes * 0.9 or self.dirty_rate < 0.5 * self.bandwidth

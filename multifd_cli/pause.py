@@ -1,0 +1,391 @@
+"""Pausing the writer for the switchover, and never leaving it paused by mistake.
+
+Mechanisms combine: SIGSTOP/SIGCONT of PIDs, a cgroup v2 freeze, and a pair of
+user commands (fsfreeze, virsh suspend, a script). A watchdog process, in its
+own session, resumes whatever was paused if send's main process dies while
+the writer is paused, so even SIGKILL of send leaves the writer running within
+two seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from multifd_cli.errors import PauseError, UsageError
+
+log = logging.getLogger("multifd")
+
+STOP_WAIT_S = 2.0  # how long a SIGSTOPped process may take to show state T
+
+
+# -- /proc helpers ------------------------------------------------------------------------
+def thread_states(pid: int) -> list[str]:
+    """The state letter of every thread of `pid` (R, S, D, T, t, Z, ...)."""
+    out = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name is in parentheses and may hold spaces or ')'.
+        out.append(stat[stat.rindex(")") + 2])
+    return out
+
+
+def is_stopped(pid: int) -> bool:
+    states = thread_states(pid)
+    return bool(states) and all(s in "Tt" for s in states)
+
+
+def writers_of(path: str) -> list[int]:
+    """PIDs that have `path` open for writing (from /proc/*/fdinfo flags)."""
+    target = os.stat(path)
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        fd_dir = f"/proc/{entry}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"{fd_dir}/{fd}")
+                if (st.st_dev, st.st_ino) != (target.st_dev, target.st_ino):
+                    continue
+                with open(f"/proc/{entry}/fdinfo/{fd}") as f:
+                    flags = int(f.read().split("flags:")[1].split()[0], 8)
+            except (OSError, IndexError, ValueError):
+                continue
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                pids.append(int(entry))
+                break
+    return pids
+
+
+def pids_in_cgroup(path: str) -> set[int]:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return {int(x) for x in f.read().split()}
+    except OSError:
+        return set()
+
+
+# -- mechanisms ----------------------------------------------------------------------------
+@dataclass
+class PauseSpec:
+    pids: tuple[int, ...] = ()
+    cgroup: str = ""
+    pause_cmd: str = ""
+    resume_cmd: str = ""
+
+    @property
+    def any(self) -> bool:
+        return bool(self.pids or self.cgroup or self.pause_cmd)
+
+    def validate(self) -> None:
+        if bool(self.pause_cmd) != bool(self.resume_cmd):
+            raise UsageError("--pause-cmd and --resume-cmd go together: give both or neither")
+        for pid in self.pids:
+            if pid <= 0:
+                raise UsageError(f"--pause-pid {pid}: expected a process id above 0")
+            if not os.path.exists(f"/proc/{pid}"):
+                raise UsageError(f"--pause-pid {pid}: no such process")
+        if self.cgroup and not os.path.exists(os.path.join(self.cgroup, "cgroup.freeze")):
+            raise UsageError(
+                f"--pause-cgroup {self.cgroup}: not a cgroup v2 directory with cgroup.freeze"
+            )
+
+
+def run_command(cmd: str, what: str) -> None:
+    """Run a pause/resume command; its output goes to the log, never to stdout."""
+    try:
+        proc = subprocess.run(
+            cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        raise PauseError(f"{what} {cmd!r} did not finish within 60 s") from None
+    for line in proc.stdout.decode(errors="replace").splitlines():
+        log.info("%s: %s", what, line)
+    if proc.returncode != 0:
+        raise PauseError(f"{what} {cmd!r} exited with status {proc.returncode}")
+
+
+@dataclass
+class Pauser:
+    """Pauses and resumes every configured mechanism; remembers what it did."""
+
+    spec: PauseSpec
+    stopped: list[int] = field(default_factory=list)  # PIDs we stopped ourselves
+    frozen: bool = False
+    commanded: bool = False
+    extra_pause: Callable[[], None] | None = None  # the embedding API's hooks
+    extra_resume: Callable[[], None] | None = None
+    extra_paused: bool = False
+    # Told what is about to be paused before anything is, so a watchdog can
+    # undo it even if main dies halfway through pausing.
+    on_intent: Callable[[list[int], bool, bool], None] | None = None
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.stopped or self.frozen or self.commanded or self.extra_paused)
+
+    def pause(self) -> None:
+        """Pause everything, then wait until every thread of every PID is stopped."""
+        to_stop = []
+        for pid in self.spec.pids:
+            if is_stopped(pid):
+                # Stopped by someone else: never SIGCONT it later.
+                log.info("process %d was already stopped; it stays as it is", pid)
+            else:
+                to_stop.append(pid)
+        if self.on_intent is not None:
+            self.on_intent(to_stop, bool(self.spec.cgroup), bool(self.spec.pause_cmd))
+        try:
+            for pid in to_stop:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    log.warning("process %d is gone; nothing to pause there", pid)
+                    continue
+                self.stopped.append(pid)
+            if self.spec.cgroup:
+                self._write_freeze(1)
+                self.frozen = True
+            if self.spec.pause_cmd:
+                run_command(self.spec.pause_cmd, "pause command")
+                self.commanded = True
+            if self.extra_pause is not None:
+                self.extra_pause()
+                self.extra_paused = True
+            self._wait_stopped()
+        except BaseException:
+            self.resume()
+            raise
+
+    def _wait_stopped(self) -> None:
+        deadline = time.monotonic() + STOP_WAIT_S
+        pending = list(self.stopped)
+        while pending:
+            pending = [p for p in pending if not is_stopped(p) and os.path.exists(f"/proc/{p}")]
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                raise PauseError(f"process {pending[0]} did not stop within {STOP_WAIT_S:g} s")
+            time.sleep(0.002)
+        if self.frozen:
+            events = os.path.join(self.spec.cgroup, "cgroup.events")
+            while True:
+                with contextlib.suppress(OSError), open(events) as f:
+                    if "frozen 1" in f.read():
+                        break
+                if time.monotonic() > deadline:
+                    raise PauseError(f"cgroup {self.spec.cgroup} did not freeze within {STOP_WAIT_S:g} s")
+                time.sleep(0.002)
+
+    def _write_freeze(self, value: int) -> None:
+        try:
+            with open(os.path.join(self.spec.cgroup, "cgroup.freeze"), "w") as f:
+                f.write(str(value))
+        except OSError as e:
+            raise PauseError(f"cannot {'freeze' if value else 'thaw'} {self.spec.cgroup}: {e.strerror}") from None
+
+    def resume(self) -> None:
+        """Undo whatever pause() did; try every mechanism even if one fails."""
+        errors: list[str] = []
+        if self.extra_paused and self.extra_resume is not None:
+            try:
+                self.extra_resume()
+            except Exception as e:  # noqa: BLE001 - resume everything else regardless
+                errors.append(f"resume hook: {e}")
+            self.extra_paused = False
+        if self.commanded:
+            try:
+                run_command(self.spec.resume_cmd, "resume command")
+            except PauseError as e:
+                errors.append(e.message)
+            self.commanded = False
+        if self.frozen:
+            try:
+                self._write_freeze(0)
+            except PauseError as e:
+                errors.append(e.message)
+            self.frozen = False
+        for pid in self.stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self.stopped = []
+        if errors:
+            raise PauseError("; ".join(errors))
+
+
+# -- watchdog ---------------------------------------------------------------------------------
+class Watchdog:
+    """A tiny process that resumes the writer if send's main dies while it is paused.
+
+    Main tells it what is paused; it resumes on EOF of its pipe (main is gone)
+    unless main said the pause is meant to last ("keep").
+    """
+
+    def __init__(self, spec: PauseSpec) -> None:
+        self.spec = spec
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            os.close(w)
+            _watch(r, spec)
+        os.close(r)
+        self.pid = pid
+        self._w = w
+
+    def _say(self, msg: str) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._w, (msg + "\n").encode())
+
+    def paused(self, stopped: Sequence[int], frozen: bool, commanded: bool) -> None:
+        self._say("paused " + ",".join(map(str, stopped)) + f" {int(frozen)} {int(commanded)}")
+
+    def resumed(self) -> None:
+        self._say("resumed")
+
+    def close(self, keep: bool = False) -> None:
+        """Stop the watchdog; with keep=True the writer is meant to stay paused."""
+        self._say("keep" if keep else "resumed")
+        self._say("exit")
+        with contextlib.suppress(OSError):
+            os.close(self._w)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+def _watch(fd: int, spec: PauseSpec) -> None:  # pragma: no cover - child process
+    """Child: hold the pause state; on EOF, resume it. Never logs (forked locks)."""
+    code = 0
+    try:
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for other in range(3, 1024):
+            if other != fd:
+                with contextlib.suppress(OSError):
+                    os.close(other)
+        stopped: list[int] = []
+        frozen = commanded = False
+        buf = b""
+        while True:
+            data = os.read(fd, 4096)
+            if not data:
+                break
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                words = line.decode().split()
+                if not words:
+                    continue
+                if words[0] == "paused":
+                    stopped = [int(p) for p in words[1].split(",") if p] if len(words) > 1 else []
+                    frozen = words[2] == "1"
+                    commanded = words[3] == "1"
+                elif words[0] in ("resumed", "keep"):
+                    stopped, frozen, commanded = [], False, False
+                elif words[0] == "exit":
+                    os._exit(0)
+        # Main is gone while the writer may be paused: resume it.
+        for pid in stopped:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGCONT)
+        if frozen:
+            with contextlib.suppress(OSError), open(os.path.join(spec.cgroup, "cgroup.freeze"), "w") as f:
+                f.write("0")
+        if commanded:
+            subprocess.run(spec.resume_cmd, shell=True, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        if stopped or frozen or commanded:
+            os.write(2, b"multifd: watchdog: send died during the pause; the writer was resumed\n")
+    except BaseException:  # noqa: BLE001 - a child must never return into main's code
+        code = 1
+    os._exit(code)
+
+
+# -- auto-converge -----------------------------------------------------------------------------
+class Throttle:
+    """QEMU-style auto-converge: slow the writer by a growing duty cycle.
+
+    PIDs get SIGSTOP for pct% of every 100 ms; a cgroup gets cpu.max.
+    """
+
+    PERIOD_S = 0.1
+    INITIAL = 20
+    STEP = 10
+    MAX = 99
+
+    def __init__(self, spec: PauseSpec) -> None:
+        self.spec = spec
+        self.pct = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._old_cpu_max: str | None = None
+
+    def step(self) -> int:
+        """Throttle harder: 20 %, then +10 % per call, up to 99 %."""
+        self.pct = self.INITIAL if self.pct == 0 else min(self.MAX, self.pct + self.STEP)
+        if self.spec.cgroup:
+            self._set_cpu_max()
+        if self.spec.pids and self._thread is None:
+            self._thread = threading.Thread(target=self._cycle, name="throttle", daemon=True)
+            self._thread.start()
+        return self.pct
+
+    def _set_cpu_max(self) -> None:
+        path = os.path.join(self.spec.cgroup, "cpu.max")
+        period = 100_000
+        try:
+            if self._old_cpu_max is None:
+                with open(path) as f:
+                    self._old_cpu_max = f.read().strip()
+            with open(path, "w") as f:
+                f.write(f"{max(1000, period * (100 - self.pct) // 100)} {period}")
+        except OSError as e:
+            log.warning("cannot throttle %s through cpu.max: %s", self.spec.cgroup, e.strerror)
+
+    def _cycle(self) -> None:
+        pids = list(self.spec.pids)
+        while not self._stop.is_set():
+            stop_for = self.PERIOD_S * self.pct / 100
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+            self._stop.wait(stop_for)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            self._stop.wait(self.PERIOD_S - stop_for)
+
+    def stop(self) -> None:
+        """Stop and join the cycle, so its SIGCONT cannot land during the final pass."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            for pid in self.spec.pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        if self._old_cpu_max is not None:
+            with contextlib.suppress(OSError), open(os.path.join(self.spec.cgroup, "cpu.max"), "w") as f:
+                f.write(self._old_cpu_max)
+            self._old_cpu_max = None
