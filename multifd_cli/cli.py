@@ -8,6 +8,7 @@ a traceback appears only with --debug.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -279,13 +280,20 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point: run the CLI and turn every failure into one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        cli.main(args=argv, prog_name="multifd", standalone_mode=False)
+        cli.main(args=args, prog_name="multifd", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
-        sys.exit(EXIT_USAGE)
+        if not args or args in (["send"], ["recv"]) and "Usage:" in e.format_message():
+            click.echo(e.format_message(), err=True)  # no arguments at all: show the help
+            sys.exit(EXIT_USAGE)
+        # click rejected an option before the command ran: same one-line rule.
+        if args and args[0] in ("send", "recv"):
+            _note_json(args[0], "--json" in args or os.environ.get("MULTIFD_JSON") == "1")
+        hint = f" (see 'multifd {args[0]} --help')" if args and args[0] in ("send", "recv") else ""
+        _exit(EXIT_USAGE, e.format_message().replace("\n", " ") + hint)
     except click.exceptions.Abort:
         _exit(EXIT_SIGINT, "interrupted")
     except MultifdError as e:

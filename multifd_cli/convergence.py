@@ -45,6 +45,10 @@ class Estimator:
     _best_bandwidth: float = 0.0
     passes: list[PassSample] = field(default_factory=list)
     scan_rate: float = 0.0  # bytes/s of a pass that sends little
+    # The API tracker knows exactly what is dirty now; the hash tracker only
+    # learns it by scanning, so after the first pass (which sent everything)
+    # it knows nothing yet about the writer.
+    pending_bytes: int | None = None
 
     # -- inputs ------------------------------------------------------------------------
     def on_sent(self, now: float, nbytes: int) -> None:
@@ -89,7 +93,10 @@ class Estimator:
 
     @property
     def remaining(self) -> int:
-        """Bytes the final pass is expected to send: what the last pass found."""
+        """Bytes the final pass is expected to send: what is known to be dirty, or
+        else what the last pass found."""
+        if self.pending_bytes is not None:
+            return self.pending_bytes
         return self.passes[-1].dirty_bytes if self.passes else 0
 
     def scan_seconds(self, size: int) -> float:
@@ -107,7 +114,7 @@ class Estimator:
 
     def expected_downtime(self, size: int) -> float:
         """Seconds from the pause to the destination's acknowledgement."""
-        if not self.passes:
+        if not self.passes or (len(self.passes) < 2 and self.pending_bytes is None):
             return float("inf")
         bw = self.bandwidth
         send = self.remaining / bw if bw else (0.0 if not self.remaining else float("inf"))

@@ -290,6 +290,8 @@ class Orchestrator:
             wall_start = time.time_ns()
             res = self._pass(epoch, full=epoch == 1)
             found = res.dirty_pages + res.zero_pages
+            if self.dirty_log is not None:
+                self.estimator.pending_bytes = self.dirty_log.pending_bytes()
             expected = self.estimator.expected_downtime(sum(self.sizes))
             if not self.can_pause:
                 if epoch > 1 and found == 0 and not res.short_read:
@@ -381,6 +383,8 @@ class Orchestrator:
                        res.read_bytes, now - sync_start)
         )
         est = self.estimator
+        if self.dirty_log is not None:
+            est.pending_bytes = self.dirty_log.pending_bytes()
         expected = est.expected_downtime(sum(self.sizes))
         self.events.emit(
             "pass", **{"pass": epoch},

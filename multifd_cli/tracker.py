@@ -253,6 +253,12 @@ class DirtyLog:
         with self._lock:
             self._chunks.setdefault(block, set()).update(range(first, last + 1))
 
+    def pending_bytes(self) -> int:
+        """Bytes marked since the last take(), counted in whole chunks."""
+        cb = chunk_pages(self.page_size) * self.page_size
+        with self._lock:
+            return cb * sum(len(c) for c in self._chunks.values())
+
     def take(self) -> dict[int, list[int]]:
         """Hand over and clear the log: sorted dirty chunk numbers per block."""
         with self._lock:
