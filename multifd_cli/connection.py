@@ -3,9 +3,9 @@ the state table, with heartbeats and a silence limit."""
 
 from __future__ import annotations
 
-import select
 import socket
 import time
+from multiprocessing.connection import wait
 
 from multifd_cli import protocol as P
 from multifd_cli.errors import ConnectionFailed, PeerAborted, Timeout
@@ -73,8 +73,7 @@ class MainConnection:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise Timeout("timed out waiting for the peer")
-            r, _, _ = select.select([self.sock], [], [], left)
-            if r:
+            if wait([self.sock], left):
                 self._pending.extend(self.read_available())
 
     def _pop(self) -> P.Message | None:

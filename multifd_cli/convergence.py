@@ -68,10 +68,11 @@ class Estimator:
             rate = sample.wire_bytes / sample.duration
             self._best_bandwidth = max(self._best_bandwidth, rate)
         if sample.duration > 0 and sample.scanned_bytes:
-            # Time not spent sending was spent scanning.
+            # Channels scan and send at once, so only a pass that sent little
+            # shows the scan rate; its whole duration is counted, to be safe.
             send_time = sample.wire_bytes / self.bandwidth if self.bandwidth else 0.0
-            scan_time = max(sample.duration - send_time, sample.duration * 0.1, 1e-3)
-            self.scan_rate = max(self.scan_rate, sample.scanned_bytes / scan_time)
+            if send_time < 0.5 * sample.duration:
+                self.scan_rate = sample.scanned_bytes / sample.duration
 
     # -- outputs --------------------------------------------------------------------------
     @property
@@ -121,8 +122,15 @@ class Estimator:
         return self.scan_seconds(size) + send + self.sync_seconds()
 
     def converging(self) -> bool:
-        """False when the writer dirties faster than the link sends, pass after pass."""
+        """False when the writer keeps outrunning the link, as QEMU's auto-converge
+        judges it: in each of the last two pass intervals the writer dirtied more
+        than half of what the link could send in that time."""
         if len(self.passes) < 3:
             return True
-        a, b = self.passes[-2], self.passes[-1]
-        return b.dirty_bytes < a.dirty_bytes * 0.9 or self.dirty_rate < 0.5 * self.bandwidth
+
+        def heavy(prev: PassSample, last: PassSample) -> bool:
+            interval = last.started + last.duration - (prev.started + prev.duration)
+            return last.dirty_bytes > 0.5 * self.bandwidth * interval
+
+        p = self.passes
+        return not (heavy(p[-3], p[-2]) and heavy(p[-2], p[-1]))

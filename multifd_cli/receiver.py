@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import socket
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 
 from multifd_cli import protocol as P
 from multifd_cli import workers
@@ -116,8 +116,7 @@ class Receiver:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise Timeout(f"no session started within {self.cfg.timeout:g} s (--timeout)")
-            r, _, _ = select.select([self.lsock], [], [], left)
-            if not r:
+            if not wait([self.lsock], left):
                 continue
             conn, peer = self.lsock.accept()
             try:

@@ -1,0 +1,87 @@
+"""Convergence maths: pure functions of the samples fed in."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from multifd_cli.convergence import Estimator, PassSample
+
+MiB = 1 << 20
+
+
+def sample(n: int, started: float, duration: float, dirty: int, wire: int, scanned: int,
+           sync: float = 0.005) -> PassSample:
+    return PassSample(n, started, duration, dirty, wire, scanned, sync)
+
+
+def test_nothing_is_expected_before_two_passes_with_the_hash_tracker() -> None:
+    est = Estimator(channels=2)
+    assert est.expected_downtime(256 * MiB) == math.inf
+    est.end_pass(sample(1, 0.0, 0.5, 256 * MiB, 257 * MiB, 256 * MiB))
+    # Pass 1 sent everything; it says nothing yet about the writer.
+    assert est.expected_downtime(256 * MiB) == math.inf
+
+
+def test_bandwidth_comes_from_a_pass_that_sent_a_lot() -> None:
+    est = Estimator(channels=2)
+    est.end_pass(sample(1, 0.0, 0.5, 256 * MiB, 256 * MiB, 256 * MiB))
+    assert est.bandwidth == pytest.approx(512 * MiB)
+
+
+def test_bandwidth_is_capped_by_max_bandwidth() -> None:
+    est = Estimator(channels=2, bandwidth_cap=50e6)
+    est.end_pass(sample(1, 0.0, 0.5, 256 * MiB, 256 * MiB, 256 * MiB))
+    assert est.bandwidth == 50e6
+    assert Estimator(bandwidth_cap=10e6).bandwidth == 10e6
+
+
+def test_expected_downtime_adds_scan_send_and_sync() -> None:
+    est = Estimator(channels=2)
+    est.end_pass(sample(1, 0.0, 1.0, 1024 * MiB, 1024 * MiB, 1024 * MiB, sync=0.01))
+    # Pass 2 found 8 MiB dirty and sent them; it scanned 1 GiB in 0.3 s.
+    est.end_pass(sample(2, 1.0, 0.3, 8 * MiB, 8 * MiB, 1024 * MiB, sync=0.01))
+    bw = est.bandwidth
+    assert bw == pytest.approx(1024 * MiB)
+    # Pass 1 was all sending and says nothing about scanning; pass 2 was a scan.
+    assert est.scan_rate == pytest.approx(1024 * MiB / 0.3)
+    want = 1024 * MiB / est.scan_rate + 8 * MiB / bw + 2 * 0.01
+    assert est.expected_downtime(1024 * MiB) == pytest.approx(want)
+    assert est.remaining == 8 * MiB
+
+
+def test_the_api_tracker_scans_for_free_and_knows_what_is_pending() -> None:
+    est = Estimator(channels=2, scan_is_free=True)
+    est.end_pass(sample(1, 0.0, 1.0, 1024 * MiB, 1024 * MiB, 1024 * MiB))
+    est.pending_bytes = 2 * MiB
+    assert est.scan_seconds(1 << 40) == 0.0
+    assert est.remaining == 2 * MiB
+    assert est.expected_downtime(1 << 40) == pytest.approx(2 * MiB / (1024 * MiB) + 2 * 0.005)
+
+
+def test_dirty_rate_uses_the_interval_between_pass_ends() -> None:
+    est = Estimator()
+    est.end_pass(sample(1, 0.0, 1.0, 100 * MiB, 100 * MiB, 100 * MiB))
+    est.end_pass(sample(2, 1.5, 0.5, 20 * MiB, 20 * MiB, 100 * MiB))
+    # Pages found in pass 2 were dirtied between the end of pass 1 (t=1.0) and pass 2 (t=2.0).
+    assert est.dirty_rate == pytest.approx(20 * MiB / 1.0)
+
+
+def test_converging_detects_a_writer_that_outruns_the_link() -> None:
+    est = Estimator()
+    est.end_pass(sample(1, 0.0, 1.0, 100 * MiB, 100 * MiB, 100 * MiB))  # link: 100 MiB/s
+    est.end_pass(sample(2, 1.0, 1.0, 30 * MiB, 30 * MiB, 100 * MiB))
+    est.end_pass(sample(3, 2.0, 1.0, 60 * MiB, 60 * MiB, 100 * MiB))
+    assert est.converging()  # one heavy interval is not a trend
+    est.end_pass(sample(4, 3.0, 1.0, 70 * MiB, 70 * MiB, 100 * MiB))
+    assert not est.converging()  # two in a row: over half the link each time
+    est.end_pass(sample(5, 4.0, 1.0, 20 * MiB, 20 * MiB, 100 * MiB))
+    assert est.converging()
+
+
+def test_on_sent_measures_a_window_of_sending() -> None:
+    est = Estimator()
+    for i in range(11):
+        est.on_sent(i * 0.05, 8 * MiB)  # 8 MiB every 50 ms = 160 MiB/s
+    assert est.bandwidth == pytest.approx(88 * MiB / 0.5)

@@ -1,0 +1,212 @@
+"""Unit tests of the pure parts: sizes, URIs, tables, the paged client, the tracker."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from multifd_cli.clients import PagedClient
+from multifd_cli.config import parse_rate, parse_size
+from multifd_cli.errors import UsageError
+from multifd_cli.tables import SharedTable, chunk_pages, table_digest, zero_hash
+from multifd_cli.tracker import DirtyLog, HashTracker, SourceTables
+from multifd_cli.transport import Uri, parse_uri
+
+PS = 4096
+
+
+# -- sizes and URIs ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text,want",
+    [("4096", 4096), ("4K", 4096), ("512K", 512 << 10), ("1M", 1 << 20), ("1G", 1 << 30),
+     ("1KB", 1000), ("2MB", 2_000_000), ("1.5K", 1536), ("4k", 4096), ("0", 0)],
+)
+def test_parse_size(text: str, want: int) -> None:
+    assert parse_size(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "K", "-1", "4X", "1.3", "ten", "4 KiB"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_size(text)
+
+
+def test_parse_rate_takes_per_second() -> None:
+    assert parse_rate("100M/s") == parse_rate("100M") == 100 << 20
+    assert parse_rate("1GB/s") == 10**9
+
+
+@pytest.mark.parametrize(
+    "text,want",
+    [("tcp:127.0.0.1:0", Uri("tcp", "127.0.0.1", 0)),
+     ("tcp:host.example:4444", Uri("tcp", "host.example", 4444)),
+     ("tcp:[::1]:5", Uri("tcp", "::1", 5)),
+     ("unix:/run/x.sock", Uri("unix", path="/run/x.sock"))],
+)
+def test_parse_uri(text: str, want: Uri) -> None:
+    assert parse_uri(text) == want
+    assert str(parse_uri(text)) == text
+
+
+@pytest.mark.parametrize(
+    "text", ["", "tcp", "tcp:", "tcp:host", "tcp:host:x", "tcp:host:70000", "udp:h:1",
+             "tcp::1:5", "tcp:[::1]5", "tcp::5"],
+)
+def test_parse_uri_rejects(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_uri(text)
+
+
+# -- shared tables ------------------------------------------------------------------------------
+def test_shared_table_grows_and_a_forked_child_sees_it() -> None:
+    t = SharedTable("t", "Q", 4, fill=7)
+    assert list(t.view[:4]) == [7, 7, 7, 7]
+    pid = os.fork()
+    if pid == 0:
+        t.refresh()
+        t.view[2] = 42
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert t.view[2] == 42
+    t.ensure(100)
+    assert t.capacity >= 100 and t.view[99] == 7 and t.view[2] == 42
+    t.close()
+
+
+def test_table_digest_covers_sizes_and_hashes() -> None:
+    a = SharedTable("a", "Q", 2)
+    a.view[0], a.view[1] = 1, 2
+    d1 = table_digest([(2 * PS, a)], PS)
+    d2 = table_digest([(2 * PS - 1, a)], PS)  # same pages, another size
+    a.view[1] = 3
+    d3 = table_digest([(2 * PS, a)], PS)
+    assert len({d1, d2, d3}) == 3
+    a.close()
+
+
+# -- the paged client -------------------------------------------------------------------------------
+class Recorder:
+    def __init__(self) -> None:
+        self.packets: list[tuple[int, list[int], list[int], list[int], bytes]] = []
+
+    def send_pages(self, block: int, normal: list[int], zero: list[int], hashes: list[int],
+                   payload: list[memoryview | bytes]) -> None:
+        self.packets.append((block, list(normal), list(zero), list(hashes),
+                             b"".join(bytes(p) for p in payload)))
+
+
+def test_paged_client_splits_runs_at_the_packet_size_and_flushes_the_rest() -> None:
+    rec = Recorder()
+    c = PagedClient(rec, PS, 4)
+    data = bytes(range(256)) * (6 * PS // 256)
+    c.queue_run(0, 0, memoryview(data), list(range(6)))
+    assert len(rec.packets) == 1 and c.pending == 2
+    c.flush()
+    assert [p[1] for p in rec.packets] == [[0, PS, 2 * PS, 3 * PS], [4 * PS, 5 * PS]]
+    assert b"".join(p[4] for p in rec.packets) == data
+    assert [p[3] for p in rec.packets] == [[0, 1, 2, 3], [4, 5]]
+    c.flush()
+    assert len(rec.packets) == 2  # nothing left: flush sends nothing
+
+
+def test_paged_client_detach_copies_out_of_a_reused_buffer() -> None:
+    rec = Recorder()
+    c = PagedClient(rec, PS, 8)
+    buf = bytearray(b"a" * PS)
+    c.queue_page(0, 0, memoryview(buf), 1)
+    c.detach()
+    buf[:] = b"b" * PS
+    c.flush()
+    assert rec.packets[0][4] == b"a" * PS
+
+
+def test_paged_client_never_mixes_blocks_in_a_packet() -> None:
+    rec = Recorder()
+    c = PagedClient(rec, PS, 8)
+    c.queue_zero(0, 0)
+    c.queue_zero(1, 0)
+    c.flush()
+    assert [(p[0], p[2]) for p in rec.packets] == [(0, [0]), (1, [0])]
+
+
+# -- the hash tracker ---------------------------------------------------------------------------------
+def scan(path: Path, tables: SourceTables, full: bool, size: int | None = None) -> tuple[Recorder, object]:
+    rec = Recorder()
+    client = PagedClient(rec, PS, 128)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.path.getsize(path) if size is None else size
+        n = (size + PS - 1) // PS
+        res = HashTracker(PS, lambda: None).scan(fd, 0, tables, 0, n, size, full, client)
+        client.flush()
+    finally:
+        os.close(fd)
+    return rec, res
+
+
+def test_tracker_full_pass_then_only_changes(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    data = bytearray(os.urandom(40 * PS + 100))
+    data[8 * PS : 9 * PS] = bytes(PS)  # one zero page
+    path.write_bytes(data)
+    tables = SourceTables.create("t", len(data), PS)
+    rec, res = scan(path, tables, full=True)
+    assert (res.dirty_pages, res.zero_pages) == (40, 1)  # 41 pages, the tail is short
+    sent = {off: h for p in rec.packets for off, h in zip(p[1], p[3])}
+    assert sent[40 * PS] == xxhash.xxh3_64_intdigest(bytes(data[40 * PS :]))
+    # Nothing changed: nothing to send.
+    rec, res = scan(path, tables, full=False)
+    assert (res.dirty_pages, res.zero_pages, rec.packets) == (0, 0, [])
+    # One page changed, one page turned to zero.
+    with open(path, "r+b") as f:
+        f.seek(3 * PS)
+        f.write(b"x" * 10)
+        f.seek(20 * PS)
+        f.write(bytes(PS))
+    rec, res = scan(path, tables, full=False)
+    assert [p[1] for p in rec.packets] == [[3 * PS]]
+    assert [p[2] for p in rec.packets] == [[20 * PS]]
+    assert rec.packets[0][4] == bytes(path.read_bytes()[3 * PS : 4 * PS])
+
+
+def test_tracker_describes_holes_without_reading_them(tmp_path: Path) -> None:
+    path = tmp_path / "sparse"
+    size = 64 << 20
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(32 << 20)
+        f.write(b"data")
+    tables = SourceTables.create("t", size, PS)
+    rec, res = scan(path, tables, full=True)
+    assert res.dirty_pages == 1
+    assert res.zero_pages == size // PS - 1
+    assert res.read_bytes <= 2 << 20  # only around the data, not 64 MiB
+
+
+def test_tracker_short_read_is_the_end_not_zeros(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(10 * PS))
+    tables = SourceTables.create("t", 20 * PS, PS)
+    rec, res = scan(path, tables, full=True, size=20 * PS)  # told 20 pages, file has 10
+    assert res.short_read
+    assert res.dirty_pages == 10 and res.zero_pages == 0
+    assert tables.chunk_valid.view[0] == 0 or chunk_pages(PS) > 20
+
+
+def test_zero_hash_is_the_hash_of_zeros() -> None:
+    assert zero_hash(PS) == xxhash.xxh3_64_intdigest(bytes(PS))
+    assert zero_hash(100) != zero_hash(PS)
+
+
+def test_dirty_log_marks_chunks_and_hands_them_over_once() -> None:
+    log = DirtyLog(PS)
+    cb = chunk_pages(PS) * PS
+    log.mark_dirty(0, 1)
+    log.mark_dirty(cb - 1, 2)  # straddles chunks 0 and 1
+    log.mark_dirty(10 * cb, 0)  # empty: ignored
+    assert log.pending_bytes() == 2 * cb
+    assert log.take() == {0: [0, 1]}
+    assert log.take() == {} and log.pending_bytes() == 0
