@@ -21,7 +21,7 @@ import time
 from array import array
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Sequence
+from typing import Callable, Sequence
 
 from multifd_cli import protocol as P
 from multifd_cli.compression import Compressor, by_wire_id
@@ -74,6 +74,8 @@ class ChannelReceiver:
         self.counts = P.Counts()
         self.wire_bytes = 0
         self.written_bytes = 0
+        self.report: Callable[[], None] = lambda: None
+        self._next_report = 0.0
         hooks = args.hooks
         self.delay = hooks.delay_seconds if hooks.delay_channel == index else 0.0
         self.delay_epoch = hooks.delay_epoch
@@ -117,6 +119,10 @@ class ChannelReceiver:
                 time.sleep(self.delay)  # test-only: a slow channel
             self._apply(msg)
             self.counts += P.Counts(1, h.normal, h.zero)
+            now = time.monotonic()
+            if now >= self._next_report:
+                self._next_report = now + 0.25
+                self.report()
 
     def _apply(self, p: P.Packet) -> None:
         h = p.header
@@ -252,6 +258,7 @@ def channel_main(index: int, pipe: Connection, sock: socket.socket, args: RecvCh
     """Process entry point of a receive channel."""
     sock.settimeout(args.timeout)
     rx = ChannelReceiver(index, sock, args)
+    rx.report = lambda: pipe.send(("progress", rx.wire_bytes, rx.written_bytes))
     try:
         while True:
             try:

@@ -84,6 +84,12 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
                      envvar="MULTIFD_LOG_FILE", show_envvar=True,
                      help="Write logs here instead of stderr."),
         click.option("--debug", is_flag=True, help="Show tracebacks for errors."),
+        click.option("--progress/--no-progress", "progress", default=None,
+                     help="Force the progress line on or off (default: on when stderr is a TTY)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress line and no summary."),
+        click.option("--json-interval", type=click.FloatRange(min=0.05), default=1.0,
+                     show_default=True, metavar="SECONDS",
+                     help="Seconds between JSON progress events (with --json)."),
     ]
     for opt in reversed(options):
         f = opt(f)
@@ -116,7 +122,8 @@ def _setup(debug: bool, log_level: str, log_file: str | None) -> None:
     signal.signal(signal.SIGTERM, on_signal)
 
 
-def _run(side: str, json_events: bool, body: Callable[[Any], dict[str, Any]]) -> None:
+def _run(side: str, json_events: bool, body: Callable[[Any], dict[str, Any]],
+         quiet: bool = False) -> None:
     from multifd_cli import logsetup
     from multifd_cli.events import Events, human_summary
 
@@ -135,7 +142,7 @@ def _run(side: str, json_events: bool, body: Callable[[Any], dict[str, Any]]) ->
     finally:
         logsetup.shutdown()
     events.emit("completed", status="completed", **summary)
-    if not json_events:
+    if not json_events and not quiet:
         click.echo(human_summary(side, "completed", summary), err=True)
 
 
@@ -147,14 +154,16 @@ def _run(side: str, json_events: bool, body: Callable[[Any], dict[str, Any]]) ->
 @click.option("--keep-partial", is_flag=True, help="Keep a failed copy as DEST.partial.")
 @_common
 def recv(dest: str, listen: str, force: bool, keep_partial: bool, json_events: bool,
-         timeout: float, log_level: str, log_file: str | None, debug: bool) -> None:
+         timeout: float, log_level: str, log_file: str | None, debug: bool,
+         progress: bool | None, quiet: bool, json_interval: float) -> None:
     """Receive one migration into DEST, then exit."""
     _note_json("recv", json_events)
     from multifd_cli.transport import parse_uri
 
     parse_uri(listen)
     cfg = RecvConfig(dest=dest, listen=listen, timeout=timeout, force=force,
-                     keep_partial=keep_partial, json=json_events)
+                     keep_partial=keep_partial, json=json_events,
+                     progress=False if quiet else progress, json_interval=json_interval)
     _setup(debug, log_level, log_file)
     hooks = TestHooks.from_env()
 
@@ -163,7 +172,7 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, json_events: b
 
         return receiver.run(cfg, events, hooks)
 
-    _run("recv", json_events, body)
+    _run("recv", json_events, body, quiet)
 
 
 @cli.command()
@@ -204,6 +213,9 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, json_events: b
 @click.option("--max-bandwidth", type=RATE, default="0", metavar="RATE",
               envvar="MULTIFD_MAX_BANDWIDTH", show_envvar=True,
               help="Bytes/s for all channels together (100M, 1G); lifted during the downtime.")
+@click.option("--control", metavar="unix:PATH", default="", envvar="MULTIFD_CONTROL",
+              show_envvar=True,
+              help="Serve `multifd status|cancel|set --control PATH` while migrating.")
 @click.option("--no-mtime-shortcut", is_flag=True,
               help="Always confirm with a pass that finds nothing, even when size, mtime and "
                    "ctime did not change (needed for writers that use mmap).")
@@ -212,8 +224,9 @@ def send(sources: tuple[str, ...], to: str, channels: int, compress: str, page_s
          packet_size: int, max_passes: int, downtime_limit: float, pause_pid: tuple[int, ...],
          pause_cgroup: str, pause_cmd: str, resume_cmd: str, after_success: str,
          auto_converge: bool, strict_downtime: bool, max_bandwidth: int,
-         no_mtime_shortcut: bool, json_events: bool, timeout: float, log_level: str,
-         log_file: str | None, debug: bool) -> None:
+         control: str, no_mtime_shortcut: bool, json_events: bool, timeout: float,
+         log_level: str, log_file: str | None, debug: bool, progress: bool | None, quiet: bool,
+         json_interval: float) -> None:
     """Migrate SOURCE to the recv listening at --to."""
     _note_json("send", json_events)
     from multifd_cli import protocol as P
@@ -242,7 +255,8 @@ def send(sources: tuple[str, ...], to: str, channels: int, compress: str, page_s
                      timeout=timeout, mtime_shortcut=not no_mtime_shortcut, json=json_events,
                      downtime_limit_ms=downtime_limit, pause=pause, after_success=after_success,
                      auto_converge=auto_converge, strict_downtime=strict_downtime,
-                     max_bandwidth=max_bandwidth)
+                     max_bandwidth=max_bandwidth, control=control,
+                     progress=False if quiet else progress, json_interval=json_interval)
     _setup(debug, log_level, log_file)
     hooks = TestHooks.from_env()
 
@@ -251,7 +265,49 @@ def send(sources: tuple[str, ...], to: str, channels: int, compress: str, page_s
 
         return orchestrator.run(cfg, events, hooks)
 
-    _run("send", json_events, body)
+    _run("send", json_events, body, quiet)
+
+
+def _control_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--control", "control", required=True, metavar="unix:PATH",
+                        envvar="MULTIFD_CONTROL", show_envvar=True,
+                        help="The --control socket of the running send.")(f)
+
+
+def _ask(control: str, req: dict[str, Any]) -> dict[str, Any]:
+    from multifd_cli.control import control_path, request
+
+    reply = request(control_path(control), req)
+    if not reply.get("ok"):
+        raise UsageError(str(reply.get("error", "refused")))
+    return reply
+
+
+@cli.command()
+@_control_option
+def status(control: str) -> None:
+    """Print a running send's counters as JSON (like query-migrate)."""
+    import json
+
+    reply = _ask(control, {"cmd": "status"})
+    reply.pop("ok", None)
+    click.echo(json.dumps(reply))
+
+
+@cli.command()
+@_control_option
+def cancel(control: str) -> None:
+    """Cancel a running send; its writer is resumed and it exits 130."""
+    _ask(control, {"cmd": "cancel"})
+
+
+@cli.command("set")
+@_control_option
+@click.argument("param", type=click.Choice(["max-bandwidth", "downtime-limit"]))
+@click.argument("value")
+def set_param(control: str, param: str, value: str) -> None:
+    """Change max-bandwidth (RATE) or downtime-limit (MS) of a running send."""
+    _ask(control, {"cmd": "set", "param": param, "value": value})
 
 
 def _note_json(side: str, enabled: bool) -> None:

@@ -53,6 +53,9 @@ class SendConfig:
     auto_converge: bool = False
     strict_downtime: bool = False
     max_bandwidth: int = 0  # bytes/s shared by all channels; 0 is unlimited
+    control: str = ""  # unix socket for `multifd status|cancel|set`
+    progress: bool | None = None  # None: a status line only when stderr is a TTY
+    json_interval: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class RecvConfig:
     keep_partial: bool = False
     json: bool = False
     max_channels: int = 64
+    progress: bool | None = None
+    json_interval: float = 1.0
 
 
 @dataclass

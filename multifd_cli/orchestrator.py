@@ -27,10 +27,13 @@ from multifd_cli import protocol as P
 from multifd_cli import workers
 from multifd_cli.channel_send import SendChannelArgs, channel_main, handshake
 from multifd_cli.compression import get_compressor, parse_spec
-from multifd_cli.config import SendConfig, TestHooks
+from multifd_cli.config import SendConfig, TestHooks, parse_rate
 from multifd_cli.connection import MainConnection
+from multifd_cli.control import ControlServer, control_path
 from multifd_cli.convergence import Estimator, PassSample
 from multifd_cli.errors import (
+    EXIT_SIGINT,
+    Cancelled,
     ConvergeError,
     IOFailure,
     MultifdError,
@@ -42,6 +45,7 @@ from multifd_cli.errors import (
 )
 from multifd_cli.events import Events, Stats
 from multifd_cli.pause import Pauser, Throttle, Watchdog, pids_in_cgroup, writers_of
+from multifd_cli.progress import Progress, Snapshot
 from multifd_cli.ratelimit import SharedRateLimit
 from multifd_cli.tables import chunk_pages, pages_of, table_digest
 from multifd_cli.tracker import DirtyLog, SourceTables
@@ -152,6 +156,13 @@ class Orchestrator:
         self.watchdog: Watchdog | None = None
         self.paused_at = 0.0
         self.succeeded = False
+        self.downtime_limit_ms = cfg.downtime_limit_ms
+        self.phase = "setup"
+        self.live_wire = 0  # bytes on the wire so far, including the running pass
+        self.pass_no = 0
+        self.control: ControlServer | None = None
+        self._cancel = False
+        self.progress = Progress(events, tty=cfg.progress, json_interval=cfg.json_interval)
 
     # -- the whole migration -----------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -160,6 +171,8 @@ class Orchestrator:
             if len(self.sources) != 1:
                 raise UsageError("several sources need the multi-source support of a later release")
             self._warn_unpaused_writers()
+            if self.cfg.control:
+                self.control = ControlServer(control_path(self.cfg.control), self._on_control)
             if self.cfg.pause.any:
                 self.watchdog = Watchdog(self.cfg.pause)
                 self.pauser.on_intent = self.watchdog.paused
@@ -175,7 +188,10 @@ class Orchestrator:
                 self.main.abort(code, f"source: {e}")
             raise
         finally:
+            self.progress.finish()
             self._release_writer()
+            if self.control is not None:
+                self.control.close()
             if self.workers:
                 workers.terminate(self.workers)
             if self.main is not None:
@@ -262,22 +278,91 @@ class Orchestrator:
                 ready.add(w.index)
 
     def _poll(self) -> list[tuple[workers.Worker, tuple[Any, ...]]]:
-        """Wait briefly for channel reports while watching the main connection."""
+        """Wait briefly for channel reports while watching the main connection
+        and the control socket."""
         assert self.main is not None
-        reports, ready = workers.poll(self.workers, [self.main], self.heartbeat)
-        if ready:
-            for msg in self.main.read_available():
-                raise ProtocolError(f"main connection: unexpected {type(msg).__name__} mid-pass")
+        extras: list[Any] = [self.main]
+        if self.control is not None:
+            extras.append(self.control)
+        reports, ready = workers.poll(self.workers, extras, min(self.heartbeat, 0.25))
+        for obj in ready:
+            if obj is self.control:
+                self.control.serve_ready()
+            else:
+                for msg in self.main.read_available():
+                    raise ProtocolError(f"main connection: unexpected {type(msg).__name__} mid-pass")
+        if self._cancel:
+            raise Cancelled("cancelled by `multifd cancel`", EXIT_SIGINT)
         self.main.heartbeat_if_idle(self.heartbeat)
         self.main.check_silence()
+        if self.progress.due():
+            self.progress.update(self._snapshot())
         return reports
+
+    # -- what the user sees and steers ------------------------------------------------------------
+    def _snapshot(self) -> Snapshot:
+        est = self.estimator
+        total = sum(self.sizes)
+        rate = self.progress.rate(self.live_wire)
+        expected = est.expected_downtime(total) if self.phase != "setup" else float("inf")
+        eta = None
+        if self.pass_no == 1 and rate > 0:
+            eta = max(0.0, total - self.live_wire) / rate
+        return Snapshot(
+            self.phase, self.pass_no, self.live_wire, total, rate,
+            est.remaining if est.passes else None,
+            round(expected * 1000, 1) if expected != float("inf") else None, eta,
+        )
+
+    def status(self) -> dict[str, Any]:
+        """What `multifd status` shows: query-migrate's counters and the estimates."""
+        s = self.stats.summary()
+        s.update(self._snapshot().fields())
+        s.update(
+            status="completed" if self.succeeded else ("setup" if self.phase == "setup" else "active"),
+            transferred_bytes=self.live_wire,
+            downtime_ms=s["downtime_ms"] if self.paused_at or self.succeeded else 0.0,
+            dirty_rate_bytes_per_s=round(self.estimator.dirty_rate),
+            throttle_pct=self.throttle.pct,
+            downtime_limit_ms=self.downtime_limit_ms,
+            max_bandwidth=int(self.limit.rate),
+        )
+        return s
+
+    def _on_control(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, **self.status()}
+        if cmd == "cancel":
+            self._cancel = True
+            return {"ok": True}
+        if cmd == "set":
+            param, value = req.get("param"), str(req.get("value", ""))
+            if param == "max-bandwidth":
+                rate = parse_rate(value)
+                self.estimator.bandwidth_cap = float(rate)
+                if not self.pauser.paused:  # the downtime always runs unlimited
+                    self.limit.set_rate(rate)
+                log.info("max-bandwidth set to %d bytes/s", rate)
+                return {"ok": True}
+            if param == "downtime-limit":
+                try:
+                    ms = float(value)
+                except ValueError:
+                    raise UsageError(f"downtime-limit {value!r}: expected milliseconds") from None
+                if ms <= 0:
+                    raise UsageError("downtime-limit must be above 0 ms")
+                self.downtime_limit_ms = ms
+                log.info("downtime-limit set to %g ms", ms)
+                return {"ok": True}
+            raise UsageError(f"unknown parameter {param!r}: expected max-bandwidth or downtime-limit")
+        raise UsageError(f"unknown command {cmd!r}: expected status, cancel or set")
 
     # -- passes ---------------------------------------------------------------------------------
     def _migrate(self) -> None:
         cfg = self.cfg
-        limit_s = cfg.downtime_limit_ms / 1000
         size = sum(self.sizes)
-        if self.can_pause and self.estimator.scan_seconds(size) > limit_s:
+        if self.can_pause and self.estimator.scan_seconds(size) > cfg.downtime_limit_ms / 1000:
             log.warning(
                 "scanning %d bytes alone may take about %.0f ms, more than --downtime-limit %g ms: "
                 "raise the limit, or track writes with the API tracker",
@@ -306,17 +391,17 @@ class Orchestrator:
                         "or raise --max-passes"
                     )
             else:
-                if expected <= limit_s:
+                if expected <= self.downtime_limit_ms / 1000:
                     break
                 if epoch >= cfg.max_passes:
                     if cfg.strict_downtime:
                         raise ConvergeError(
                             f"expected downtime {expected * 1000:.0f} ms is over --downtime-limit "
-                            f"{cfg.downtime_limit_ms:g} ms after {epoch} passes (--strict-downtime)"
+                            f"{self.downtime_limit_ms:g} ms after {epoch} passes (--strict-downtime)"
                         )
                     log.warning(
                         "reached --max-passes %d: switching over now; the downtime may exceed "
-                        "%g ms (expected %.0f ms)", epoch, cfg.downtime_limit_ms, expected * 1000,
+                        "%g ms (expected %.0f ms)", epoch, self.downtime_limit_ms, expected * 1000,
                     )
                     break
                 if cfg.auto_converge and not self.estimator.converging():
@@ -337,6 +422,7 @@ class Orchestrator:
     def _switchover(self, epoch: int) -> int:
         """Pause, run the final pass, and check nothing else wrote meanwhile."""
         self.throttle.stop()
+        self.phase = "switchover"
         self.limit.set_rate(0)  # the downtime runs at full speed
         self.events.emit(
             "switchover", **{"pass": epoch + 1},
@@ -362,6 +448,9 @@ class Orchestrator:
         cfg = self.cfg
         sizes = [s.current_size() for s in self.sources]
         pass_start = time.monotonic()
+        self.pass_no = epoch
+        if not final:
+            self.phase = "pass"
         if not final:
             self.stats.final_pass_started = pass_start
         else:
@@ -489,6 +578,7 @@ class Orchestrator:
                 res.zero_pages += s["zero_pages"]
                 res.read_bytes += s["read_bytes"]
                 res.short_read |= s["short_read"]
+                self.live_wire += s["wire_bytes"]
                 self.estimator.on_sent(time.monotonic(), s["wire_bytes"])
         return res
 
@@ -507,7 +597,7 @@ class Orchestrator:
         for w, msg in self._gather("synced"):
             total += P.Counts(*msg[2])
             self.wire[w.index] = msg[3]
-        self.stats.transferred_bytes = sum(self.wire)
+        self.stats.transferred_bytes = self.live_wire = sum(self.wire)
         self.main.send(P.encode_epoch_end(epoch, total))
         return total
 
@@ -522,6 +612,7 @@ class Orchestrator:
     # -- completion -------------------------------------------------------------------------------
     def _complete(self, epoch: int) -> None:
         assert self.main is not None
+        self.phase = "completing"
         digest = table_digest(
             [(size, t.page_hash) for size, t in zip(self.sizes, self.tables)], self.cfg.page_size
         )

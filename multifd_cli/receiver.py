@@ -29,6 +29,7 @@ from multifd_cli.errors import (
     expect,
 )
 from multifd_cli.events import Events, Stats
+from multifd_cli.progress import Progress, Snapshot
 from multifd_cli.sink import Destination, DestTables
 from multifd_cli.tables import table_digest
 from multifd_cli.transport import Uri, listen, parse_uri, tune
@@ -61,6 +62,7 @@ class Receiver:
         self.tables: DestTables | None = None
         self.config: P.Config | None = None
         self.sizes: tuple[int, ...] = ()
+        self.progress = Progress(events, tty=cfg.progress, json_interval=cfg.json_interval)
 
     # -- the whole session ------------------------------------------------------------
     def run(self) -> dict[str, object]:
@@ -71,6 +73,7 @@ class Receiver:
             self.events.emit("listening", uri=str(self.real_uri))
             log.info("listening on %s", self.real_uri)
             deadline = time.monotonic() + self.cfg.timeout
+            self.events.stream.flush()
             self._accept_session(deadline)
             socks = self._accept_channels(deadline)
             self._close_listener()
@@ -84,6 +87,7 @@ class Receiver:
             self._fail(e)
             raise
         finally:
+            self.progress.finish()
             self._close_listener()
             if self.tables is not None:
                 self.tables.close()
@@ -272,8 +276,11 @@ class Receiver:
                 self.stats.final_pass_started = epochs[done].started
                 self._complete(digest, sum(written))
                 return
-            reports, ready = workers.poll(self.workers, [main], self.heartbeat)
+            reports, ready = workers.poll(self.workers, [main], min(self.heartbeat, 0.25))
             for w, r in reports:
+                if r[0] == "progress":
+                    _, wire[w.index], written[w.index] = r
+                    continue
                 if r[0] != "synced":
                     raise ProtocolError(f"channel report: got {r[0]!r}")
                 _, epoch, counts, wire[w.index], written[w.index] = r
@@ -284,6 +291,11 @@ class Receiver:
                 pending = main.read_available()
             main.heartbeat_if_idle(self.heartbeat)
             main.check_silence()
+            if self.progress.due():
+                sent = sum(wire)
+                self.progress.update(Snapshot(
+                    "pass", max(chan_epoch), sent, sum(self.sizes), self.progress.rate(sent)
+                ))
 
     def _resize(self, sizes: tuple[int, ...]) -> None:
         assert self.tables is not None and self.config is not None
