@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Sequence
 
+from multifd_cli import handshake
 from multifd_cli import protocol as P
+from multifd_cli.auth import Security
 from multifd_cli.clients import PagedClient
 from multifd_cli.compression import Compressor, get_compressor
 from multifd_cli.errors import ConnectionFailed, IOFailure, ProtocolError, expect
 from multifd_cli.ratelimit import SharedRateLimit
 from multifd_cli.tracker import HashTracker, SourceTables
 from multifd_cli.transport import Uri, connect, send_all
-from multifd_cli.workers import recv_exact_deadline
 
 log = logging.getLogger("multifd")
 
@@ -45,6 +46,7 @@ class SendChannelArgs:
     timeout: float
     heartbeat: float
     limit: SharedRateLimit
+    security: Security
 
 
 class ChannelSender:
@@ -115,28 +117,11 @@ class ChannelSender:
             self.last_send = time.monotonic()
 
 
-def handshake(sock: socket.socket, role: int, session: bytes, timeout: float) -> None:
-    """HELLO out, WELCOME back, on any connection of the send side."""
-    send_all(sock, [P.encode_hello(role, session)])
-    deadline = time.monotonic() + timeout
-    header = P.parse_header(recv_exact_deadline(sock, P.HEADER_SIZE, deadline))
-    body = recv_exact_deadline(sock, header.body_len, deadline)
-    msg = P.parse_control(header, body) if header.type != P.MsgType.PACKET else None
-    if isinstance(msg, P.Abort):
-        from multifd_cli.errors import PeerAborted
-
-        raise PeerAborted(msg.message, msg.exit_code)
-    if not isinstance(msg, P.Welcome):
-        raise ProtocolError(f"handshake: got {header.type.name}, expected WELCOME")
-    expect("protocol version", msg.version, P.VERSION)
-    expect("session UUID", msg.session.hex(), session.hex())
-
-
 def channel_main(index: int, pipe: Connection, args: SendChannelArgs) -> None:
     """Process entry point of a send channel."""
     sock = connect(args.uri, args.timeout)
     try:
-        handshake(sock, index, args.session, args.timeout)
+        sock = handshake.client(sock, index, args.session, args.timeout, args.security)
         _serve(index, pipe, sock, args)
     finally:
         sock.close()

@@ -96,6 +96,49 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _security(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Authentication and encryption options, the same on both commands."""
+    options = [
+        click.option("--psk-file", type=click.Path(dir_okay=False), default=None,
+                     envvar="MULTIFD_PSK_FILE", show_envvar=True,
+                     help="Pre-shared key; every connection must prove it knows it. "
+                          "Authenticates only: add TLS to protect the data."),
+        click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
+                     envvar="MULTIFD_TLS_CERT", show_envvar=True,
+                     help="Certificate (PEM): recv's server certificate, or send's client one."),
+        click.option("--tls-key", type=click.Path(dir_okay=False), default=None,
+                     envvar="MULTIFD_TLS_KEY", show_envvar=True, help="Key for --tls-cert."),
+        click.option("--tls-ca", type=click.Path(dir_okay=False), default=None,
+                     envvar="MULTIFD_TLS_CA", show_envvar=True,
+                     help="CA that signs the peer's certificate. On recv it makes client "
+                          "certificates mandatory."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+def _load_security(side: str, psk_file: str | None, tls_cert: str | None,
+                   tls_key: str | None, tls_ca: str | None, tls_hostname: str | None,
+                   default_host: str | None) -> Any:
+    from multifd_cli.auth import Security, load_psk
+
+    psk = load_psk(psk_file) if psk_file else None
+    tls = None
+    if side == "recv":
+        if (tls_key or tls_ca) and not tls_cert:
+            raise UsageError("recv needs --tls-cert to use TLS")
+        if tls_cert:
+            from multifd_cli.handshake import tls_server_context
+
+            tls = tls_server_context(tls_cert, tls_key, tls_ca)
+    elif tls_cert or tls_ca or tls_hostname:
+        from multifd_cli.handshake import tls_client_context
+
+        tls = tls_client_context(tls_ca, tls_cert, tls_key)
+    return Security(psk, tls, tls_hostname or default_host)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="multifd")
 def cli() -> None:
@@ -152,18 +195,22 @@ def _run(side: str, json_events: bool, body: Callable[[Any], dict[str, Any]],
               show_envvar=True, help="tcp:HOST:PORT, tcp:[IPv6]:PORT or unix:PATH; port 0 picks one.")
 @click.option("--force", is_flag=True, help="Replace an existing DEST, atomically at completion.")
 @click.option("--keep-partial", is_flag=True, help="Keep a failed copy as DEST.partial.")
+@_security
 @_common
 def recv(dest: str, listen: str, force: bool, keep_partial: bool, json_events: bool,
          timeout: float, log_level: str, log_file: str | None, debug: bool,
-         progress: bool | None, quiet: bool, json_interval: float) -> None:
+         progress: bool | None, quiet: bool, json_interval: float, psk_file: str | None,
+         tls_cert: str | None, tls_key: str | None, tls_ca: str | None) -> None:
     """Receive one migration into DEST, then exit."""
     _note_json("recv", json_events)
     from multifd_cli.transport import parse_uri
 
     parse_uri(listen)
+    security = _load_security("recv", psk_file, tls_cert, tls_key, tls_ca, None, None)
     cfg = RecvConfig(dest=dest, listen=listen, timeout=timeout, force=force,
                      keep_partial=keep_partial, json=json_events,
-                     progress=False if quiet else progress, json_interval=json_interval)
+                     progress=False if quiet else progress, json_interval=json_interval,
+                     security=security)
     _setup(debug, log_level, log_file)
     hooks = TestHooks.from_env()
 
@@ -216,6 +263,9 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, json_events: b
 @click.option("--control", metavar="unix:PATH", default="", envvar="MULTIFD_CONTROL",
               show_envvar=True,
               help="Serve `multifd status|cancel|set --control PATH` while migrating.")
+@click.option("--tls-hostname", default=None, envvar="MULTIFD_TLS_HOSTNAME", show_envvar=True,
+              help="Name the destination's certificate must carry (default: the --to host).")
+@_security
 @click.option("--no-mtime-shortcut", is_flag=True,
               help="Always confirm with a pass that finds nothing, even when size, mtime and "
                    "ctime did not change (needed for writers that use mmap).")
@@ -226,14 +276,17 @@ def send(sources: tuple[str, ...], to: str, channels: int, compress: str, page_s
          auto_converge: bool, strict_downtime: bool, max_bandwidth: int,
          control: str, no_mtime_shortcut: bool, json_events: bool, timeout: float,
          log_level: str, log_file: str | None, debug: bool, progress: bool | None, quiet: bool,
-         json_interval: float) -> None:
+         json_interval: float, tls_hostname: str | None, psk_file: str | None,
+         tls_cert: str | None, tls_key: str | None, tls_ca: str | None) -> None:
     """Migrate SOURCE to the recv listening at --to."""
     _note_json("send", json_events)
     from multifd_cli import protocol as P
     from multifd_cli.compression import get_compressor, parse_spec
     from multifd_cli.transport import parse_uri
 
-    parse_uri(to)
+    uri = parse_uri(to)
+    security = _load_security("send", psk_file, tls_cert, tls_key, tls_ca, tls_hostname,
+                              uri.host or None)
     get_compressor(parse_spec(compress))
     if page_size & (page_size - 1) or not P.MIN_PAGE_SIZE <= page_size <= P.MAX_PAGE_SIZE:
         raise UsageError(
@@ -256,7 +309,8 @@ def send(sources: tuple[str, ...], to: str, channels: int, compress: str, page_s
                      downtime_limit_ms=downtime_limit, pause=pause, after_success=after_success,
                      auto_converge=auto_converge, strict_downtime=strict_downtime,
                      max_bandwidth=max_bandwidth, control=control,
-                     progress=False if quiet else progress, json_interval=json_interval)
+                     progress=False if quiet else progress, json_interval=json_interval,
+                     security=security)
     _setup(debug, log_level, log_file)
     hooks = TestHooks.from_env()
 

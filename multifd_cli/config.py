@@ -6,6 +6,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from multifd_cli.auth import Security
 from multifd_cli.errors import UsageError
 from multifd_cli.pause import PauseSpec
 
@@ -56,6 +57,7 @@ class SendConfig:
     control: str = ""  # unix socket for `multifd status|cancel|set`
     progress: bool | None = None  # None: a status line only when stderr is a TTY
     json_interval: float = 1.0
+    security: Security = field(default_factory=Security)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class RecvConfig:
     max_channels: int = 64
     progress: bool | None = None
     json_interval: float = 1.0
+    security: Security = field(default_factory=Security)
 
 
 @dataclass

@@ -23,9 +23,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from multifd_cli import handshake, workers
 from multifd_cli import protocol as P
-from multifd_cli import workers
-from multifd_cli.channel_send import SendChannelArgs, channel_main, handshake
+from multifd_cli.channel_send import SendChannelArgs, channel_main
 from multifd_cli.compression import get_compressor, parse_spec
 from multifd_cli.config import SendConfig, TestHooks, parse_rate
 from multifd_cli.connection import MainConnection
@@ -231,7 +231,7 @@ class Orchestrator:
     def _connect(self) -> None:
         cfg = self.cfg
         sock = connect(self.uri, cfg.timeout)
-        handshake(sock, P.ROLE_MAIN, self.session, cfg.timeout)
+        sock = handshake.client(sock, P.ROLE_MAIN, self.session, cfg.timeout, cfg.security)
         self.main = main = MainConnection(sock, "send-main", cfg.timeout)
         main.conv.advance("WELCOME")
         self.config = P.Config(
@@ -263,6 +263,7 @@ class Orchestrator:
             self.cfg.timeout,
             self.heartbeat,
             self.limit,
+            self.cfg.security,
         )
         self.workers = workers.start(
             self.cfg.channels, "send", channel_main, args_for=lambda i: (args,),

@@ -40,6 +40,9 @@ MAX_BLOCK_SIZE = 1 << 50
 MAX_ABORT_MESSAGE = 4096
 DIGEST_LEN = 16
 UUID_LEN = 16
+NONCE_LEN = 32
+MAC_LEN = 32
+FEATURE_PSK = 0x01  # HELLO features: the sender will prove it knows the pre-shared key
 
 
 class MsgType(IntEnum):
@@ -55,6 +58,9 @@ class MsgType(IntEnum):
     DIGEST = 10
     COMPLETE = 11
     ABORT = 12
+    AUTH_CHALLENGE = 13
+    AUTH_RESPONSE = 14
+    AUTH_OK = 15
 
 
 FLAG_SYNC = 0x01  # a PACKET that closes the channel's epoch; carries SYNC_COUNTS
@@ -81,6 +87,9 @@ SYNC_COUNTS = struct.Struct("<QQQ")  # packets, normal pages, zero pages (this c
 DIGEST = struct.Struct("<I16s")  # final epoch, digest of the page-hash table
 COMPLETE = struct.Struct("<16sQ")  # digest, bytes written by the destination
 ABORT = struct.Struct("<B")  # exit code; UTF-8 message follows
+AUTH_CHALLENGE = struct.Struct("<32s")  # the receiver's nonce
+AUTH_RESPONSE = struct.Struct("<32s32s")  # the sender's nonce, its HMAC-SHA256
+AUTH_OK = struct.Struct("<32s")  # the receiver's HMAC-SHA256
 
 _NATIVE_LE = sys.byteorder == "little"
 
@@ -213,13 +222,29 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
+class AuthChallenge:
+    nonce: bytes
+
+
+@dataclass(frozen=True)
+class AuthResponse:
+    nonce: bytes
+    mac: bytes
+
+
+@dataclass(frozen=True)
+class AuthOk:
+    mac: bytes
+
+
+@dataclass(frozen=True)
 class Accept:
     pass
 
 
 Message = Union[
     Packet, Hello, Welcome, Config, Layout, Accept, EpochStart, EpochEnd, Sync, Digest,
-    Complete, Abort, Heartbeat,
+    Complete, Abort, Heartbeat, AuthChallenge, AuthResponse, AuthOk,
 ]
 
 
@@ -331,6 +356,18 @@ def encode_digest(epoch: int, digest: bytes) -> bytes:
 
 def encode_complete(digest: bytes, written: int) -> bytes:
     return _control(MsgType.COMPLETE, COMPLETE.pack(digest, written))
+
+
+def encode_auth_challenge(nonce: bytes) -> bytes:
+    return _control(MsgType.AUTH_CHALLENGE, AUTH_CHALLENGE.pack(nonce))
+
+
+def encode_auth_response(nonce: bytes, mac: bytes) -> bytes:
+    return _control(MsgType.AUTH_RESPONSE, AUTH_RESPONSE.pack(nonce, mac))
+
+
+def encode_auth_ok(mac: bytes) -> bytes:
+    return _control(MsgType.AUTH_OK, AUTH_OK.pack(mac))
 
 
 def encode_abort(exit_code: int, message: str) -> bytes:
@@ -469,6 +506,15 @@ def parse_control(h: Header, payload: Buffer) -> Message:
                 raise ProtocolError(f"ABORT length: got {len(p)}, expected 1..{1 + MAX_ABORT_MESSAGE}")
             (code,) = ABORT.unpack_from(p)
             return Abort(code, p[ABORT.size :].decode("utf-8", "replace"))
+        if t == MsgType.AUTH_CHALLENGE:
+            expect("AUTH_CHALLENGE length", len(p), AUTH_CHALLENGE.size)
+            return AuthChallenge(*AUTH_CHALLENGE.unpack(p))
+        if t == MsgType.AUTH_RESPONSE:
+            expect("AUTH_RESPONSE length", len(p), AUTH_RESPONSE.size)
+            return AuthResponse(*AUTH_RESPONSE.unpack(p))
+        if t == MsgType.AUTH_OK:
+            expect("AUTH_OK length", len(p), AUTH_OK.size)
+            return AuthOk(*AUTH_OK.unpack(p))
     except struct.error as e:
         raise ProtocolError(f"{t.name} payload: {e}") from None
     raise ProtocolError(f"message type {t.name} has no control payload")
@@ -591,15 +637,17 @@ START = {
 }
 
 
+_EVENT_NAMES: dict[type, str] = {
+    Hello: "HELLO", Welcome: "WELCOME", Config: "CONFIG", Layout: "LAYOUT", Accept: "ACCEPT",
+    EpochStart: "EPOCH_START", EpochEnd: "EPOCH_END", Packet: "PACKET", Sync: "SYNC",
+    Heartbeat: "HEARTBEAT", Digest: "DIGEST", Complete: "COMPLETE", Abort: "ABORT",
+    AuthChallenge: "AUTH_CHALLENGE", AuthResponse: "AUTH_RESPONSE", AuthOk: "AUTH_OK",
+}
+
+
 def event_name(msg: Message) -> str:
     """The TRANSITIONS event for a decoded message."""
-    if isinstance(msg, Sync):
-        return "SYNC"
-    if isinstance(msg, Packet):
-        return "PACKET"
-    return type(msg).__name__.upper().replace("EPOCHSTART", "EPOCH_START").replace(
-        "EPOCHEND", "EPOCH_END"
-    )
+    return _EVENT_NAMES[type(msg)]
 
 
 @dataclass

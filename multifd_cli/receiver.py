@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
+from multifd_cli import handshake, workers
 from multifd_cli import protocol as P
-from multifd_cli import workers
 from multifd_cli.channel_recv import RecvChannelArgs, channel_main
 from multifd_cli.compression import by_wire_id
 from multifd_cli.config import RecvConfig, TestHooks
@@ -33,7 +33,6 @@ from multifd_cli.progress import Progress, Snapshot
 from multifd_cli.sink import Destination, DestTables
 from multifd_cli.tables import table_digest
 from multifd_cli.transport import Uri, listen, parse_uri, tune
-from multifd_cli.workers import recv_exact_deadline
 
 log = logging.getLogger("multifd")
 
@@ -126,14 +125,7 @@ class Receiver:
             try:
                 tune(conn)
                 hs_deadline = min(deadline, time.monotonic() + min(10.0, self.cfg.timeout))
-                raw = recv_exact_deadline(conn, P.HEADER_SIZE, hs_deadline)
-                h = P.parse_header(raw)
-                if h.type != P.MsgType.HELLO:
-                    raise ProtocolError(f"first message: got {h.type.name}, expected HELLO")
-                msg = P.parse_control(h, recv_exact_deadline(conn, h.body_len, hs_deadline))
-                assert isinstance(msg, P.Hello)
-                expect("protocol version", msg.version, P.VERSION)
-                return conn, msg
+                return handshake.server(conn, hs_deadline, self.cfg.security)
             except MultifdError as e:
                 log.warning("dropped a connection from %s: %s", peer or "a local peer", e)
                 conn.close()

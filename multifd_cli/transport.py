@@ -9,6 +9,7 @@ import contextlib
 import errno
 import os
 import socket
+import ssl
 import stat
 import time
 from dataclasses import dataclass
@@ -169,6 +170,16 @@ def send_all(sock: socket.socket, buffers: Sequence[Buffer]) -> int:
     """sendmsg() the buffers, resuming after partial sends; return bytes sent."""
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
     total = sum(len(v) for v in views)
+    if isinstance(sock, ssl.SSLSocket):
+        # TLS has no scatter-gather send; each buffer is encrypted on its own.
+        try:
+            for v in views:
+                sock.sendall(v)
+        except socket.timeout:
+            raise Timeout("peer stopped reading for longer than --timeout") from None
+        except OSError as e:
+            raise ConnectionFailed(f"connection lost: {e.strerror or e}") from None
+        return total
     sent_total = 0
     while views:
         try:

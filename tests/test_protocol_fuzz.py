@@ -8,6 +8,7 @@ tests/fuzz/fuzz_decoder.py is the long-running version.
 
 from __future__ import annotations
 
+import typing
 import zlib
 from pathlib import Path
 
@@ -20,10 +21,7 @@ from multifd_cli.errors import ProtocolError
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 GOLDEN = {p.stem: p.read_bytes() for p in sorted(GOLDEN_DIR.glob("*.bin"))}
 STREAM = b"".join(GOLDEN.values())
-MESSAGE_TYPES = (
-    P.Packet, P.Hello, P.Welcome, P.Config, P.Layout, P.Accept, P.EpochStart, P.EpochEnd,
-    P.Sync, P.Digest, P.Complete, P.Abort, P.Heartbeat,
-)
+MESSAGE_TYPES = tuple(typing.get_args(P.Message))  # every decodable message, kept in sync
 # Small caps so that mutated length fields are rejected or completed quickly
 # instead of waiting for megabytes that never come.
 LIMITS = P.Limits(max_pages=64, max_payload=4096, max_control=4096)

@@ -100,11 +100,17 @@ VECTORS: dict[str, tuple[object, bytes]] = {
         P.Abort(6, "verify failed: page 3 — ü"),
         P.encode_abort(6, "verify failed: page 3 — ü"),
     ),
+    "auth_challenge": (P.AuthChallenge(bytes(range(32))), P.encode_auth_challenge(bytes(range(32)))),
+    "auth_response": (
+        P.AuthResponse(bytes(range(32, 64)), bytes(range(64, 96))),
+        P.encode_auth_response(bytes(range(32, 64)), bytes(range(64, 96))),
+    ),
+    "auth_ok": (P.AuthOk(bytes(range(96, 128))), P.encode_auth_ok(bytes(range(96, 128)))),
 }
 
 # The order of a whole session, used for the concatenated-stream test.
 STREAM_ORDER = [
-    "hello", "welcome", "config", "layout", "accept", "epoch_start", "packet", "sync",
+    "hello", "auth_challenge", "auth_response", "auth_ok", "welcome", "config", "layout", "accept", "epoch_start", "packet", "sync",
     "heartbeat", "epoch_end", "digest", "complete", "abort",
 ]
 

@@ -1,0 +1,70 @@
+"""Pre-shared-key authentication: every connection proves it knows the key.
+
+After HELLO (which carries FEATURE_PSK), the receiver sends a fresh nonce; the
+sender answers with its own nonce and an HMAC-SHA256 over both nonces, the
+session UUID and the connection's role; the receiver answers with its own HMAC
+over the same, so each side knows the other has the key. The key never crosses
+the wire, and a recorded exchange is useless for another connection.
+
+A PSK without TLS authenticates the peers but does not hide or protect the data
+in flight; add --tls-* for that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import ssl
+import struct
+from dataclasses import dataclass
+
+from multifd_cli.errors import UsageError
+from multifd_cli.protocol import NONCE_LEN
+
+_LABEL = b"multifd-psk-v1 "
+
+
+@dataclass(frozen=True)
+class Security:
+    """What authenticates and protects every connection of a session."""
+
+    psk: bytes | None = None
+    tls: ssl.SSLContext | None = None
+    tls_hostname: str | None = None  # the name the destination's certificate must carry
+MIN_KEY_BYTES = 16
+
+
+def load_psk(path: str) -> bytes:
+    """Read a key file; surrounding whitespace (a trailing newline) is not key."""
+    try:
+        with open(path, "rb") as f:
+            key = f.read().strip()
+    except OSError as e:
+        raise UsageError(f"cannot read --psk-file {path}: {e.strerror}") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise UsageError(
+            f"--psk-file {path}: the key has {len(key)} bytes, expected at least {MIN_KEY_BYTES}"
+        )
+    return key
+
+
+def nonce() -> bytes:
+    return os.urandom(NONCE_LEN)
+
+
+def _mac(key: bytes, who: bytes, session: bytes, role: int, server: bytes, client: bytes) -> bytes:
+    msg = _LABEL + who + session + struct.pack("<H", role) + server + client
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def client_mac(key: bytes, session: bytes, role: int, server_nonce: bytes, client_nonce: bytes) -> bytes:
+    return _mac(key, b"client", session, role, server_nonce, client_nonce)
+
+
+def server_mac(key: bytes, session: bytes, role: int, server_nonce: bytes, client_nonce: bytes) -> bytes:
+    return _mac(key, b"server", session, role, server_nonce, client_nonce)
+
+
+def check(expected: bytes, got: bytes) -> bool:
+    return hmac.compare_digest(expected, got)
