@@ -48,6 +48,7 @@ class RecvChannelArgs:
     tables: tuple[DestTables, ...]
     timeout: float
     hooks: TestHooks
+    new_file: bool = True  # False when resuming: a page never written may hold old data
 
 
 class ChannelReceiver:
@@ -233,7 +234,7 @@ class ChannelReceiver:
             if st & ~HOLE_BIT == epoch and st:
                 raise ProtocolError(f"page at offset {off} arrived twice in epoch {epoch}")
             hashes[pi] = zero_hash(n)
-            if st == 0 or st & HOLE_BIT:
+            if st & HOLE_BIT or (st == 0 and self.args.new_file):
                 stamps[pi] = epoch | HOLE_BIT
                 continue
             stamps[pi] = epoch | HOLE_BIT
@@ -254,6 +255,28 @@ class ChannelReceiver:
             self._write(fd, memoryview(zero_bytes(min(ps, offset + length - o))), 0, min(ps, offset + length - o), o)
 
 
+def hash_pages(fd: int, tables: DestTables, start: int, end: int, size: int, ps: int) -> None:
+    """Hash what DEST holds now, for --resume: it seeds both the source's
+    comparison and our own completion table, so stale hashes never stand in."""
+    tables.refresh()
+    view = tables.page_hash.view
+    buf = bytearray(min(1 << 20, max(ps, (end - start) * ps)))
+    mv = memoryview(buf)
+    pos, stop = start * ps, min(end * ps, size)
+    while pos < stop:
+        want = min(len(buf), stop - pos)
+        try:
+            n = os.preadv(fd, [mv[:want]], pos)
+        except OSError as e:
+            raise IOFailure(f"reading the destination at offset {pos}: {e.strerror}") from None
+        if n < want:
+            mv[n:want] = bytes(want - n)  # past the old end the file was just extended: zeros
+        hs = [page_hash(mv[x : min(x + ps, want)]) for x in range(0, want, ps)]
+        first = pos // ps
+        view[first : first + len(hs)] = array("Q", hs)
+        pos += want
+
+
 def channel_main(index: int, pipe: Connection, sock: socket.socket, args: RecvChannelArgs) -> None:
     """Process entry point of a receive channel."""
     sock.settimeout(args.timeout)
@@ -267,6 +290,12 @@ def channel_main(index: int, pipe: Connection, sock: socket.socket, args: RecvCh
                 raise ConnectionFailed("main process went away") from None
             if cmd[0] == "quit":
                 return
+            if cmd[0] == "hash":
+                _, block, start, end, size = cmd
+                hash_pages(args.fds[block], args.tables[block], start, end, size,
+                           args.config.page_size)
+                pipe.send(("hashed", block, start, end))
+                continue
             _, epoch, sizes = cmd
             for t in args.tables:
                 t.refresh()

@@ -3,7 +3,7 @@
 Each channel connects its own socket, opens the sources itself and preads
 them, so page bytes never cross a pipe. Main sends work descriptions:
 
-    ("work", item, epoch, block, start_page, end_page, size, full)
+    ("work", item, epoch, block, start_page, end_page, size, full, seeded)
     ("flush",)            push the paged client's partial batch
     ("sync", epoch)       send the SYNC packet that closes this channel's epoch
     ("quit",)
@@ -155,7 +155,7 @@ def _serve(index: int, pipe: Connection, sock: socket.socket, args: SendChannelA
             raise ConnectionFailed("main process went away") from None
         op = cmd[0]
         if op == "work":
-            _, item, epoch, block, start, end, size, full = cmd
+            _, item, epoch, block, start, end, size, full, seeded = cmd
             if epoch != sender.epoch:
                 # An epoch's packets never mix with the next one's in a batch.
                 client.flush()
@@ -164,7 +164,7 @@ def _serve(index: int, pipe: Connection, sock: socket.socket, args: SendChannelA
             tables.refresh()
             t0 = time.monotonic()
             wire0 = sender.wire_bytes
-            res = tracker.scan(fds[block], block, tables, start, end, size, full, client)
+            res = tracker.scan(fds[block], block, tables, start, end, size, full, client, seeded)
             pipe.send(
                 (
                     "done",

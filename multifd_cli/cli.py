@@ -195,9 +195,13 @@ def _run(side: str, json_events: bool, body: Callable[[Any], dict[str, Any]],
               show_envvar=True, help="tcp:HOST:PORT, tcp:[IPv6]:PORT or unix:PATH; port 0 picks one.")
 @click.option("--force", is_flag=True, help="Replace an existing DEST, atomically at completion.")
 @click.option("--keep-partial", is_flag=True, help="Keep a failed copy as DEST.partial.")
+@click.option("--resume", is_flag=True,
+              help="Update an old copy (DEST.partial, else DEST) in place, sending only what "
+                   "differs. The exception to the unnamed-file rule: DEST is written in place.")
 @_security
 @_common
-def recv(dest: str, listen: str, force: bool, keep_partial: bool, json_events: bool,
+def recv(dest: str, listen: str, force: bool, keep_partial: bool, resume: bool,
+         json_events: bool,
          timeout: float, log_level: str, log_file: str | None, debug: bool,
          progress: bool | None, quiet: bool, json_interval: float, psk_file: str | None,
          tls_cert: str | None, tls_key: str | None, tls_ca: str | None) -> None:
@@ -208,7 +212,7 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, json_events: b
     parse_uri(listen)
     security = _load_security("recv", psk_file, tls_cert, tls_key, tls_ca, None, None)
     cfg = RecvConfig(dest=dest, listen=listen, timeout=timeout, force=force,
-                     keep_partial=keep_partial, json=json_events,
+                     keep_partial=keep_partial, resume=resume, json=json_events,
                      progress=False if quiet else progress, json_interval=json_interval,
                      security=security)
     _setup(debug, log_level, log_file)

@@ -69,6 +69,7 @@ class RecvConfig:
     keep_partial: bool = False
     json: bool = False
     max_channels: int = 64
+    resume: bool = False
     progress: bool | None = None
     json_interval: float = 1.0
     security: Security = field(default_factory=Security)
@@ -83,6 +84,7 @@ class TestHooks:
     delay_seconds: float = 0.0
     delay_epoch: int = 0
     between_passes: str = ""
+    internal_error: bool = False  # raise a bug-like exception, to test exit code 1
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -95,4 +97,5 @@ class TestHooks:
             hooks.delay_seconds = float(parts[1])
             hooks.delay_epoch = int(parts[2]) if len(parts) > 2 else 0
         hooks.between_passes = os.environ.get("MULTIFD_TEST_BETWEEN_PASSES", "")
+        hooks.internal_error = os.environ.get("MULTIFD_TEST_INTERNAL_ERROR") == "1"
         return hooks

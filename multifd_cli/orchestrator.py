@@ -19,6 +19,7 @@ import stat
 import subprocess
 import time
 import uuid
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,6 +146,8 @@ class Orchestrator:
         self.sizes: list[int] = []
         self.wire = [0] * cfg.channels  # bytes each channel put on the wire
         self._next_channel = 0
+        self.resume = False
+        self.covered: list[int] = [0]  # pages per block whose old-copy hashes arrived
         self.limit = SharedRateLimit(cfg.max_bandwidth)
         self.estimator = Estimator(
             channels=cfg.channels, scan_is_free=dirty_log is not None,
@@ -177,6 +180,8 @@ class Orchestrator:
                 self.watchdog = Watchdog(self.cfg.pause)
                 self.pauser.on_intent = self.watchdog.paused
             self._connect()
+            if self.hooks.internal_error:
+                raise RuntimeError("test-only internal error (MULTIFD_TEST_INTERNAL_ERROR)")
             self._start_channels()
             self.stats.setup_done = time.monotonic()
             self._migrate()
@@ -242,6 +247,7 @@ class Orchestrator:
             cfg.packet_size,
         )
         self.sizes = [s.size for s in self.sources]
+        self.covered = [0] * len(self.sources)
         layout = P.Layout(tuple(P.BlockInfo(s.name, s.size, s.allocated) for s in self.sources))
         main.send(P.encode_config(self.config) + P.encode_layout(layout))
         reply = main.receive(time.monotonic() + cfg.timeout)
@@ -250,6 +256,11 @@ class Orchestrator:
         self.tables = [
             SourceTables.create(f"send{i}", s.size, cfg.page_size) for i, s in enumerate(self.sources)
         ]
+        self.resume = reply.resume
+        if self.resume:
+            log.info("the destination holds an old copy: pass 1 sends only what differs")
+        for msg in main.drain():
+            self._on_main_message(msg)
 
     def _start_channels(self) -> None:
         assert self.main is not None
@@ -291,7 +302,7 @@ class Orchestrator:
                 self.control.serve_ready()
             else:
                 for msg in self.main.read_available():
-                    raise ProtocolError(f"main connection: unexpected {type(msg).__name__} mid-pass")
+                    self._on_main_message(msg)
         if self._cancel:
             raise Cancelled("cancelled by `multifd cancel`", EXIT_SIGINT)
         self.main.heartbeat_if_idle(self.heartbeat)
@@ -299,6 +310,23 @@ class Orchestrator:
         if self.progress.due():
             self.progress.update(self._snapshot())
         return reports
+
+    def _on_main_message(self, msg: P.Message) -> None:
+        """Mid-migration, recv only streams the old copy's hashes (--resume)."""
+        if not isinstance(msg, P.ResumeHashes) or not self.resume:
+            raise ProtocolError(f"main connection: unexpected {P.event_name(msg)} mid-pass")
+        b = msg.block
+        if b >= len(self.tables):
+            raise ProtocolError(f"RESUME_HASHES block: got {b}, expected < {len(self.tables)}")
+        expect(f"RESUME_HASHES first page of block {b}", msg.first, self.covered[b])
+        n = len(msg.hashes)
+        total = pages_of(self.sizes[b], self.cfg.page_size)
+        if msg.first + n > total:
+            raise ProtocolError(f"RESUME_HASHES: pages up to {msg.first + n}, expected at most {total}")
+        # What the destination holds stands in for "last sent": pass 1 then
+        # compares page by page and sends only what differs.
+        self.tables[b].page_hash.view[msg.first : msg.first + n] = array("Q", msg.hashes)
+        self.covered[b] += n
 
     # -- what the user sees and steers ------------------------------------------------------------
     def _snapshot(self) -> Snapshot:
@@ -562,13 +590,19 @@ class Orchestrator:
         n = len(self.workers)
         outstanding = [0] * n
         next_id = 0
+        # With --resume, pass 1 compares against the old copy, range by range
+        # as its hashes arrive, instead of sending everything.
+        seeded = full and self.resume
+        if seeded:
+            full = False
         while items or any(outstanding):
             for _ in range(n):
                 w = self.workers[self._next_channel]
                 self._next_channel = (self._next_channel + 1) % n
-                if items and outstanding[w.index] < IN_FLIGHT:
+                ready = items and (not seeded or items[0][2] <= self.covered[items[0][0]])
+                if ready and outstanding[w.index] < IN_FLIGHT:
                     b, start, end = items.popleft()
-                    w.send("work", next_id, epoch, b, start, end, self.sizes[b], full)
+                    w.send("work", next_id, epoch, b, start, end, self.sizes[b], full, seeded)
                     next_id += 1
                     outstanding[w.index] += 1
             for w, msg in self._poll():

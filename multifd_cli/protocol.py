@@ -43,6 +43,8 @@ UUID_LEN = 16
 NONCE_LEN = 32
 MAC_LEN = 32
 FEATURE_PSK = 0x01  # HELLO features: the sender will prove it knows the pre-shared key
+ACCEPT_RESUME = 0x01  # ACCEPT flags: DEST holds an old copy; RESUME_HASHES follow
+MAX_RESUME_HASHES = 65536  # page hashes in one RESUME_HASHES message
 
 
 class MsgType(IntEnum):
@@ -61,6 +63,7 @@ class MsgType(IntEnum):
     AUTH_CHALLENGE = 13
     AUTH_RESPONSE = 14
     AUTH_OK = 15
+    RESUME_HASHES = 16
 
 
 FLAG_SYNC = 0x01  # a PACKET that closes the channel's epoch; carries SYNC_COUNTS
@@ -90,6 +93,8 @@ ABORT = struct.Struct("<B")  # exit code; UTF-8 message follows
 AUTH_CHALLENGE = struct.Struct("<32s")  # the receiver's nonce
 AUTH_RESPONSE = struct.Struct("<32s32s")  # the sender's nonce, its HMAC-SHA256
 AUTH_OK = struct.Struct("<32s")  # the receiver's HMAC-SHA256
+ACCEPT = struct.Struct("<I")  # flags
+RESUME_HASHES = struct.Struct("<HQI")  # block id, first page, count; count u64 hashes follow
 
 _NATIVE_LE = sys.byteorder == "little"
 
@@ -239,12 +244,25 @@ class AuthOk:
 
 @dataclass(frozen=True)
 class Accept:
-    pass
+    flags: int = 0
+
+    @property
+    def resume(self) -> bool:
+        return bool(self.flags & ACCEPT_RESUME)
+
+
+@dataclass(frozen=True)
+class ResumeHashes:
+    """xxh3-64 of the destination's pages [first, first + len(hashes)) of a block."""
+
+    block: int
+    first: int
+    hashes: tuple[int, ...]
 
 
 Message = Union[
     Packet, Hello, Welcome, Config, Layout, Accept, EpochStart, EpochEnd, Sync, Digest,
-    Complete, Abort, Heartbeat, AuthChallenge, AuthResponse, AuthOk,
+    Complete, Abort, Heartbeat, AuthChallenge, AuthResponse, AuthOk, ResumeHashes,
 ]
 
 
@@ -332,8 +350,14 @@ def encode_layout(layout: Layout) -> bytes:
     return _control(MsgType.LAYOUT, b"".join(parts))
 
 
-def encode_accept() -> bytes:
-    return _control(MsgType.ACCEPT)
+def encode_accept(flags: int = 0) -> bytes:
+    return _control(MsgType.ACCEPT, ACCEPT.pack(flags))
+
+
+def encode_resume_hashes(block: int, first: int, hashes: Sequence[int]) -> bytes:
+    return _control(
+        MsgType.RESUME_HASHES, RESUME_HASHES.pack(block, first, len(hashes)) + _u64_array(hashes)
+    )
 
 
 def encode_epoch_start(epoch: int, sizes: Sequence[int]) -> bytes:
@@ -471,8 +495,18 @@ def parse_control(h: Header, payload: Buffer) -> Message:
         if t == MsgType.LAYOUT:
             return _parse_layout(p)
         if t == MsgType.ACCEPT:
-            expect("ACCEPT length", len(p), 0)
-            return Accept()
+            expect("ACCEPT length", len(p), ACCEPT.size)
+            (flags,) = ACCEPT.unpack(p)
+            if flags & ~ACCEPT_RESUME:
+                raise ProtocolError(f"ACCEPT flags: got {flags:#x}, expected a subset of {ACCEPT_RESUME:#x}")
+            return Accept(flags)
+        if t == MsgType.RESUME_HASHES:
+            block, first, n = RESUME_HASHES.unpack_from(p)
+            if n > MAX_RESUME_HASHES:
+                raise ProtocolError(f"RESUME_HASHES count: got {n}, expected at most {MAX_RESUME_HASHES}")
+            expect("RESUME_HASHES length", len(p), RESUME_HASHES.size + 8 * n)
+            hashes = struct.unpack_from(f"<{n}Q", p, RESUME_HASHES.size)
+            return ResumeHashes(block, first, tuple(hashes))
         if t == MsgType.EPOCH_START:
             epoch, n = EPOCH_START.unpack_from(p)
             if n > MAX_BLOCKS:
@@ -624,6 +658,7 @@ TRANSITIONS: dict[tuple[str, State, str], State] = {
     # what send's main connection accepts from recv
     ("send-main", State.AWAIT_WELCOME, "WELCOME"): State.AWAIT_ACCEPT,
     ("send-main", State.AWAIT_ACCEPT, "ACCEPT"): State.RUNNING,
+    ("send-main", State.RUNNING, "RESUME_HASHES"): State.RUNNING,
     ("send-main", State.RUNNING, "COMPLETE"): State.DONE,
     # what a send channel accepts from recv
     ("send-channel", State.AWAIT_WELCOME, "WELCOME"): State.RUNNING,
@@ -642,6 +677,7 @@ _EVENT_NAMES: dict[type, str] = {
     EpochStart: "EPOCH_START", EpochEnd: "EPOCH_END", Packet: "PACKET", Sync: "SYNC",
     Heartbeat: "HEARTBEAT", Digest: "DIGEST", Complete: "COMPLETE", Abort: "ABORT",
     AuthChallenge: "AUTH_CHALLENGE", AuthResponse: "AUTH_RESPONSE", AuthOk: "AUTH_OK",
+    ResumeHashes: "RESUME_HASHES",
 }
 
 

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
@@ -31,7 +32,7 @@ from multifd_cli.errors import (
 from multifd_cli.events import Events, Stats
 from multifd_cli.progress import Progress, Snapshot
 from multifd_cli.sink import Destination, DestTables
-from multifd_cli.tables import table_digest
+from multifd_cli.tables import pages_of, table_digest
 from multifd_cli.transport import Uri, listen, parse_uri, tune
 
 log = logging.getLogger("multifd")
@@ -52,7 +53,9 @@ class Receiver:
         self.hooks = hooks
         self.heartbeat = max(0.05, min(1.0, cfg.timeout / 4))
         self.stats = Stats()
-        self.dest = Destination(cfg.dest, force=cfg.force, keep_partial=cfg.keep_partial)
+        self.dest = Destination(
+            cfg.dest, force=cfg.force, keep_partial=cfg.keep_partial, resume=cfg.resume
+        )
         self.uri: Uri = parse_uri(cfg.listen)
         self.lsock: socket.socket | None = None
         self.real_uri: Uri | None = None
@@ -62,6 +65,7 @@ class Receiver:
         self.config: P.Config | None = None
         self.sizes: tuple[int, ...] = ()
         self.progress = Progress(events, tty=cfg.progress, json_interval=cfg.json_interval)
+        self._early: list[P.Message] = []  # main-connection messages read while hashing
 
     # -- the whole session ------------------------------------------------------------
     def run(self) -> dict[str, object]:
@@ -77,6 +81,8 @@ class Receiver:
             socks = self._accept_channels(deadline)
             self._close_listener()
             self._start_channels(socks)
+            if self.dest.in_place is not None:
+                self._hash_old_copy()
             self.stats.setup_done = time.monotonic()
             self._serve()
             summary = self.stats.summary()
@@ -152,7 +158,9 @@ class Receiver:
                 f"blocks: got {len(layout.blocks)}, expected 1 (DEST {self.dest.path} is a file)"
             )
         block = layout.blocks[0]
-        self.dest.check_space(min(block.size, block.allocated))
+        old = self.dest.find_old_copy()
+        growth = max(0, block.size - os.path.getsize(old)) if old else block.size
+        self.dest.check_space(min(growth, block.allocated))
         self.config = cfg
         self.sizes = (block.size,)
         self.dest.create(block.size)
@@ -160,7 +168,7 @@ class Receiver:
         self.stats.channels = cfg.channels
         method = by_wire_id(cfg.compression, cfg.level).name
         self.stats.compression = method if method == "none" else f"{method}:{cfg.level}"
-        main.send(P.encode_accept())
+        main.send(P.encode_accept(P.ACCEPT_RESUME if self.dest.in_place else 0))
         log.info(
             "session %s: %d channels, %d-byte pages, %d bytes",
             self.session.hex()[:8], cfg.channels, cfg.page_size, block.size,
@@ -189,7 +197,8 @@ class Receiver:
     def _start_channels(self, socks: dict[int, socket.socket]) -> None:
         assert self.config is not None and self.tables is not None and self.main is not None
         args = RecvChannelArgs(
-            self.config, (self.dest.fd,), (self.tables,), self.cfg.timeout, self.hooks
+            self.config, (self.dest.fd,), (self.tables,), self.cfg.timeout, self.hooks,
+            new_file=self.dest.in_place is None,
         )
         n = self.config.channels
         others = [self.main.sock] + ([self.lsock] if self.lsock else [])
@@ -204,6 +213,43 @@ class Receiver:
             s.close()
 
     # -- the epochs ---------------------------------------------------------------------------
+    def _hash_old_copy(self) -> None:
+        """--resume: the channels hash what DEST holds, range by range, and main
+        streams each range's hashes to the source in page order as it completes,
+        so the source can start comparing before the whole file is hashed."""
+        assert self.main is not None and self.config is not None
+        main = self.main
+        ps = self.config.page_size
+        size = self.sizes[0]
+        n = pages_of(size, ps)
+        step = min(P.MAX_RESUME_HASHES, max(1, (8 << 20) // ps))
+        ranges = deque((s, min(n, s + step)) for s in range(0, n, step))
+        done: dict[int, int] = {}
+        outstanding = [0] * len(self.workers)
+        sent_upto = 0
+        t0 = time.monotonic()
+        while sent_upto < n:
+            for w in self.workers:
+                while ranges and outstanding[w.index] < 2:
+                    start, end = ranges.popleft()
+                    w.send("hash", 0, start, end, size)
+                    outstanding[w.index] += 1
+            reports, ready = workers.poll(self.workers, [main], min(self.heartbeat, 0.25))
+            for w, r in reports:
+                if r[0] == "hashed":
+                    outstanding[w.index] -= 1
+                    done[r[2]] = r[3]
+            while sent_upto in done:
+                end = done.pop(sent_upto)
+                view = self.tables.page_hash.view if self.tables else None
+                assert view is not None
+                main.send(P.encode_resume_hashes(0, sent_upto, view[sent_upto:end].tolist()))
+                sent_upto = end
+            if ready:
+                self._early.extend(main.read_available())
+            main.heartbeat_if_idle(self.heartbeat)
+        log.info("hashed the old copy (%d pages) in %.0f ms", n, (time.monotonic() - t0) * 1000)
+
     def _serve(self) -> None:
         assert self.main is not None and self.config is not None
         main = self.main
@@ -215,7 +261,7 @@ class Receiver:
         digest: P.Digest | None = None
         wire = [0] * n
         written = [0] * n
-        pending = list(main.drain())
+        pending = list(main.drain()) + self._early
         while True:
             for msg in pending:
                 if isinstance(msg, P.EpochStart):

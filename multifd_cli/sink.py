@@ -108,8 +108,12 @@ class DestTables:
 class Destination:
     """One destination file from first check to verified, durable, named copy."""
 
-    def __init__(self, path: str, *, force: bool, keep_partial: bool) -> None:
+    def __init__(self, path: str, *, force: bool, keep_partial: bool, resume: bool = False) -> None:
         self.path = os.path.abspath(path)
+        self.resume = resume
+        # With --resume, the old copy (DEST.partial if kept, else DEST) is
+        # written in place: the one exception to the unnamed-file rule.
+        self.in_place: str | None = None
         self.dir = os.path.dirname(self.path)
         self.name = os.path.basename(self.path)
         self.force = force
@@ -136,6 +140,8 @@ class Destination:
             return
         if stat.S_ISDIR(st.st_mode):
             raise UsageError(f"destination {self.path} is a directory")
+        if self.resume:
+            return
         if not self.force:
             raise UsageError(f"destination {self.path} exists; use --force to replace it")
 
@@ -165,9 +171,27 @@ class Destination:
             )
 
     # -- during the session ----------------------------------------------------------
+    def find_old_copy(self) -> str | None:
+        """With --resume: DEST.partial if a failed run kept one, else DEST, else None."""
+        if not self.resume:
+            return None
+        for candidate in (self.path + ".partial", self.path):
+            if os.path.isfile(candidate):
+                return candidate
+        return None
+
     def create(self, size: int) -> int:
         """Open the unnamed file and size it; no preallocation, so it stays sparse."""
         flags = os.O_RDWR | os.O_CLOEXEC
+        self.in_place = self.find_old_copy()
+        if self.in_place is not None:
+            try:
+                self.fd = os.open(self.in_place, flags)
+            except OSError as e:
+                raise IOFailure(f"cannot open {self.in_place} to resume: {e.strerror}") from None
+            log.info("resuming into %s", self.in_place)
+            self.resize(size)
+            return self.fd
         try:
             self.fd = os.open(self.dir, flags | os.O_TMPFILE, 0o600)
         except OSError as e:
@@ -208,11 +232,20 @@ class Destination:
         if self._sync_error is not None:
             raise IOFailure(f"writing back the destination failed: {self._sync_error.strerror}")
         try:
-            os.fchmod(self.fd, mode & ~_umask())
+            if self.in_place is None:
+                os.fchmod(self.fd, mode & ~_umask())
             os.fsync(self.fd)
         except OSError as e:
             raise IOFailure(f"fsync of the destination failed: {e.strerror}") from None
-        self._publish(self.path, replace=self.force)
+        if self.in_place is None:
+            self._publish(self.path, replace=self.force)
+        elif self.in_place != self.path:
+            if os.path.lexists(self.path) and not self.force:
+                raise IOFailure(f"{self.path} exists; resumed copy left as {self.in_place} (--force replaces)")
+            try:
+                os.replace(self.in_place, self.path)
+            except OSError as e:
+                raise IOFailure(f"cannot rename {self.in_place} to {self.path}: {e.strerror}") from None
         try:
             dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
@@ -249,6 +282,9 @@ class Destination:
     def discard(self) -> None:
         """On failure: keep the copy as DEST.partial only if asked; else it vanishes."""
         if self.fd < 0:
+            return
+        if self.in_place is not None:
+            log.info("%s keeps what was copied so far; run recv --resume again", self.in_place)
             return
         if self.keep_partial:
             try:

@@ -271,7 +271,8 @@ class RemoteRecv:
             if name == "listening":
                 uri = ev.get("uri")
                 if not isinstance(uri, str):
-                    raise ConnectionFailed(f"remote recv on {where} announced no uri: {ev}")
+                    raise ConnectionFailed(
+                        f"remote recv on {where} announced no uri: {_one_line(str(ev))}")
                 try:
                     self._uri = connect_uri(uri, self.connect_host)
                 except UsageError as e:
@@ -308,8 +309,12 @@ class RemoteRecv:
                     self._first.put(ev)
                     announced = ev["event"] == "listening"
         except (OSError, ValueError):
-            pass  # the pipe was closed under us by terminate()
+            pass
         finally:
+            # Each reader closes its own pipe: closing it from another thread
+            # would wait for the blocked readline.
+            with contextlib.suppress(OSError):
+                stream.close()
             self._first.put(None)
 
     def _drain_stderr(self, stream: IO[bytes]) -> None:
@@ -321,6 +326,9 @@ class RemoteRecv:
                     log.info("remote: %s", line)
         except (OSError, ValueError):
             pass
+        finally:
+            with contextlib.suppress(OSError):
+                stream.close()
 
     # -- after the migration ----------------------------------------------------------
     @property
@@ -386,10 +394,6 @@ class RemoteRecv:
                 self.popen.kill()
                 self.popen.wait()
         self._join_readers(1.0)
-        for stream in (self.popen.stdout, self.popen.stderr):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
 
     def __enter__(self) -> RemoteRecv:
         return self

@@ -103,8 +103,13 @@ class HashTracker:
         size: int,
         full: bool,
         client: PagedClient,
+        seeded: bool = False,
     ) -> ScanResult:
-        """Queue every changed page of [start_page, end_page); `full` sends all pages."""
+        """Queue every changed page of [start_page, end_page); `full` sends all pages.
+
+        `seeded` means the page table holds hashes the destination already has
+        (--resume): chunks are not trusted yet, but pages are compared.
+        """
         ps = self.page_size
         cb = self.cbytes
         res = ScanResult()
@@ -130,7 +135,9 @@ class HashTracker:
                 usable = n // ps * ps
                 first_bad = (pos + usable) // cb
                 tables.chunk_valid.fill(first_bad, pages_of(end, ps) // self.cpages + 1, 0)
-            self._scan_buffer(block, tables, pos, usable, full, client, res, partial_tail=n < want)
+            self._scan_buffer(
+                block, tables, pos, usable, full, client, res, partial_tail=n < want, seeded=seeded
+            )
             client.detach()  # the next pread reuses the buffer the batch points into
             pos += want
             self._tick()
@@ -148,6 +155,7 @@ class HashTracker:
         client: PagedClient,
         res: ScanResult,
         partial_tail: bool,
+        seeded: bool = False,
     ) -> None:
         ps = self.page_size
         cb = self.cbytes
@@ -161,8 +169,9 @@ class HashTracker:
             clen = len(cv)
             ci = (base + a) // cb
             ch = page_hash(cv)
-            whole = full or not chv[ci]
-            if not whole and chh[ci] == ch:
+            valid = chv[ci]
+            whole = full or (not valid and not seeded)
+            if valid and not full and chh[ci] == ch:
                 continue
             # A comprehension keeps the per-page work in C as far as Python allows.
             hs = [page_hash(cv[x : x + ps]) for x in range(0, clen, ps)]

@@ -80,6 +80,11 @@ VECTORS: dict[str, tuple[object, bytes]] = {
     "config": (CONFIG, P.encode_config(CONFIG)),
     "layout": (LAYOUT, P.encode_layout(LAYOUT)),
     "accept": (P.Accept(), P.encode_accept()),
+    "accept_resume": (P.Accept(P.ACCEPT_RESUME), P.encode_accept(P.ACCEPT_RESUME)),
+    "resume_hashes": (
+        P.ResumeHashes(0, 1024, (1, 2, 0xFFFFFFFFFFFFFFFF)),
+        P.encode_resume_hashes(0, 1024, [1, 2, 0xFFFFFFFFFFFFFFFF]),
+    ),
     "epoch_start": (
         P.EpochStart(3, (BLOCK0_SIZE, BLOCK1_SIZE)),
         P.encode_epoch_start(3, [BLOCK0_SIZE, BLOCK1_SIZE]),
@@ -110,7 +115,7 @@ VECTORS: dict[str, tuple[object, bytes]] = {
 
 # The order of a whole session, used for the concatenated-stream test.
 STREAM_ORDER = [
-    "hello", "auth_challenge", "auth_response", "auth_ok", "welcome", "config", "layout", "accept", "epoch_start", "packet", "sync",
+    "hello", "auth_challenge", "auth_response", "auth_ok", "welcome", "config", "layout", "accept_resume", "resume_hashes", "epoch_start", "packet", "sync",
     "heartbeat", "epoch_end", "digest", "complete", "abort",
 ]
 
