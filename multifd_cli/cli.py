@@ -229,7 +229,16 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, resume: bool,
 @cli.command()
 @click.argument("sources", nargs=-1, required=True, metavar="SOURCE...")
 @click.option("--to", "to", required=True, envvar="MULTIFD_TO", show_envvar=True,
-              help="Where recv listens: tcp:HOST:PORT, tcp:[IPv6]:PORT or unix:PATH.")
+              help="Where recv listens: tcp:HOST:PORT, tcp:[IPv6]:PORT or unix:PATH; or "
+                   "ssh:[USER@]HOST[:PORT]:DEST to start recv there over ssh.")
+@click.option("--ssh", "ssh_cmd", default="", envvar="MULTIFD_SSH", show_envvar=True,
+              metavar="CMD", help="ssh command for ssh: targets, e.g. 'ssh -i ~/.ssh/key'.")
+@click.option("--remote-command", default="", envvar="MULTIFD_REMOTE_COMMAND",
+              show_envvar=True, metavar="CMD",
+              help="How to run multifd on the ssh host (default: multifd), "
+                   "e.g. '/opt/venv/bin/multifd' or 'python3 -m multifd_cli'.")
+@click.option("--remote-force", is_flag=True,
+              help="For ssh: targets, pass --force to the remote recv.")
 @click.option("--channels", type=click.IntRange(1, 64), default=2, show_default=True,
               envvar="MULTIFD_CHANNELS", show_envvar=True,
               help="Parallel channel processes, each with its own socket.")
@@ -274,7 +283,8 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, resume: bool,
               help="Always confirm with a pass that finds nothing, even when size, mtime and "
                    "ctime did not change (needed for writers that use mmap).")
 @_common
-def send(sources: tuple[str, ...], to: str, channels: int, compress: str, page_size: int,
+def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
+         remote_force: bool, channels: int, compress: str, page_size: int,
          packet_size: int, max_passes: int, downtime_limit: float, pause_pid: tuple[int, ...],
          pause_cgroup: str, pause_cmd: str, resume_cmd: str, after_success: str,
          auto_converge: bool, strict_downtime: bool, max_bandwidth: int,
@@ -286,11 +296,14 @@ def send(sources: tuple[str, ...], to: str, channels: int, compress: str, page_s
     _note_json("send", json_events)
     from multifd_cli import protocol as P
     from multifd_cli.compression import get_compressor, parse_spec
+    from multifd_cli.ssh import is_ssh_target, parse_ssh_target
     from multifd_cli.transport import parse_uri
 
-    uri = parse_uri(to)
-    security = _load_security("send", psk_file, tls_cert, tls_key, tls_ca, tls_hostname,
-                              uri.host or None)
+    if is_ssh_target(to):
+        host: str | None = parse_ssh_target(to).host
+    else:
+        host = parse_uri(to).host or None
+    security = _load_security("send", psk_file, tls_cert, tls_key, tls_ca, tls_hostname, host)
     get_compressor(parse_spec(compress))
     if page_size & (page_size - 1) or not P.MIN_PAGE_SIZE <= page_size <= P.MAX_PAGE_SIZE:
         raise UsageError(
@@ -314,7 +327,8 @@ def send(sources: tuple[str, ...], to: str, channels: int, compress: str, page_s
                      auto_converge=auto_converge, strict_downtime=strict_downtime,
                      max_bandwidth=max_bandwidth, control=control,
                      progress=False if quiet else progress, json_interval=json_interval,
-                     security=security)
+                     security=security, ssh=ssh_cmd, remote_command=remote_command,
+                     remote_recv_args=("--force",) if remote_force else ())
     _setup(debug, log_level, log_file)
     hooks = TestHooks.from_env()
 

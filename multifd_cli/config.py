@@ -58,6 +58,9 @@ class SendConfig:
     progress: bool | None = None  # None: a status line only when stderr is a TTY
     json_interval: float = 1.0
     security: Security = field(default_factory=Security)
+    ssh: str = ""  # the ssh command for ssh: targets, e.g. "ssh -i key"
+    remote_command: str = ""  # how to run multifd on the far side
+    remote_recv_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import stat
 import subprocess
 import time
@@ -48,6 +49,7 @@ from multifd_cli.events import Events, Stats
 from multifd_cli.pause import Pauser, Throttle, Watchdog, pids_in_cgroup, writers_of
 from multifd_cli.progress import Progress, Snapshot
 from multifd_cli.ratelimit import SharedRateLimit
+from multifd_cli.ssh import RemoteRecv, SshTarget, is_ssh_target, parse_ssh_target
 from multifd_cli.tables import chunk_pages, pages_of, table_digest
 from multifd_cli.tracker import DirtyLog, SourceTables
 from multifd_cli.transport import connect, parse_uri
@@ -129,7 +131,9 @@ class Orchestrator:
         self.events = events
         self.hooks = hooks
         self.dirty_log = dirty_log
-        self.uri = parse_uri(cfg.to)
+        self.ssh_target = parse_ssh_target(cfg.to) if is_ssh_target(cfg.to) else None
+        self.uri = parse_uri(cfg.to) if self.ssh_target is None else None
+        self.remote: RemoteRecv | None = None
         self.spec = parse_spec(cfg.compression)
         self.compressor = get_compressor(self.spec)
         self.heartbeat = max(0.05, min(1.0, cfg.timeout / 4))
@@ -176,6 +180,8 @@ class Orchestrator:
             self._warn_unpaused_writers()
             if self.cfg.control:
                 self.control = ControlServer(control_path(self.cfg.control), self._on_control)
+            if self.ssh_target is not None:
+                self._start_remote(self.ssh_target)
             if self.cfg.pause.any:
                 self.watchdog = Watchdog(self.cfg.pause)
                 self.pauser.on_intent = self.watchdog.paused
@@ -185,6 +191,8 @@ class Orchestrator:
             self._start_channels()
             self.stats.setup_done = time.monotonic()
             self._migrate()
+            if self.remote is not None:
+                self.remote.relay_failure(self.cfg.timeout)
             self.succeeded = True
             return self.stats.summary()
         except BaseException as e:
@@ -195,6 +203,8 @@ class Orchestrator:
         finally:
             self.progress.finish()
             self._release_writer()
+            if self.remote is not None:
+                self.remote.terminate()
             if self.control is not None:
                 self.control.close()
             if self.workers:
@@ -205,6 +215,18 @@ class Orchestrator:
                 t.close()
             for s in self.sources:
                 os.close(s.fd)
+
+    def _start_remote(self, target: SshTarget) -> None:
+        """Start recv on the far side over ssh, then connect to it directly (rsync -e ssh)."""
+        cfg = self.cfg
+        recv_args = ["--timeout", f"{cfg.timeout:g}", *cfg.remote_recv_args]
+        ssh_words = shlex.split(cfg.ssh) if cfg.ssh else ["ssh"]
+        self.remote = RemoteRecv.start(
+            target, remote_command=cfg.remote_command or None, recv_args=recv_args,
+            timeout=cfg.timeout, ssh=ssh_words[0], ssh_options=ssh_words[1:],
+        )
+        self.uri = self.remote.uri
+        log.info("recv started on %s over ssh, listening at %s", target.host, self.uri)
 
     def _release_writer(self) -> None:
         """Never leave the writer paused or throttled, except after success if asked."""
@@ -235,6 +257,7 @@ class Orchestrator:
 
     def _connect(self) -> None:
         cfg = self.cfg
+        assert self.uri is not None
         sock = connect(self.uri, cfg.timeout)
         sock = handshake.client(sock, P.ROLE_MAIN, self.session, cfg.timeout, cfg.security)
         self.main = main = MainConnection(sock, "send-main", cfg.timeout)
@@ -263,7 +286,7 @@ class Orchestrator:
             self._on_main_message(msg)
 
     def _start_channels(self) -> None:
-        assert self.main is not None
+        assert self.main is not None and self.uri is not None
         args = SendChannelArgs(
             self.uri,
             self.session,

@@ -53,7 +53,24 @@ class Worker:
             raise InternalError(f"channel {self.index} is gone") from None
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A channel whose main is gone (even by SIGKILL) must not linger as an orphan."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # main died before prctl took effect
+        os._exit(1)
+
+
 def _child(
+    parent_pid: int,
     index: int,
     pipe: Connection,
     close: Sequence[Any],
@@ -63,6 +80,7 @@ def _child(
     # The terminal sends SIGINT to the whole group; main decides, channels follow.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent_pid)
     logsetup.in_child()
     for obj in close:
         try:
@@ -110,7 +128,7 @@ def start(
         p = CTX.Process(
             target=_child,
             name=f"{name}-ch{i}",
-            args=(i, child, close, target, args_for(i)),
+            args=(os.getpid(), i, child, close, target, args_for(i)),
             daemon=True,
         )
         p.start()
