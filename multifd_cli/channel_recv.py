@@ -34,7 +34,7 @@ from multifd_cli.errors import (
     VerifyError,
     expect,
 )
-from multifd_cli.sink import HOLE_BIT, DestTables, punch_hole
+from multifd_cli.sink import HEADER_GUARD, HOLE_BIT, DestTables, punch_hole
 from multifd_cli.tables import page_hash, zero_bytes, zero_hash
 from multifd_cli.transport import recv_exact
 
@@ -49,6 +49,8 @@ class RecvChannelArgs:
     timeout: float
     hooks: TestHooks
     new_file: bool = True  # False when resuming: a page never written may hold old data
+    page_sizes: tuple[int, ...] = ()  # per block; a blob's "pages" are packet-size chunks
+    shadow_fd: int = -1  # a device DEST: writes below HEADER_GUARD go here until the end
 
 
 class ChannelReceiver:
@@ -60,6 +62,7 @@ class ChannelReceiver:
         self.sock = sock
         self.args = args
         self.page_size = cfg.page_size
+        self.ps = cfg.page_size  # page size of the block being applied
         self.max_pages = cfg.pages_per_packet
         self.limits = P.Limits(
             max_pages=cfg.pages_per_packet,
@@ -127,7 +130,9 @@ class ChannelReceiver:
 
     def _apply(self, p: P.Packet) -> None:
         h = p.header
-        ps = self.page_size
+        if h.block < len(self.args.page_sizes):
+            self.ps = self.args.page_sizes[h.block]
+        ps = self.ps
         raw = P.check_packet(p, self.sizes, ps, self.max_pages)
         size = self.sizes[h.block]
         fd = self.args.fds[h.block]
@@ -156,7 +161,7 @@ class ChannelReceiver:
         self, block: int, fd: int, tables: DestTables, start: int, mv: memoryview, want: list[int]
     ) -> None:
         """Consecutive pages (the common case): verify in one sweep, one pwrite."""
-        ps = self.page_size
+        ps = self.ps
         got = [page_hash(mv[x : x + ps]) for x in range(0, len(mv), ps)]
         if got != want:
             i = next(i for i, (g, w) in enumerate(zip(got, want)) if g != w)
@@ -181,7 +186,7 @@ class ChannelReceiver:
         want: list[int],
         size: int,
     ) -> None:
-        ps = self.page_size
+        ps = self.ps
         stamps = tables.stamp.view
         hashes = tables.page_hash.view
         epoch = self.epoch
@@ -209,7 +214,19 @@ class ChannelReceiver:
     def _write(self, fd: int, mv: memoryview, pos: int, length: int, offset: int) -> None:
         if length <= 0:
             return
-        chunk = mv[pos : pos + length]
+        shadow = self.args.shadow_fd
+        if shadow >= 0 and offset < HEADER_GUARD:
+            # A device's first MiB is held back and written last, at completion.
+            head = min(length, HEADER_GUARD - offset)
+            self._pwrite_all(shadow, mv[pos : pos + head], offset)
+            pos, length, offset = pos + head, length - head, offset + head
+            self.written_bytes += head
+            if not length:
+                return
+        self._pwrite_all(fd, mv[pos : pos + length], offset)
+        self.written_bytes += length
+
+    def _pwrite_all(self, fd: int, chunk: memoryview, offset: int) -> None:
         while len(chunk):
             try:
                 n = os.pwrite(fd, chunk, offset)
@@ -217,11 +234,10 @@ class ChannelReceiver:
                 raise IOFailure(f"writing the destination at offset {offset}: {e.strerror}") from None
             chunk = chunk[n:]
             offset += n
-        self.written_bytes += length
 
     def _zero(self, fd: int, tables: DestTables, offsets: Sequence[int], size: int) -> None:
         """Make pages zero. Skip only pages known to be holes in this new file."""
-        ps = self.page_size
+        ps = self.ps
         stamps = tables.stamp.view
         hashes = tables.page_hash.view
         epoch = self.epoch
@@ -248,11 +264,13 @@ class ChannelReceiver:
     def _clear(self, fd: int, offset: int, length: int) -> None:
         if length <= 0:
             return
-        if punch_hole(fd, offset, length):
+        # A device may not read back zeros after a discard: write them there.
+        if self.args.shadow_fd < 0 and punch_hole(fd, offset, length):
             return
-        ps = self.page_size
+        ps = self.ps
         for o in range(offset, offset + length, ps):
-            self._write(fd, memoryview(zero_bytes(min(ps, offset + length - o))), 0, min(ps, offset + length - o), o)
+            n = min(ps, offset + length - o)
+            self._write(fd, memoryview(zero_bytes(n)), 0, n, o)
 
 
 def hash_pages(fd: int, tables: DestTables, start: int, end: int, size: int, ps: int) -> None:

@@ -5,6 +5,7 @@ them, so page bytes never cross a pipe. Main sends work descriptions:
 
     ("work", item, epoch, block, start_page, end_page, size, full, seeded)
     ("flush",)            push the paged client's partial batch
+    ("blob", epoch, block, path, first, end, size)   send those chunks of a blob whole
     ("sync", epoch)       send the SYNC packet that closes this channel's epoch
     ("quit",)
 
@@ -14,9 +15,11 @@ and the channel answers ("ready",), ("done", item, stats), ("flushed",),
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -25,7 +28,7 @@ from typing import Sequence
 from multifd_cli import handshake
 from multifd_cli import protocol as P
 from multifd_cli.auth import Security
-from multifd_cli.clients import PagedClient
+from multifd_cli.clients import BlobClient, PagedClient
 from multifd_cli.compression import Compressor, get_compressor
 from multifd_cli.errors import ConnectionFailed, IOFailure, ProtocolError, expect
 from multifd_cli.ratelimit import SharedRateLimit
@@ -47,6 +50,7 @@ class SendChannelArgs:
     heartbeat: float
     limit: SharedRateLimit
     security: Security
+    direct_io: bool = False
 
 
 class ChannelSender:
@@ -127,13 +131,17 @@ def channel_main(index: int, pipe: Connection, args: SendChannelArgs) -> None:
         sock.close()
 
 
-def _open_sources(paths: Sequence[str]) -> list[int]:
+def _open_sources(paths: Sequence[str], direct: bool) -> list[int]:
+    """Each channel opens the sources itself; --direct-io bypasses the page cache,
+    for writers that do too."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
     fds = []
     for p in paths:
         try:
-            fds.append(os.open(p, os.O_RDONLY | os.O_CLOEXEC))
+            fds.append(os.open(p, flags))
         except OSError as e:
-            raise IOFailure(f"cannot open source {p}: {e.strerror}") from None
+            hint = " (--direct-io is not supported there)" if direct and e.errno == errno.EINVAL else ""
+            raise IOFailure(f"cannot open source {p}: {e.strerror}{hint}") from None
     return fds
 
 
@@ -142,8 +150,11 @@ def _serve(index: int, pipe: Connection, sock: socket.socket, args: SendChannelA
     comp = None if args.compression == "none" else get_compressor(args.compression)
     sender = ChannelSender(sock, comp, args.limit)
     client = PagedClient(sender, cfg.page_size, cfg.pages_per_packet)
+    blobs = BlobClient(sender, cfg.packet_size)
     tracker = HashTracker(cfg.page_size, lambda: sender.heartbeat_if_idle(args.heartbeat))
-    fds = _open_sources(args.sources)
+    fds = _open_sources(args.sources, args.direct_io)
+    tracker.direct = args.direct_io
+    block_device = [stat.S_ISBLK(os.fstat(fd).st_mode) for fd in fds]
     pipe.send(("ready",))
     while True:
         if not pipe.poll(args.heartbeat):
@@ -164,6 +175,7 @@ def _serve(index: int, pipe: Connection, sock: socket.socket, args: SendChannelA
             tables.refresh()
             t0 = time.monotonic()
             wire0 = sender.wire_bytes
+            tracker.holes = not block_device[block]
             res = tracker.scan(fds[block], block, tables, start, end, size, full, client, seeded)
             pipe.send(
                 (
@@ -179,6 +191,13 @@ def _serve(index: int, pipe: Connection, sock: socket.socket, args: SendChannelA
                     },
                 )
             )
+        elif op == "blob":
+            _, epoch, block, path, first, end, size = cmd
+            sender.epoch = epoch
+            table = args.tables[block]
+            table.refresh()
+            blobs.send(block, path, first, end, size, table.page_hash.view)
+            pipe.send(("blob-sent", block, first, end))
         elif op == "flush":
             client.flush()
             pipe.send(("flushed", sender.wire_bytes, sender.payload_bytes))

@@ -276,6 +276,17 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, resume: bool,
 @click.option("--control", metavar="unix:PATH", default="", envvar="MULTIFD_CONTROL",
               show_envvar=True,
               help="Serve `multifd status|cancel|set --control PATH` while migrating.")
+@click.option("--state-cmd", default="", metavar="CMD",
+              help="After the pause, run CMD; its stdout travels as a blob (the device-state "
+                   "analog) and lands next to the blocks. DEST becomes a directory.")
+@click.option("--state-file", default="", metavar="PATH",
+              help="After the pause, send this file whole as a blob.")
+@click.option("--state-name", default="", metavar="NAME",
+              help="Name of the blob in DEST (default: 'state', or the --state-file name).")
+@click.option("--preserve", is_flag=True,
+              help="Keep mode, owner (as root), mtime and extended attributes, like rsync -a.")
+@click.option("--direct-io", is_flag=True,
+              help="Read the source with O_DIRECT, for writers that bypass the page cache.")
 @click.option("--tls-hostname", default=None, envvar="MULTIFD_TLS_HOSTNAME", show_envvar=True,
               help="Name the destination's certificate must carry (default: the --to host).")
 @_security
@@ -290,7 +301,8 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
          auto_converge: bool, strict_downtime: bool, max_bandwidth: int,
          control: str, no_mtime_shortcut: bool, json_events: bool, timeout: float,
          log_level: str, log_file: str | None, debug: bool, progress: bool | None, quiet: bool,
-         json_interval: float, tls_hostname: str | None, psk_file: str | None,
+         json_interval: float, state_cmd: str, state_file: str, state_name: str,
+         preserve: bool, direct_io: bool, tls_hostname: str | None, psk_file: str | None,
          tls_cert: str | None, tls_key: str | None, tls_ca: str | None) -> None:
     """Migrate SOURCE to the recv listening at --to."""
     _note_json("send", json_events)
@@ -318,6 +330,13 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
 
     pause = PauseSpec(pause_pid, pause_cgroup, pause_cmd, resume_cmd)
     pause.validate()
+    if state_cmd and state_file:
+        raise UsageError("--state-cmd and --state-file are alternatives: give one")
+    if (state_cmd or state_file) and not pause.any:
+        raise UsageError("the state is read after the pause: add --pause-pid, --pause-cgroup "
+                         "or --pause-cmd")
+    if state_file and not os.path.isfile(state_file):
+        raise UsageError(f"--state-file {state_file}: no such file")
     if auto_converge and not (pause_pid or pause_cgroup):
         raise UsageError("--auto-converge needs a writer to throttle: --pause-pid or --pause-cgroup")
     cfg = SendConfig(sources=sources, to=to, channels=channels, compression=compress,
@@ -328,7 +347,9 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
                      max_bandwidth=max_bandwidth, control=control,
                      progress=False if quiet else progress, json_interval=json_interval,
                      security=security, ssh=ssh_cmd, remote_command=remote_command,
-                     remote_recv_args=("--force",) if remote_force else ())
+                     remote_recv_args=("--force",) if remote_force else (),
+                     state_cmd=state_cmd, state_file=state_file, state_name=state_name,
+                     preserve=preserve, direct_io=direct_io)
     _setup(debug, log_level, log_file)
     hooks = TestHooks.from_env()
 

@@ -8,7 +8,11 @@ the one sync that closes each epoch, after every client has flushed or sent.
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
+
+from multifd_cli.errors import IOFailure
+from multifd_cli.tables import page_hash
 
 
 class PacketSink(Protocol):
@@ -98,3 +102,39 @@ class PagedClient:
         self._normal = []
         self._hashes = []
         self._zero = []
+
+
+class BlobClient:
+    """Sends one blob (the device-state analog) whole, chunk by chunk as it reads it.
+
+    Every chunk goes out at once, so it holds nothing back and has no flush();
+    it never syncs either: the orchestrator's one sync closes the epoch.
+    """
+
+    def __init__(self, sink: PacketSink, chunk_size: int) -> None:
+        self.sink = sink
+        self.chunk_size = chunk_size
+
+    def send(self, block: int, path: str, first: int, end: int, size: int,
+             hashes: memoryview) -> int:
+        """Send chunks [first, end) of the blob in `path`; record each chunk's hash."""
+        cs = self.chunk_size
+        sent = 0
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise IOFailure(f"cannot open the state {path}: {e.strerror}") from None
+        try:
+            for c in range(first, end):
+                off = c * cs
+                want = min(cs, size - off)
+                data = os.pread(fd, want, off)
+                if len(data) != want:
+                    raise IOFailure(f"the state {path} shrank while being sent")
+                h = page_hash(data)
+                hashes[c] = h
+                self.sink.send_pages(block, [off], [], [h], [data])
+                sent += want
+        finally:
+            os.close(fd)
+        return sent

@@ -61,6 +61,11 @@ class SendConfig:
     ssh: str = ""  # the ssh command for ssh: targets, e.g. "ssh -i key"
     remote_command: str = ""  # how to run multifd on the far side
     remote_recv_args: tuple[str, ...] = ()
+    state_cmd: str = ""  # the blob client: run after the pause, its stdout is the state
+    state_file: str = ""  # or read this file after the pause
+    state_name: str = ""
+    preserve: bool = False
+    direct_io: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,17 +13,20 @@ The orchestrator owns that one sync per epoch; no client ever syncs.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import shlex
 import stat
 import subprocess
+import tempfile
 import time
 import uuid
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from multifd_cli import handshake, workers
 from multifd_cli import protocol as P
@@ -85,7 +88,34 @@ class Source:
         return self.stat_key()[0]
 
 
-def open_source(path: str) -> Source:
+def source_names(args: Sequence[str]) -> list[tuple[str, str]]:
+    """(path, block name) per SOURCE argument: `PATH=NAME`, or the path relative
+    to the sources' common directory (just the file name for one source)."""
+    pairs = []
+    for arg in args:
+        if "=" in arg and not os.path.exists(arg):
+            path, name = arg.rsplit("=", 1)
+            pairs.append((path, name))
+        else:
+            pairs.append((arg, ""))
+    dirs = [os.path.dirname(os.path.abspath(p)) for p, name in pairs if not name]
+    root = os.path.commonpath(dirs) if dirs else ""
+    out = []
+    for path, name in pairs:
+        name = name or os.path.relpath(os.path.abspath(path), root)
+        try:
+            P.check_block_name(name)
+        except ProtocolError as e:
+            raise UsageError(f"source {path}: {e.message}") from None
+        out.append((path, name))
+    names = [n for _, n in out]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UsageError(f"two sources would both be named {dup!r}: use SOURCE=NAME")
+    return out
+
+
+def open_source(path: str, name: str = "") -> Source:
     """Open and stat one source; refuse what cannot be migrated, with the reason."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -105,7 +135,48 @@ def open_source(path: str) -> Source:
         raise UsageError(f"source {path} is neither a regular file nor a block device")
     size = os.lseek(fd, 0, os.SEEK_END) if blk else st.st_size
     allocated = size if blk else min(size, st.st_blocks * 512)
-    return Source(path, os.path.basename(path), fd, size, allocated, blk)
+    return Source(path, name or os.path.basename(path), fd, size, allocated, blk)
+
+
+@dataclass
+class Blob:
+    """A blob client's unit (the device-state analog): produced after the pause,
+    sent whole, so it has nothing to flush."""
+
+    name: str
+    cmd: str = ""
+    path: str = ""
+    produced: str = ""  # the file the channels read it from, once produced
+    size: int = 0
+
+    def produce(self) -> None:
+        """Run --state-cmd (its stdout is the blob) or take --state-file, after the pause."""
+        if self.path:
+            self.produced = self.path
+        else:
+            fd, self.produced = tempfile.mkstemp(prefix="multifd-state-")
+            try:
+                proc = subprocess.run(
+                    self.cmd, shell=True, stdin=subprocess.DEVNULL, stdout=fd,
+                    stderr=subprocess.PIPE, timeout=300,
+                )
+            except subprocess.TimeoutExpired:
+                raise IOFailure(f"--state-cmd {self.cmd!r} did not finish within 300 s") from None
+            finally:
+                os.close(fd)
+            for line in proc.stderr.decode(errors="replace").splitlines():
+                log.info("state command: %s", line)
+            if proc.returncode != 0:
+                raise IOFailure(f"--state-cmd {self.cmd!r} exited with status {proc.returncode}")
+        try:
+            self.size = os.path.getsize(self.produced)
+        except OSError as e:
+            raise IOFailure(f"cannot read the state {self.produced}: {e.strerror}") from None
+
+    def cleanup(self) -> None:
+        if self.cmd and self.produced:
+            with contextlib.suppress(OSError):
+                os.unlink(self.produced)
 
 
 @dataclass
@@ -152,6 +223,11 @@ class Orchestrator:
         self._next_channel = 0
         self.resume = False
         self.covered: list[int] = [0]  # pages per block whose old-copy hashes arrived
+        self.blobs: list[Blob] = []
+        if cfg.state_cmd or cfg.state_file:
+            name = cfg.state_name or (os.path.basename(cfg.state_file) if cfg.state_file else "state")
+            self.blobs.append(Blob(name, cfg.state_cmd, cfg.state_file))
+
         self.limit = SharedRateLimit(cfg.max_bandwidth)
         self.estimator = Estimator(
             channels=cfg.channels, scan_is_free=dirty_log is not None,
@@ -171,12 +247,19 @@ class Orchestrator:
         self._cancel = False
         self.progress = Progress(events, tty=cfg.progress, json_interval=cfg.json_interval)
 
+    @property
+    def page_sizes(self) -> list[int]:
+        """Per block: the page size, or the packet size for a blob's chunks."""
+        return [self.cfg.page_size] * len(self.sources) + [self.cfg.packet_size] * len(self.blobs)
+
     # -- the whole migration -----------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         try:
-            self.sources = [open_source(p) for p in self.cfg.sources]
-            if len(self.sources) != 1:
-                raise UsageError("several sources need the multi-source support of a later release")
+            self.sources = [open_source(p, n) for p, n in source_names(self.cfg.sources)]
+            taken = {s.name for s in self.sources}
+            for b in self.blobs:
+                if b.name in taken:
+                    raise UsageError(f"the state {b.name!r} has the name of a source")
             self._warn_unpaused_writers()
             if self.cfg.control:
                 self.control = ControlServer(control_path(self.cfg.control), self._on_control)
@@ -215,6 +298,8 @@ class Orchestrator:
                 t.close()
             for s in self.sources:
                 os.close(s.fd)
+            for b in self.blobs:
+                b.cleanup()
 
     def _start_remote(self, target: SshTarget) -> None:
         """Start recv on the far side over ssh, then connect to it directly (rsync -e ssh)."""
@@ -269,15 +354,19 @@ class Orchestrator:
             cfg.page_size,
             cfg.packet_size,
         )
-        self.sizes = [s.size for s in self.sources]
-        self.covered = [0] * len(self.sources)
-        layout = P.Layout(tuple(P.BlockInfo(s.name, s.size, s.allocated) for s in self.sources))
+        self.sizes = [s.size for s in self.sources] + [0] * len(self.blobs)
+        self.covered = [0] * len(self.sizes)
+        layout = P.Layout(
+            tuple(P.BlockInfo(s.name, s.size, s.allocated) for s in self.sources)
+            + tuple(P.BlockInfo(b.name, 0, 0, P.KIND_BLOB) for b in self.blobs)
+        )
         main.send(P.encode_config(self.config) + P.encode_layout(layout))
         reply = main.receive(time.monotonic() + cfg.timeout)
         if not isinstance(reply, P.Accept):
             raise ProtocolError(f"setup: got {type(reply).__name__}, expected ACCEPT")
         self.tables = [
-            SourceTables.create(f"send{i}", s.size, cfg.page_size) for i, s in enumerate(self.sources)
+            SourceTables.create(f"send{i}", size, ps)
+            for i, (size, ps) in enumerate(zip(self.sizes, self.page_sizes))
         ]
         self.resume = reply.resume
         if self.resume:
@@ -298,6 +387,7 @@ class Orchestrator:
             self.heartbeat,
             self.limit,
             self.cfg.security,
+            self.cfg.direct_io,
         )
         self.workers = workers.start(
             self.cfg.channels, "send", channel_main, args_for=lambda i: (args,),
@@ -433,7 +523,9 @@ class Orchestrator:
             if not self.can_pause:
                 if epoch > 1 and found == 0 and not res.short_read:
                     break  # a pass that found nothing to send confirms the copy
+                # A device node's mtime does not move when its blocks are written.
                 if (cfg.mtime_shortcut and self.dirty_log is None and not res.short_read
+                        and not any(s.is_block_device for s in self.sources)
                         and self._unchanged(keys, wall_start)):
                     break
                 if epoch >= cfg.max_passes:
@@ -485,6 +577,8 @@ class Orchestrator:
         self.pauser.pause()
         self.stats.paused = True
         log.info("writer paused; final pass")
+        for b in self.blobs:
+            b.produce()
         keys = [s.stat_key() for s in self.sources]
         epoch += 1
         res = self._pass(epoch, full=False, final=True)
@@ -498,7 +592,7 @@ class Orchestrator:
     def _pass(self, epoch: int, full: bool, final: bool = False) -> PassResult:
         """One epoch: announce it, scan and send, flush, sync, report."""
         cfg = self.cfg
-        sizes = [s.current_size() for s in self.sources]
+        sizes = [s.current_size() for s in self.sources] + [b.size for b in self.blobs]
         pass_start = time.monotonic()
         self.pass_no = epoch
         if not final:
@@ -511,7 +605,11 @@ class Orchestrator:
         wire_before = sum(self.wire)
         res = self._run_pass(epoch, full)
         sync_start = time.monotonic()
+        # The one order that closes an epoch: pages.flush(), then blob.send(), then
+        # sync(). The blob client never flushes and never syncs on its own.
         self.flush()
+        if final:
+            self.send_blobs(epoch)
         res.counts = self.sync(epoch)
         now = time.monotonic()
         res.wire_bytes = sum(self.wire) - wire_before
@@ -564,8 +662,9 @@ class Orchestrator:
         assert self.main is not None
         for i, (old, new) in enumerate(zip(self.sizes, sizes)):
             if old != new:
-                log.info("%s changed size: %d -> %d bytes", self.sources[i].path, old, new)
-                self.tables[i].resize(old, new, self.cfg.page_size)
+                if i < len(self.sources):
+                    log.info("%s changed size: %d -> %d bytes", self.sources[i].path, old, new)
+                self.tables[i].resize(old, new, self.page_sizes[i])
                 if self.dirty_log is not None and new > old:
                     self.dirty_log.mark_dirty(old, new - old, block=i)
         self.sizes = sizes
@@ -576,7 +675,7 @@ class Orchestrator:
         channel gets several per pass, so a slow channel cannot hold up the pass."""
         ps = self.cfg.page_size
         cp = chunk_pages(ps)
-        total_pages = sum(pages_of(size, ps) for size in self.sizes)
+        total_pages = sum(pages_of(size, ps) for size in self.sizes[: len(self.sources)])
         per_item = min(ITEM_BYTES // ps, total_pages // (8 * len(self.workers)))
         step = max(cp, per_item // cp * cp)
         items: deque[tuple[int, int, int]] = deque()
@@ -593,7 +692,7 @@ class Orchestrator:
                         items.append((b, run_start * cp, min(n, run_end * cp)))
                     run_start, run_end = c, c + 1
             return items
-        for b, size in enumerate(self.sizes):
+        for b, size in enumerate(self.sizes[: len(self.sources)]):
             n = pages_of(size, ps)
             for start in range(0, n, step):
                 items.append((b, start, min(n, start + step)))
@@ -646,6 +745,22 @@ class Orchestrator:
             w.send("flush")
         self._gather("flushed")
 
+    def send_blobs(self, epoch: int) -> None:
+        """Each blob goes whole, in packet-size chunks spread over the channels."""
+        pending = 0
+        for i, blob in enumerate(self.blobs):
+            block = len(self.sources) + i
+            chunks = pages_of(blob.size, self.cfg.packet_size)
+            per = max(1, -(-chunks // len(self.workers)))
+            for w, start in zip(itertools.cycle(self.workers), range(0, chunks, per)):
+                w.send("blob", epoch, block, blob.produced, start, min(chunks, start + per),
+                       blob.size)
+                pending += 1
+        while pending:
+            for _, msg in self._poll():
+                expect("channel report", msg[0], "blob-sent")
+                pending -= 1
+
     def sync(self, epoch: int) -> P.Counts:
         """Close the epoch: a SYNC packet on every channel, then EPOCH_END on main."""
         assert self.main is not None
@@ -671,8 +786,11 @@ class Orchestrator:
     def _complete(self, epoch: int) -> None:
         assert self.main is not None
         self.phase = "completing"
+        if self.cfg.preserve:
+            for i, src in enumerate(self.sources):
+                self.main.send(P.encode_metadata(read_metadata(i, src)))
         digest = table_digest(
-            [(size, t.page_hash) for size, t in zip(self.sizes, self.tables)], self.cfg.page_size
+            (size, t.page_hash, ps) for size, t, ps in zip(self.sizes, self.tables, self.page_sizes)
         )
         self.main.send(P.encode_digest(epoch, digest))
         deadline = time.monotonic() + self.cfg.timeout
@@ -687,6 +805,24 @@ class Orchestrator:
         workers.stop(self.workers)
         self.workers = []
         self.stats.digest = digest.hex()
+
+
+def read_metadata(block: int, src: Source) -> P.Metadata:
+    """What --preserve carries: mode, owner, mtime and extended attributes."""
+    st = os.fstat(src.fd)
+    xattrs: list[tuple[bytes, bytes]] = []
+    try:
+        names = os.listxattr(src.fd)
+    except OSError:
+        names = []
+    for name in names[: P.MAX_XATTRS]:
+        try:
+            value = os.getxattr(src.fd, name)
+        except OSError:
+            continue
+        if len(value) <= P.MAX_XATTR_VALUE:
+            xattrs.append((name.encode(), value))
+    return P.Metadata(block, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, tuple(xattrs))
 
 
 def run(cfg: SendConfig, events: Events, hooks: TestHooks) -> dict[str, Any]:

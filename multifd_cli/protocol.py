@@ -45,6 +45,10 @@ MAC_LEN = 32
 FEATURE_PSK = 0x01  # HELLO features: the sender will prove it knows the pre-shared key
 ACCEPT_RESUME = 0x01  # ACCEPT flags: DEST holds an old copy; RESUME_HASHES follow
 MAX_RESUME_HASHES = 65536  # page hashes in one RESUME_HASHES message
+KIND_PAGES = 0  # a block copied page by page, pass after pass (a file or device)
+KIND_BLOB = 1  # a blob sent whole after the pause (device state); packet-size "pages"
+MAX_XATTRS = 256
+MAX_XATTR_VALUE = 65536
 
 
 class MsgType(IntEnum):
@@ -64,6 +68,7 @@ class MsgType(IntEnum):
     AUTH_RESPONSE = 14
     AUTH_OK = 15
     RESUME_HASHES = 16
+    METADATA = 17
 
 
 FLAG_SYNC = 0x01  # a PACKET that closes the channel's epoch; carries SYNC_COUNTS
@@ -82,7 +87,7 @@ HELLO = struct.Struct("<HH16sI")  # version, role, session uuid, features
 WELCOME = struct.Struct("<H16s")  # version, session uuid
 CONFIG = struct.Struct("<HBbIII")  # channels, compression id, level, page size, packet size, features
 LAYOUT_COUNT = struct.Struct("<H")
-LAYOUT_BLOCK = struct.Struct("<QQH")  # size, allocated bytes, name length; name follows
+LAYOUT_BLOCK = struct.Struct("<QQBH")  # size, allocated bytes, kind, name length; name follows
 EPOCH_START = struct.Struct("<IH")  # epoch, block count; one u64 size per block follows
 BLOCK_SIZE = struct.Struct("<Q")
 EPOCH_END = struct.Struct("<IQQQ")  # epoch, packets, normal pages, zero pages (all channels)
@@ -95,6 +100,8 @@ AUTH_RESPONSE = struct.Struct("<32s32s")  # the sender's nonce, its HMAC-SHA256
 AUTH_OK = struct.Struct("<32s")  # the receiver's HMAC-SHA256
 ACCEPT = struct.Struct("<I")  # flags
 RESUME_HASHES = struct.Struct("<HQI")  # block id, first page, count; count u64 hashes follow
+METADATA = struct.Struct("<HIIIqH")  # block id, mode, uid, gid, mtime ns, xattr count
+XATTR = struct.Struct("<HI")  # name length, value length; name and value follow
 
 _NATIVE_LE = sys.byteorder == "little"
 
@@ -166,6 +173,7 @@ class BlockInfo:
     name: str
     size: int
     allocated: int
+    kind: int = KIND_PAGES
 
 
 @dataclass(frozen=True)
@@ -252,6 +260,18 @@ class Accept:
 
 
 @dataclass(frozen=True)
+class Metadata:
+    """What --preserve keeps of one block, applied at completion."""
+
+    block: int
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
+
+
+@dataclass(frozen=True)
 class ResumeHashes:
     """xxh3-64 of the destination's pages [first, first + len(hashes)) of a block."""
 
@@ -262,7 +282,7 @@ class ResumeHashes:
 
 Message = Union[
     Packet, Hello, Welcome, Config, Layout, Accept, EpochStart, EpochEnd, Sync, Digest,
-    Complete, Abort, Heartbeat, AuthChallenge, AuthResponse, AuthOk, ResumeHashes,
+    Complete, Abort, Heartbeat, AuthChallenge, AuthResponse, AuthOk, ResumeHashes, Metadata,
 ]
 
 
@@ -345,13 +365,20 @@ def encode_layout(layout: Layout) -> bytes:
     parts = [LAYOUT_COUNT.pack(len(layout.blocks))]
     for b in layout.blocks:
         name = b.name.encode("utf-8")
-        parts.append(LAYOUT_BLOCK.pack(b.size, b.allocated, len(name)))
+        parts.append(LAYOUT_BLOCK.pack(b.size, b.allocated, b.kind, len(name)))
         parts.append(name)
     return _control(MsgType.LAYOUT, b"".join(parts))
 
 
 def encode_accept(flags: int = 0) -> bytes:
     return _control(MsgType.ACCEPT, ACCEPT.pack(flags))
+
+
+def encode_metadata(m: Metadata) -> bytes:
+    parts = [METADATA.pack(m.block, m.mode, m.uid, m.gid, m.mtime_ns, len(m.xattrs))]
+    for name, value in m.xattrs:
+        parts.append(XATTR.pack(len(name), len(value)) + name + value)
+    return _control(MsgType.METADATA, b"".join(parts))
 
 
 def encode_resume_hashes(block: int, first: int, hashes: Sequence[int]) -> bytes:
@@ -500,6 +527,8 @@ def parse_control(h: Header, payload: Buffer) -> Message:
             if flags & ~ACCEPT_RESUME:
                 raise ProtocolError(f"ACCEPT flags: got {flags:#x}, expected a subset of {ACCEPT_RESUME:#x}")
             return Accept(flags)
+        if t == MsgType.METADATA:
+            return _parse_metadata(p)
         if t == MsgType.RESUME_HASHES:
             block, first, n = RESUME_HASHES.unpack_from(p)
             if n > MAX_RESUME_HASHES:
@@ -561,10 +590,12 @@ def _parse_layout(p: bytes) -> Layout:
     pos = LAYOUT_COUNT.size
     blocks = []
     for _ in range(n):
-        size, allocated, name_len = LAYOUT_BLOCK.unpack_from(p, pos)
+        size, allocated, kind, name_len = LAYOUT_BLOCK.unpack_from(p, pos)
         pos += LAYOUT_BLOCK.size
         if size > MAX_BLOCK_SIZE:
             raise ProtocolError(f"block size: got {size}, expected at most {MAX_BLOCK_SIZE}")
+        if kind not in (KIND_PAGES, KIND_BLOB):
+            raise ProtocolError(f"block kind: got {kind}, expected {KIND_PAGES} or {KIND_BLOB}")
         if name_len > MAX_NAME_LEN or pos + name_len > len(p):
             raise ProtocolError(
                 f"block name length: got {name_len}, "
@@ -575,9 +606,47 @@ def _parse_layout(p: bytes) -> Layout:
         except UnicodeDecodeError:
             raise ProtocolError("block name: got bytes that are not UTF-8, expected UTF-8") from None
         pos += name_len
-        blocks.append(BlockInfo(name, size, allocated))
+        check_block_name(name)
+        blocks.append(BlockInfo(name, size, allocated, kind))
     expect("LAYOUT length", len(p), pos)
+    names = [b.name for b in blocks]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ProtocolError(f"block name {dup!r}: got it twice, expected unique names")
     return Layout(tuple(blocks))
+
+
+def _parse_metadata(p: bytes) -> Metadata:
+    block, mode, uid, gid, mtime_ns, n = METADATA.unpack_from(p)
+    if n > MAX_XATTRS:
+        raise ProtocolError(f"xattr count: got {n}, expected at most {MAX_XATTRS}")
+    pos = METADATA.size
+    xattrs = []
+    for _ in range(n):
+        name_len, value_len = XATTR.unpack_from(p, pos)
+        pos += XATTR.size
+        if name_len > 255 or value_len > MAX_XATTR_VALUE or pos + name_len + value_len > len(p):
+            raise ProtocolError(
+                f"xattr lengths: got {name_len} and {value_len}, expected at most 255 and "
+                f"{MAX_XATTR_VALUE} within the payload"
+            )
+        xattrs.append((p[pos : pos + name_len], p[pos + name_len : pos + name_len + value_len]))
+        pos += name_len + value_len
+    expect("METADATA length", len(p), pos)
+    return Metadata(block, mode, uid, gid, mtime_ns, tuple(xattrs))
+
+
+def check_block_name(name: str) -> None:
+    """A block name is a relative path that can never leave DEST."""
+    if not name or "\0" in name:
+        raise ProtocolError(f"block name {name!r}: got an empty name or a NUL, expected a relative path")
+    if name.startswith("/"):
+        raise ProtocolError(f"block name {name!r}: got an absolute path, expected a relative one")
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ProtocolError(
+            f"block name {name!r}: got an empty, '.' or '..' component, expected plain names"
+        )
 
 
 class Decoder:
@@ -649,6 +718,7 @@ TRANSITIONS: dict[tuple[str, State, str], State] = {
     ("recv-main", State.AWAIT_LAYOUT, "LAYOUT"): State.AWAIT_EPOCH,
     ("recv-main", State.AWAIT_EPOCH, "EPOCH_START"): State.IN_EPOCH,
     ("recv-main", State.IN_EPOCH, "EPOCH_END"): State.AWAIT_EPOCH,
+    ("recv-main", State.AWAIT_EPOCH, "METADATA"): State.AWAIT_EPOCH,
     ("recv-main", State.AWAIT_EPOCH, "DIGEST"): State.COMPLETING,
     # what a recv channel accepts from its send channel
     ("recv-channel", State.AWAIT_HELLO, "HELLO"): State.SYNCED,
@@ -677,7 +747,7 @@ _EVENT_NAMES: dict[type, str] = {
     EpochStart: "EPOCH_START", EpochEnd: "EPOCH_END", Packet: "PACKET", Sync: "SYNC",
     Heartbeat: "HEARTBEAT", Digest: "DIGEST", Complete: "COMPLETE", Abort: "ABORT",
     AuthChallenge: "AUTH_CHALLENGE", AuthResponse: "AUTH_RESPONSE", AuthOk: "AUTH_OK",
-    ResumeHashes: "RESUME_HASHES",
+    ResumeHashes: "RESUME_HASHES", Metadata: "METADATA",
 }
 
 

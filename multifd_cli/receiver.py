@@ -31,7 +31,7 @@ from multifd_cli.errors import (
 )
 from multifd_cli.events import Events, Stats
 from multifd_cli.progress import Progress, Snapshot
-from multifd_cli.sink import Destination, DestTables
+from multifd_cli.sink import HOLE_BIT, Destination, DestTables
 from multifd_cli.tables import pages_of, table_digest
 from multifd_cli.transport import Uri, listen, parse_uri, tune
 
@@ -61,11 +61,15 @@ class Receiver:
         self.real_uri: Uri | None = None
         self.main: MainConnection | None = None
         self.workers: list[workers.Worker] = []
-        self.tables: DestTables | None = None
         self.config: P.Config | None = None
         self.sizes: tuple[int, ...] = ()
         self.progress = Progress(events, tty=cfg.progress, json_interval=cfg.json_interval)
         self._early: list[P.Message] = []  # main-connection messages read while hashing
+        self.tables: list[DestTables] = []
+        self.page_sizes: tuple[int, ...] = ()
+        self.layout = P.Layout(())
+        self.metadata: dict[int, P.Metadata] = {}
+        self.blobs: list[dict[str, object]] = []
 
     # -- the whole session ------------------------------------------------------------
     def run(self) -> dict[str, object]:
@@ -87,6 +91,8 @@ class Receiver:
             self._serve()
             summary = self.stats.summary()
             del summary["paused"]  # only send knows whether it paused the writer
+            if self.blobs:
+                summary["blobs"] = self.blobs
             return summary
         except BaseException as e:
             self._fail(e)
@@ -94,8 +100,8 @@ class Receiver:
         finally:
             self.progress.finish()
             self._close_listener()
-            if self.tables is not None:
-                self.tables.close()
+            for t in self.tables:
+                t.close()
             self.dest.close()
 
     def _fail(self, e: BaseException) -> None:
@@ -153,25 +159,27 @@ class Receiver:
             raise ProtocolError("setup: expected CONFIG then LAYOUT")
         P.check_config(cfg, max_channels=self.cfg.max_channels)
         by_wire_id(cfg.compression, cfg.level)  # an unknown method fails here, not mid-copy
-        if len(layout.blocks) != 1:
-            raise ProtocolError(
-                f"blocks: got {len(layout.blocks)}, expected 1 (DEST {self.dest.path} is a file)"
-            )
-        block = layout.blocks[0]
-        old = self.dest.find_old_copy()
-        growth = max(0, block.size - os.path.getsize(old)) if old else block.size
-        self.dest.check_space(min(growth, block.allocated))
+        self.dest.plan([(b.name, b.size, b.allocated, b.kind) for b in layout.blocks])
         self.config = cfg
-        self.sizes = (block.size,)
-        self.dest.create(block.size)
-        self.tables = DestTables.create("recv", block.size, cfg.page_size)
+        self.layout = layout
+        self.sizes = tuple(b.size for b in layout.blocks)
+        # A blob's "pages" are packet-size chunks; everything else is paged.
+        self.page_sizes = tuple(
+            cfg.packet_size if b.kind == P.KIND_BLOB else cfg.page_size for b in layout.blocks
+        )
+        self.dest.create()
+        self.tables = [
+            DestTables.create(f"recv{i}", b.size, ps)
+            for i, (b, ps) in enumerate(zip(layout.blocks, self.page_sizes))
+        ]
         self.stats.channels = cfg.channels
         method = by_wire_id(cfg.compression, cfg.level).name
         self.stats.compression = method if method == "none" else f"{method}:{cfg.level}"
         main.send(P.encode_accept(P.ACCEPT_RESUME if self.dest.in_place else 0))
         log.info(
-            "session %s: %d channels, %d-byte pages, %d bytes",
-            self.session.hex()[:8], cfg.channels, cfg.page_size, block.size,
+            "session %s: %d channels, %d-byte pages, %d block(s), %d bytes",
+            self.session.hex()[:8], cfg.channels, cfg.page_size, len(layout.blocks),
+            sum(self.sizes),
         )
 
     def _accept_channels(self, deadline: float) -> dict[int, socket.socket]:
@@ -197,8 +205,9 @@ class Receiver:
     def _start_channels(self, socks: dict[int, socket.socket]) -> None:
         assert self.config is not None and self.tables is not None and self.main is not None
         args = RecvChannelArgs(
-            self.config, (self.dest.fd,), (self.tables,), self.cfg.timeout, self.hooks,
-            new_file=self.dest.in_place is None,
+            self.config, self.dest.fds, tuple(self.tables), self.cfg.timeout, self.hooks,
+            new_file=self.dest.new_file, page_sizes=self.page_sizes,
+            shadow_fd=self.dest.shadow_fd,
         )
         n = self.config.channels
         others = [self.main.sock] + ([self.lsock] if self.lsock else [])
@@ -241,8 +250,7 @@ class Receiver:
                     done[r[2]] = r[3]
             while sent_upto in done:
                 end = done.pop(sent_upto)
-                view = self.tables.page_hash.view if self.tables else None
-                assert view is not None
+                view = self.tables[0].page_hash.view
                 main.send(P.encode_resume_hashes(0, sent_upto, view[sent_upto:end].tolist()))
                 sent_upto = end
             if ready:
@@ -275,6 +283,10 @@ class Receiver:
                     st.end = msg
                 elif isinstance(msg, P.Digest):
                     digest = msg
+                elif isinstance(msg, P.Metadata):
+                    if msg.block >= len(self.sizes):
+                        raise ProtocolError(f"METADATA block: got {msg.block}, expected < {len(self.sizes)}")
+                    self.metadata[msg.block] = msg
                 else:
                     raise ProtocolError(f"main connection: unexpected {type(msg).__name__}")
             pending = []
@@ -336,28 +348,45 @@ class Receiver:
                 ))
 
     def _resize(self, sizes: tuple[int, ...]) -> None:
-        assert self.tables is not None and self.config is not None
-        old, new = self.sizes[0], sizes[0]
-        log.info("source size changed: %d -> %d bytes", old, new)
-        self.dest.resize(new)
-        self.tables.resize(old, new, self.config.page_size)
+        for i, (old, new) in enumerate(zip(self.sizes, sizes)):
+            if old == new:
+                continue
+            if self.layout.blocks[i].kind == P.KIND_PAGES:
+                log.info("%s changed size: %d -> %d bytes", self.layout.blocks[i].name, old, new)
+            self.dest.resize(i, new)
+            self.tables[i].resize(old, new, self.page_sizes[i])
         self.sizes = sizes
 
     def _complete(self, digest: P.Digest, written: int) -> None:
-        assert self.main is not None and self.tables is not None and self.config is not None
-        ours = table_digest([(self.sizes[0], self.tables.page_hash)], self.config.page_size)
+        assert self.main is not None and self.config is not None
+        ours = table_digest(zip(self.sizes, (t.page_hash for t in self.tables), self.page_sizes))
         if ours != digest.digest:
             raise VerifyError(
                 f"digest: got {digest.digest.hex()} from the source, "
                 f"computed {ours.hex()} from what was written"
             )
-        self.dest.finalize()
+        self._check_blobs(digest.epoch)
+        self.dest.finalize(self.metadata)
         self.main.send(P.encode_complete(ours, written))
         workers.stop(self.workers)
         self.workers = []
         self.stats.digest = ours.hex()
         self.stats.finished = time.monotonic()
         log.info("verified and completed %s", self.dest.path)
+
+    def _check_blobs(self, final: int) -> None:
+        """Every blob must have arrived whole in the final epoch, after the pause."""
+        for i, b in enumerate(self.layout.blocks):
+            if b.kind != P.KIND_BLOB:
+                continue
+            n = pages_of(self.sizes[i], self.page_sizes[i])
+            stamps = self.tables[i].stamp.view[:n].tolist()
+            late = [s & ~HOLE_BIT for s in stamps if s & ~HOLE_BIT != final]
+            if late:
+                raise VerifyError(
+                    f"blob {b.name}: {len(late)} of {n} chunks not sent in the final epoch {final}"
+                )
+            self.blobs.append({"name": b.name, "bytes": self.sizes[i], "epoch": final})
 
 
 def run(cfg: RecvConfig, events: Events, hooks: TestHooks) -> dict[str, object]:

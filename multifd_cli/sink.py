@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import stat
 import tempfile
 import threading
@@ -24,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 
 from multifd_cli.errors import IOFailure, UsageError
+from multifd_cli.protocol import KIND_PAGES, Metadata
 from multifd_cli.tables import SharedTable, pages_of, zero_hash
 
 log = logging.getLogger("multifd")
@@ -105,8 +107,31 @@ class DestTables:
         self.stamp.close()
 
 
+HEADER_GUARD = 1 << 20  # on a device, the first MiB is written last
+
+
+@dataclass
+class BlockFile:
+    """One block's open destination: where it goes and the fd the channels write."""
+
+    name: str
+    size: int
+    kind: int
+    fd: int = -1
+
+
 class Destination:
-    """One destination file from first check to verified, durable, named copy."""
+    """The destination from the first check to a verified, durable, named copy.
+
+    Three shapes, chosen by what arrives in LAYOUT:
+    - a file: one block, written into an unnamed O_TMPFILE linked to DEST at the end
+      (or, with --resume, an old copy updated in place);
+    - a directory: several blocks and/or blobs, each an unnamed file until the end,
+      when they are linked into a staging directory that replaces DEST in one rename;
+    - a block device: written in place, never truncated or renamed, its first MiB
+      zeroed at the start and written last, so an interrupted copy never looks like
+      a valid filesystem.
+    """
 
     def __init__(self, path: str, *, force: bool, keep_partial: bool, resume: bool = False) -> None:
         self.path = os.path.abspath(path)
@@ -118,12 +143,27 @@ class Destination:
         self.name = os.path.basename(self.path)
         self.force = force
         self.keep_partial = keep_partial
-        self.fd = -1
-        self._tmp_name: str | None = None  # only where O_TMPFILE is unsupported
+        self.shape = "file"
+        self.blocks: list[BlockFile] = []
+        self.shadow_fd = -1  # device only: the first MiB, held back until completion
+        self._tmp_names: dict[int, str] = {}  # only where O_TMPFILE is unsupported
         self._lock_fd = -1
         self._sync_thread: threading.Thread | None = None
         self._sync_error: OSError | None = None
         self._sync_lock = threading.Lock()
+
+    @property
+    def fd(self) -> int:
+        return self.blocks[0].fd if self.blocks else -1
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return tuple(b.fd for b in self.blocks)
+
+    @property
+    def new_file(self) -> bool:
+        """True when every block starts as an all-hole file this run created."""
+        return self.shape != "device" and self.in_place is None
 
     # -- before the session --------------------------------------------------------
     def check(self) -> None:
@@ -138,8 +178,10 @@ class Destination:
             st = os.stat(self.path)
         except FileNotFoundError:
             return
-        if stat.S_ISDIR(st.st_mode):
-            raise UsageError(f"destination {self.path} is a directory")
+        if stat.S_ISBLK(st.st_mode):
+            if not self.force:
+                raise UsageError(f"{self.path} is a block device; use --force to overwrite it")
+            return
         if self.resume:
             return
         if not self.force:
@@ -162,6 +204,41 @@ class Destination:
             raise UsageError(f"another multifd recv is writing {self.path}") from None
         self._lock_fd = fd
 
+    def plan(self, blocks: list[tuple[str, int, int, int]]) -> None:
+        """Pick the shape from LAYOUT's (name, size, allocated, kind) and check room."""
+        is_device = os.path.exists(self.path) and stat.S_ISBLK(os.stat(self.path).st_mode)
+        several = len(blocks) > 1 or any(kind != KIND_PAGES for _, _, _, kind in blocks)
+        if is_device:
+            if several:
+                raise UsageError(f"{self.path} is a block device: it takes exactly one source")
+            self.shape = "device"
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                capacity = os.lseek(fd, 0, os.SEEK_END)
+            finally:
+                os.close(fd)
+            if blocks[0][1] > capacity:
+                raise IOFailure(
+                    f"{self.path} holds {capacity} bytes, the source has {blocks[0][1]}"
+                )
+        elif several:
+            if self.resume:
+                raise UsageError("--resume works on one file, not on a directory DEST")
+            if os.path.exists(self.path) and not os.path.isdir(self.path):
+                raise UsageError(f"{self.path} is a file; several sources need a directory DEST")
+            self.shape = "dir"
+        else:
+            self.shape = "file"
+        if self.shape != "device":
+            old = self.find_old_copy() if self.shape == "file" else None
+            need = 0
+            for _, size, allocated, _ in blocks:
+                need += min(size, allocated)
+            if old:
+                need = max(0, need - os.path.getsize(old))
+            self.check_space(need)
+        self.blocks = [BlockFile(name, size, kind) for name, size, _, kind in blocks]
+
     def check_space(self, needed: int) -> None:
         st = os.statvfs(self.dir)
         free = st.f_bavail * st.f_frsize
@@ -170,7 +247,6 @@ class Destination:
                 f"not enough space in {self.dir}: need {needed} bytes, {free} are free"
             )
 
-    # -- during the session ----------------------------------------------------------
     def find_old_copy(self) -> str | None:
         """With --resume: DEST.partial if a failed run kept one, else DEST, else None."""
         if not self.resume:
@@ -180,35 +256,56 @@ class Destination:
                 return candidate
         return None
 
-    def create(self, size: int) -> int:
-        """Open the unnamed file and size it; no preallocation, so it stays sparse."""
+    # -- during the session ----------------------------------------------------------
+    def create(self) -> tuple[int, ...]:
+        """Open every block's file and size it; no preallocation, so it stays sparse."""
         flags = os.O_RDWR | os.O_CLOEXEC
-        self.in_place = self.find_old_copy()
-        if self.in_place is not None:
+        if self.shape == "device":
+            b = self.blocks[0]
             try:
-                self.fd = os.open(self.in_place, flags)
+                b.fd = os.open(self.path, flags)
+                self.shadow_fd = os.memfd_create("multifd-device-head", os.MFD_CLOEXEC)
+                head = min(HEADER_GUARD, b.size)
+                os.ftruncate(self.shadow_fd, head)
+                # Until the end, the device must not look like a valid filesystem.
+                os.pwrite(b.fd, bytes(head), 0)
+                os.fsync(b.fd)
             except OSError as e:
-                raise IOFailure(f"cannot open {self.in_place} to resume: {e.strerror}") from None
-            log.info("resuming into %s", self.in_place)
-            self.resize(size)
-            return self.fd
-        try:
-            self.fd = os.open(self.dir, flags | os.O_TMPFILE, 0o600)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
-                raise IOFailure(f"cannot create a file in {self.dir}: {e.strerror}") from None
-            # No O_TMPFILE here: a hidden name, removed on failure. Only SIGKILL
-            # can leave it behind, and never under DEST's name.
-            self._tmp_name = os.path.join(self.dir, f".{self.name}.multifd-{uuid.uuid4().hex[:8]}")
-            self.fd = os.open(self._tmp_name, flags | os.O_CREAT | os.O_EXCL, 0o600)
-        self.resize(size)
-        return self.fd
+                raise IOFailure(f"cannot prepare {self.path}: {e.strerror}") from None
+            return self.fds
+        if self.shape == "file":
+            self.in_place = self.find_old_copy()
+            if self.in_place is not None:
+                try:
+                    self.blocks[0].fd = os.open(self.in_place, flags)
+                except OSError as e:
+                    raise IOFailure(f"cannot open {self.in_place} to resume: {e.strerror}") from None
+                log.info("resuming into %s", self.in_place)
+                self.resize(0, self.blocks[0].size)
+                return self.fds
+        for i, b in enumerate(self.blocks):
+            try:
+                b.fd = os.open(self.dir, flags | os.O_TMPFILE, 0o600)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                    raise IOFailure(f"cannot create a file in {self.dir}: {e.strerror}") from None
+                # No O_TMPFILE here: a hidden name, removed on failure. Only SIGKILL
+                # can leave it behind, and never under DEST's name.
+                name = os.path.join(self.dir, f".{self.name}.multifd-{uuid.uuid4().hex[:8]}")
+                b.fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600)
+                self._tmp_names[i] = name
+            self.resize(i, b.size)
+        return self.fds
 
-    def resize(self, size: int) -> None:
+    def resize(self, block: int, size: int) -> None:
+        b = self.blocks[block]
+        b.size = size
+        if self.shape == "device":
+            return  # a device is never truncated; its size was checked up front
         try:
-            os.ftruncate(self.fd, size)
+            os.ftruncate(b.fd, size)
         except OSError as e:
-            raise IOFailure(f"cannot size the destination to {size} bytes: {e.strerror}") from None
+            raise IOFailure(f"cannot size {b.name} to {size} bytes: {e.strerror}") from None
 
     def background_flush(self) -> None:
         """Start writing back what the last pass wrote, so the final fsync is short."""
@@ -220,25 +317,41 @@ class Destination:
 
     def _datasync(self) -> None:
         try:
-            os.fdatasync(self.fd)
+            for fd in self.fds:
+                os.fdatasync(fd)
         except OSError as e:
             self._sync_error = e
 
     # -- completion ----------------------------------------------------------------------
-    def finalize(self, mode: int = 0o644) -> None:
+    def finalize(self, metadata: dict[int, Metadata] | None = None) -> None:
         """fsync, name it, fsync the directory. Any error is final."""
+        metadata = metadata or {}
         if self._sync_thread is not None:
             self._sync_thread.join()
         if self._sync_error is not None:
             raise IOFailure(f"writing back the destination failed: {self._sync_error.strerror}")
         try:
-            if self.in_place is None:
-                os.fchmod(self.fd, mode & ~_umask())
-            os.fsync(self.fd)
+            if self.shape == "device":
+                head = os.pread(self.shadow_fd, HEADER_GUARD, 0)
+                os.fsync(self.fd)  # everything else is durable before the head lands
+                os.pwrite(self.fd, head, 0)
+            for i, b in enumerate(self.blocks):
+                if i in metadata:
+                    apply_metadata(b.fd, metadata[i])
+                elif self.shape != "device" and self.in_place is None:
+                    os.fchmod(b.fd, 0o644 & ~_umask())
+                os.fsync(b.fd)
         except OSError as e:
             raise IOFailure(f"fsync of the destination failed: {e.strerror}") from None
+        if self.shape == "file":
+            self._finish_file()
+        elif self.shape == "dir":
+            self._publish_dir(self.path, replace=self.force)
+        self._fsync_dir(self.dir)
+
+    def _finish_file(self) -> None:
         if self.in_place is None:
-            self._publish(self.path, replace=self.force)
+            self._publish(0, self.path, replace=self.force)
         elif self.in_place != self.path:
             if os.path.lexists(self.path) and not self.force:
                 raise IOFailure(f"{self.path} exists; resumed copy left as {self.in_place} (--force replaces)")
@@ -246,28 +359,33 @@ class Destination:
                 os.replace(self.in_place, self.path)
             except OSError as e:
                 raise IOFailure(f"cannot rename {self.in_place} to {self.path}: {e.strerror}") from None
+
+    @staticmethod
+    def _fsync_dir(path: str) -> None:
         try:
-            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
         except OSError as e:
-            raise IOFailure(f"fsync of directory {self.dir} failed: {e.strerror}") from None
+            raise IOFailure(f"fsync of directory {path} failed: {e.strerror}") from None
 
-    def _publish(self, target: str, *, replace: bool) -> None:
+    def _publish(self, block: int, target: str, *, replace: bool) -> None:
+        fd = self.blocks[block].fd
+        tmp = self._tmp_names.get(block)
         try:
-            if self._tmp_name is not None:
+            if tmp is not None:
                 if not replace and os.path.lexists(target):
                     raise FileExistsError(errno.EEXIST, "File exists")
-                os.replace(self._tmp_name, target)
-                self._tmp_name = None
+                os.replace(tmp, target)
+                del self._tmp_names[block]
                 return
             if not replace:
-                link_fd(self.fd, target)
+                link_fd(fd, target)
                 return
-            hidden = os.path.join(self.dir, f".{self.name}.multifd-{uuid.uuid4().hex[:8]}")
-            link_fd(self.fd, hidden)
+            hidden = os.path.join(os.path.dirname(target), f".{self.name}.multifd-{uuid.uuid4().hex[:8]}")
+            link_fd(fd, hidden)
             try:
                 os.replace(hidden, target)
             except OSError:
@@ -279,32 +397,94 @@ class Destination:
         except OSError as e:
             raise IOFailure(f"cannot name the destination {target}: {e.strerror}") from None
 
+    def _publish_dir(self, target: str, *, replace: bool) -> None:
+        """Link every block into a staging directory, then put it in place in one rename."""
+        staging = os.path.join(self.dir, f".{self.name}.multifd-{uuid.uuid4().hex[:8]}")
+        try:
+            os.mkdir(staging, 0o755)
+            dirs = {staging}
+            for i, b in enumerate(self.blocks):
+                path = os.path.join(staging, b.name)
+                parent = os.path.dirname(path)
+                os.makedirs(parent, exist_ok=True)
+                dirs.add(parent)
+                self._publish(i, path, replace=False)
+            for d in sorted(dirs, key=len, reverse=True):
+                self._fsync_dir(d)
+            if os.path.lexists(target):
+                if not replace:
+                    raise FileExistsError(errno.EEXIST, "File exists")
+                exchange(staging, target)  # the old DEST is now at `staging`
+                shutil.rmtree(staging, ignore_errors=True)
+            else:
+                os.rename(staging, target)
+        except FileExistsError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise IOFailure(f"{target} appeared during the migration; not replacing it") from None
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise IOFailure(f"cannot put the destination directory in place: {e.strerror}") from None
+
     def discard(self) -> None:
         """On failure: keep the copy as DEST.partial only if asked; else it vanishes."""
-        if self.fd < 0:
+        if not self.blocks or self.blocks[0].fd < 0:
+            return
+        if self.shape == "device":
+            log.info("%s: its first MiB stays zeroed, so it does not look like a valid copy", self.path)
             return
         if self.in_place is not None:
             log.info("%s keeps what was copied so far; run recv --resume again", self.in_place)
             return
         if self.keep_partial:
             try:
-                self._publish(self.path + ".partial", replace=True)
+                if self.shape == "dir":
+                    self._publish_dir(self.path + ".partial", replace=True)
+                else:
+                    self._publish(0, self.path + ".partial", replace=True)
                 log.info("kept the incomplete copy as %s.partial", self.path)
             except Exception as e:  # noqa: BLE001 - failing already; say so and go on
                 log.warning("could not keep %s.partial: %s", self.path, e)
-        if self._tmp_name is not None:
+        for name in self._tmp_names.values():
             with contextlib.suppress(OSError):
-                os.unlink(self._tmp_name)
-            self._tmp_name = None
+                os.unlink(name)
+        self._tmp_names.clear()
 
     def close(self) -> None:
-        if self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = -1
+        for b in self.blocks:
+            if b.fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(b.fd)
+                b.fd = -1
+        if self.shadow_fd >= 0:
+            os.close(self.shadow_fd)
+            self.shadow_fd = -1
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+RENAME_EXCHANGE = 2
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+def exchange(a: str, b: str) -> None:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE)."""
+    if _libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), b)
+
+
+def apply_metadata(fd: int, m: Metadata) -> None:
+    """--preserve: mode, owner (as root), extended attributes, then mtime last."""
+    os.fchmod(fd, m.mode & 0o7777)
+    if os.geteuid() == 0:
+        os.fchown(fd, m.uid, m.gid)
+    for name, value in m.xattrs:
+        try:
+            os.setxattr(fd, name, value)
+        except OSError as e:
+            log.warning("cannot set xattr %s: %s", name.decode(errors="replace"), e.strerror)
+    os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
 
 
 def _umask() -> int:

@@ -103,10 +103,14 @@ def pages_of(size: int, page_size: int) -> int:
     return (size + page_size - 1) // page_size
 
 
-def table_digest(tables: Iterable[tuple[int, SharedTable]], page_size: int) -> bytes:
-    """xxh3-128 over the block sizes and each block's page-hash table, in layout order."""
+def table_digest(blocks: Iterable[tuple[int, SharedTable, int]]) -> bytes:
+    """xxh3-128 over each block's size and page-hash table, in layout order.
+
+    `blocks` holds (size, table, page size) per block; a blob's "pages" are
+    packet-size chunks.
+    """
     h = xxhash.xxh3_128()
-    for size, table in tables:
+    for size, table, page_size in blocks:
         h.update(size.to_bytes(8, "little"))
         view = table.raw(0, pages_of(size, page_size))
         h.update(view)

@@ -10,6 +10,7 @@ describes the bytes on the wire, never a second read.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import threading
 from array import array
@@ -28,6 +29,7 @@ from multifd_cli.tables import (
 )
 
 READ_BYTES = 1 << 20  # one pread per MiB; a multiple of every chunk size
+DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffers are multiples of this
 
 
 @dataclass
@@ -89,8 +91,11 @@ class HashTracker:
         self.cpages = chunk_pages(page_size)
         self.cbytes = self.cpages * page_size
         self.read_bytes = max(self.cbytes, READ_BYTES // self.cbytes * self.cbytes)
-        self._buf = bytearray(self.read_bytes)
+        # Page-aligned (an anonymous mapping), as O_DIRECT reads require.
+        self._buf = mmap.mmap(-1, self.read_bytes + DIRECT_ALIGN)
         self._view = memoryview(self._buf)
+        self.direct = False  # set when the source was opened with O_DIRECT
+        self.holes = True  # SEEK_DATA/SEEK_HOLE work here (not on block devices)
         self._tick = tick
 
     def scan(
@@ -117,13 +122,15 @@ class HashTracker:
         end = min(end_page * ps, size)
         data_end = -1  # end of the data extent known to hold `pos` (sparse pass 1)
         while pos < end:
-            if full and pos >= data_end:
+            if full and self.holes and pos >= data_end:
                 pos, data_end = self._skip_holes(fd, block, tables, pos, end, size, client, res)
                 if pos >= end:
                     break
             want = min(self.read_bytes, end - pos)
+            # O_DIRECT reads whole aligned blocks; the bytes past `want` are dropped.
+            ask = -(-want // DIRECT_ALIGN) * DIRECT_ALIGN if self.direct else want
             try:
-                n = os.preadv(fd, [self._view[:want]], pos)
+                n = min(want, os.preadv(fd, [self._view[:ask]], pos))
             except OSError as e:
                 raise IOFailure(f"reading the source at offset {pos}: {e.strerror}") from None
             res.read_bytes += n

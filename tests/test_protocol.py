@@ -164,7 +164,7 @@ def test_golden_digest_is_the_page_hash_table_digest() -> None:
             t.view[i] = h
         tables.append((size, t))
     try:
-        want = table_digest(tables, G.PAGE_SIZE)
+        want = table_digest((size, t, G.PAGE_SIZE) for size, t in tables)
     finally:
         for _, t in tables:
             t.close()
@@ -339,7 +339,7 @@ def test_sync_with_pages():
 def layout_payload(*blocks: tuple[int, int, bytes], count: int | None = None) -> bytes:
     out = P.LAYOUT_COUNT.pack(len(blocks) if count is None else count)
     for size, allocated, name in blocks:
-        out += P.LAYOUT_BLOCK.pack(size, allocated, len(name)) + name
+        out += P.LAYOUT_BLOCK.pack(size, allocated, P.KIND_PAGES, len(name)) + name
     return out
 
 
@@ -383,7 +383,7 @@ def test_layout_block_size_over_the_limit():
 
 def test_layout_trailing_bytes_and_truncation():
     payload = layout_payload((4096, 0, b"x")) + b"\x00"
-    raises(control(P.MsgType.LAYOUT, payload), r"^LAYOUT length: got 22, expected 21$")
+    raises(control(P.MsgType.LAYOUT, payload), r"^LAYOUT length: got 23, expected 22$")
     # two blocks announced, one present: the codec reports a short payload
     raises(control(P.MsgType.LAYOUT, layout_payload((4096, 0, b"x"), count=2)), r"LAYOUT")
     raises(control(P.MsgType.LAYOUT, b"\x01"), r"LAYOUT")
@@ -673,7 +673,7 @@ LIVE_END = {P.State.DONE, P.State.ABORTED}
 LEGAL = {
     "recv-main": [
         "HELLO", "HEARTBEAT", "CONFIG", "LAYOUT", "HEARTBEAT", "EPOCH_START", "HEARTBEAT",
-        "EPOCH_END", "EPOCH_START", "EPOCH_END", "HEARTBEAT", "DIGEST", "HEARTBEAT",
+        "EPOCH_END", "EPOCH_START", "EPOCH_END", "HEARTBEAT", "METADATA", "DIGEST", "HEARTBEAT",
     ],
     "recv-channel": [
         "HELLO", "HEARTBEAT", "RELEASE", "PACKET", "HEARTBEAT", "PACKET", "SYNC", "RELEASE",
@@ -811,3 +811,21 @@ def test_unknown_event_is_a_protocol_error():
     c = P.Conversation("send-channel")
     with pytest.raises(ProtocolError, match="got BOGUS"):
         c.advance("BOGUS")
+
+
+@pytest.mark.parametrize(
+    "name", ["", "/etc/passwd", "../x", "a/../../x", "a//b", "a/", "./a", "a/.", "nul\0x"]
+)
+def test_block_names_that_could_leave_dest_are_refused(name):
+    layout = P.Layout((P.BlockInfo(name, 10, 10),))
+    raises(P.encode_layout(layout), r"^block name .*: got .*expected")
+
+
+def test_duplicate_block_names_are_refused():
+    layout = P.Layout((P.BlockInfo("a", 10, 10), P.BlockInfo("a", 20, 20)))
+    raises(P.encode_layout(layout), r"^block name 'a': got it twice, expected unique names$")
+
+
+@pytest.mark.parametrize("name", ["disk.img", "vm/disk.img", "a b/ü.img", "..hidden", "x.."])
+def test_plain_relative_block_names_pass(name):
+    P.check_block_name(name)

@@ -79,10 +79,10 @@ def test_shared_table_grows_and_a_forked_child_sees_it() -> None:
 def test_table_digest_covers_sizes_and_hashes() -> None:
     a = SharedTable("a", "Q", 2)
     a.view[0], a.view[1] = 1, 2
-    d1 = table_digest([(2 * PS, a)], PS)
-    d2 = table_digest([(2 * PS - 1, a)], PS)  # same pages, another size
+    d1 = table_digest([(2 * PS, a, PS)])
+    d2 = table_digest([(2 * PS - 1, a, PS)])  # same pages, another size
     a.view[1] = 3
-    d3 = table_digest([(2 * PS, a)], PS)
+    d3 = table_digest([(2 * PS, a, PS)])
     assert len({d1, d2, d3}) == 3
     a.close()
 

@@ -56,7 +56,7 @@ CONFIG = P.Config(
 LAYOUT = P.Layout(
     (
         P.BlockInfo("disk.img", BLOCK0_SIZE, 1024),
-        P.BlockInfo("données-ñ-日本", BLOCK1_SIZE, 0),
+        P.BlockInfo("données-ñ-日本", BLOCK1_SIZE, 0, P.KIND_BLOB),
     )
 )
 PACKET_FIELDS = {
@@ -80,6 +80,12 @@ VECTORS: dict[str, tuple[object, bytes]] = {
     "config": (CONFIG, P.encode_config(CONFIG)),
     "layout": (LAYOUT, P.encode_layout(LAYOUT)),
     "accept": (P.Accept(), P.encode_accept()),
+    "metadata": (
+        P.Metadata(0, 0o100644, 1000, 100, 1_700_000_000_123_456_789, ((b"user.k", b"v\x00"),)),
+        P.encode_metadata(
+            P.Metadata(0, 0o100644, 1000, 100, 1_700_000_000_123_456_789, ((b"user.k", b"v\x00"),))
+        ),
+    ),
     "accept_resume": (P.Accept(P.ACCEPT_RESUME), P.encode_accept(P.ACCEPT_RESUME)),
     "resume_hashes": (
         P.ResumeHashes(0, 1024, (1, 2, 0xFFFFFFFFFFFFFFFF)),
@@ -116,7 +122,7 @@ VECTORS: dict[str, tuple[object, bytes]] = {
 # The order of a whole session, used for the concatenated-stream test.
 STREAM_ORDER = [
     "hello", "auth_challenge", "auth_response", "auth_ok", "welcome", "config", "layout", "accept_resume", "resume_hashes", "epoch_start", "packet", "sync",
-    "heartbeat", "epoch_end", "digest", "complete", "abort",
+    "heartbeat", "epoch_end", "metadata", "digest", "complete", "abort",
 ]
 
 
