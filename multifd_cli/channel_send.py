@@ -31,7 +31,9 @@ from multifd_cli.auth import Security
 from multifd_cli.clients import BlobClient, PagedClient
 from multifd_cli.compression import Compressor, get_compressor
 from multifd_cli.errors import ConnectionFailed, IOFailure, ProtocolError, expect
+from multifd_cli.image import ImageLayout, ImageSink
 from multifd_cli.ratelimit import SharedRateLimit
+from multifd_cli.tables import SharedTable
 from multifd_cli.tracker import HashTracker, SourceTables
 from multifd_cli.transport import Uri, connect, send_all
 
@@ -40,7 +42,7 @@ log = logging.getLogger("multifd")
 
 @dataclass(frozen=True)
 class SendChannelArgs:
-    uri: Uri
+    uri: Uri | None
     session: bytes
     config: P.Config
     compression: str
@@ -51,6 +53,7 @@ class SendChannelArgs:
     limit: SharedRateLimit
     security: Security
     direct_io: bool = False
+    image: tuple[str, ImageLayout, tuple[SharedTable, ...]] | None = None  # file: transport
 
 
 class ChannelSender:
@@ -123,10 +126,23 @@ class ChannelSender:
 
 def channel_main(index: int, pipe: Connection, args: SendChannelArgs) -> None:
     """Process entry point of a send channel."""
+    if args.image is not None:
+        path, layout, present = args.image
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise IOFailure(f"cannot open image {path}: {e.strerror}") from None
+        try:
+            _serve(index, pipe, ImageSink(fd, layout, present), args)
+        finally:
+            os.close(fd)
+        return
+    assert args.uri is not None
     sock = connect(args.uri, args.timeout)
     try:
         sock = handshake.client(sock, index, args.session, args.timeout, args.security)
-        _serve(index, pipe, sock, args)
+        comp = None if args.compression == "none" else get_compressor(args.compression)
+        _serve(index, pipe, ChannelSender(sock, comp, args.limit), args)
     finally:
         sock.close()
 
@@ -145,10 +161,9 @@ def _open_sources(paths: Sequence[str], direct: bool) -> list[int]:
     return fds
 
 
-def _serve(index: int, pipe: Connection, sock: socket.socket, args: SendChannelArgs) -> None:
+def _serve(index: int, pipe: Connection, sender: ChannelSender | ImageSink,
+           args: SendChannelArgs) -> None:
     cfg = args.config
-    comp = None if args.compression == "none" else get_compressor(args.compression)
-    sender = ChannelSender(sock, comp, args.limit)
     client = PagedClient(sender, cfg.page_size, cfg.pages_per_packet)
     blobs = BlobClient(sender, cfg.packet_size)
     tracker = HashTracker(cfg.page_size, lambda: sender.heartbeat_if_idle(args.heartbeat))

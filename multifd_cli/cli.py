@@ -195,12 +195,17 @@ def _run(side: str, json_events: bool, body: Callable[[Any], dict[str, Any]],
               show_envvar=True, help="tcp:HOST:PORT, tcp:[IPv6]:PORT or unix:PATH; port 0 picks one.")
 @click.option("--force", is_flag=True, help="Replace an existing DEST, atomically at completion.")
 @click.option("--keep-partial", is_flag=True, help="Keep a failed copy as DEST.partial.")
+@click.option("--from", "from_", default="", metavar="file:IMAGE",
+              help="Restore an image written by `send --to file:IMAGE` instead of listening.")
+@click.option("--channels", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="With --from: channel processes restoring in parallel.")
 @click.option("--resume", is_flag=True,
               help="Update an old copy (DEST.partial, else DEST) in place, sending only what "
                    "differs. The exception to the unnamed-file rule: DEST is written in place.")
 @_security
 @_common
-def recv(dest: str, listen: str, force: bool, keep_partial: bool, resume: bool,
+def recv(dest: str, listen: str, force: bool, keep_partial: bool, from_: str, channels: int,
+         resume: bool,
          json_events: bool,
          timeout: float, log_level: str, log_file: str | None, debug: bool,
          progress: bool | None, quiet: bool, json_interval: float, psk_file: str | None,
@@ -210,15 +215,24 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, resume: bool,
     from multifd_cli.transport import parse_uri
 
     parse_uri(listen)
+    if from_ and not from_.startswith("file:"):
+        raise UsageError(f"--from {from_}: expected file:IMAGE")
+    if from_ and resume:
+        raise UsageError("--from and --resume do not combine")
     security = _load_security("recv", psk_file, tls_cert, tls_key, tls_ca, None, None)
     cfg = RecvConfig(dest=dest, listen=listen, timeout=timeout, force=force,
                      keep_partial=keep_partial, resume=resume, json=json_events,
+                     source=from_[5:], restore_channels=channels,
                      progress=False if quiet else progress, json_interval=json_interval,
                      security=security)
     _setup(debug, log_level, log_file)
     hooks = TestHooks.from_env()
 
     def body(events: Any) -> dict[str, Any]:
+        if cfg.source:
+            from multifd_cli import restore
+
+            return restore.run(cfg, events, cfg.source)
         from multifd_cli import receiver
 
         return receiver.run(cfg, events, hooks)
@@ -313,6 +327,12 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
 
     if is_ssh_target(to):
         host: str | None = parse_ssh_target(to).host
+    elif to.startswith("file:"):
+        host = None
+        if not to[5:]:
+            raise UsageError("--to file:PATH needs a path")
+        if parse_spec(compress).name != "none":
+            raise UsageError("--compress is rejected for file: (every page has a fixed offset)")
     else:
         host = parse_uri(to).host or None
     security = _load_security("send", psk_file, tls_cert, tls_key, tls_ca, tls_hostname, host)

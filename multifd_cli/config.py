@@ -78,6 +78,8 @@ class RecvConfig:
     json: bool = False
     max_channels: int = 64
     resume: bool = False
+    source: str = ""  # --from file:IMAGE: restore an image instead of listening
+    restore_channels: int = 2
     progress: bool | None = None
     json_interval: float = 1.0
     security: Security = field(default_factory=Security)

@@ -49,11 +49,12 @@ from multifd_cli.errors import (
     expect,
 )
 from multifd_cli.events import Events, Stats
+from multifd_cli.image import ImageLayout, complete_image, create_image
 from multifd_cli.pause import Pauser, Throttle, Watchdog, pids_in_cgroup, writers_of
 from multifd_cli.progress import Progress, Snapshot
 from multifd_cli.ratelimit import SharedRateLimit
 from multifd_cli.ssh import RemoteRecv, SshTarget, is_ssh_target, parse_ssh_target
-from multifd_cli.tables import chunk_pages, pages_of, table_digest
+from multifd_cli.tables import SharedTable, chunk_pages, pages_of, table_digest
 from multifd_cli.tracker import DirtyLog, SourceTables
 from multifd_cli.transport import connect, parse_uri
 
@@ -202,8 +203,12 @@ class Orchestrator:
         self.events = events
         self.hooks = hooks
         self.dirty_log = dirty_log
+        self.image_path = cfg.to[len("file:"):] if cfg.to.startswith("file:") else ""
         self.ssh_target = parse_ssh_target(cfg.to) if is_ssh_target(cfg.to) else None
-        self.uri = parse_uri(cfg.to) if self.ssh_target is None else None
+        self.uri = parse_uri(cfg.to) if not (self.ssh_target or self.image_path) else None
+        self.image_layout: ImageLayout | None = None
+        self.image_fd = -1
+        self.present: list[SharedTable] = []  # file: transport, u8 per page
         self.remote: RemoteRecv | None = None
         self.spec = parse_spec(cfg.compression)
         self.compressor = get_compressor(self.spec)
@@ -239,6 +244,7 @@ class Orchestrator:
         self.watchdog: Watchdog | None = None
         self.paused_at = 0.0
         self.succeeded = False
+        self._saw_changes = False  # a later pass found dirty pages: someone writes
         self.downtime_limit_ms = cfg.downtime_limit_ms
         self.phase = "setup"
         self.live_wire = 0  # bytes on the wire so far, including the running pass
@@ -268,7 +274,10 @@ class Orchestrator:
             if self.cfg.pause.any:
                 self.watchdog = Watchdog(self.cfg.pause)
                 self.pauser.on_intent = self.watchdog.paused
-            self._connect()
+            if self.image_path:
+                self._open_image()
+            else:
+                self._connect()
             if self.hooks.internal_error:
                 raise RuntimeError("test-only internal error (MULTIFD_TEST_INTERNAL_ERROR)")
             self._start_channels()
@@ -296,6 +305,10 @@ class Orchestrator:
                 self.main.close()
             for t in self.tables:
                 t.close()
+            for p in self.present:
+                p.close()
+            if self.image_fd >= 0:
+                os.close(self.image_fd)
             for s in self.sources:
                 os.close(s.fd)
             for b in self.blobs:
@@ -374,8 +387,32 @@ class Orchestrator:
         for msg in main.drain():
             self._on_main_message(msg)
 
+    def _open_image(self) -> None:
+        """The file: transport: a fixed-offset image instead of a peer."""
+        cfg = self.cfg
+        if self.blobs:
+            raise UsageError("--state-cmd/--state-file cannot go into a file: image")
+        if cfg.preserve:
+            raise UsageError("--preserve is not kept in file: images")
+        self.config = P.Config(cfg.channels, 0, 0, cfg.page_size, cfg.packet_size)
+        self.sizes = [s.size for s in self.sources]
+        self.covered = [0] * len(self.sizes)
+        self.image_layout = ImageLayout.plan(
+            cfg.page_size, [(s.name, s.size, P.KIND_PAGES) for s in self.sources]
+        )
+        self.image_fd = create_image(self.image_path, self.image_layout)
+        self.tables = [
+            SourceTables.create(f"send{i}", s.size, cfg.page_size) for i, s in enumerate(self.sources)
+        ]
+        self.present = [
+            SharedTable(f"present{i}", "B", pages_of(s.size, cfg.page_size))
+            for i, s in enumerate(self.sources)
+        ]
+
     def _start_channels(self) -> None:
-        assert self.main is not None and self.uri is not None
+        image = None
+        if self.image_layout is not None:
+            image = (self.image_path, self.image_layout, tuple(self.present))
         args = SendChannelArgs(
             self.uri,
             self.session,
@@ -388,6 +425,7 @@ class Orchestrator:
             self.limit,
             self.cfg.security,
             self.cfg.direct_io,
+            image,
         )
         self.workers = workers.start(
             self.cfg.channels, "send", channel_main, args_for=lambda i: (args,),
@@ -405,21 +443,21 @@ class Orchestrator:
     def _poll(self) -> list[tuple[workers.Worker, tuple[Any, ...]]]:
         """Wait briefly for channel reports while watching the main connection
         and the control socket."""
-        assert self.main is not None
-        extras: list[Any] = [self.main]
+        extras: list[Any] = [self.main] if self.main is not None else []
         if self.control is not None:
             extras.append(self.control)
         reports, ready = workers.poll(self.workers, extras, min(self.heartbeat, 0.25))
         for obj in ready:
             if obj is self.control:
                 self.control.serve_ready()
-            else:
+            elif self.main is not None:
                 for msg in self.main.read_available():
                     self._on_main_message(msg)
         if self._cancel:
             raise Cancelled("cancelled by `multifd cancel`", EXIT_SIGINT)
-        self.main.heartbeat_if_idle(self.heartbeat)
-        self.main.check_silence()
+        if self.main is not None:
+            self.main.heartbeat_if_idle(self.heartbeat)
+            self.main.check_silence()
         if self.progress.due():
             self.progress.update(self._snapshot())
         return reports
@@ -517,6 +555,7 @@ class Orchestrator:
             wall_start = time.time_ns()
             res = self._pass(epoch, full=epoch == 1)
             found = res.dirty_pages + res.zero_pages
+            self._saw_changes |= epoch > 1 and found > 0
             if self.dirty_log is not None:
                 self.estimator.pending_bytes = self.dirty_log.pending_bytes()
             expected = self.estimator.expected_downtime(sum(self.sizes))
@@ -556,7 +595,7 @@ class Orchestrator:
                                stdout=subprocess.DEVNULL)
         if self.can_pause:
             epoch = self._switchover(epoch)
-        else:
+        elif self._saw_changes:
             log.warning(
                 "completed without pausing the writer: the copy is only as consistent "
                 "as the writer was quiet during the last pass"
@@ -659,7 +698,13 @@ class Orchestrator:
         return True
 
     def _begin_epoch(self, epoch: int, sizes: list[int]) -> None:
-        assert self.main is not None
+        if self.image_layout is not None:
+            for b, new in zip(self.image_layout.blocks, sizes):
+                if new > b.capacity * self.cfg.page_size:
+                    raise IOFailure(
+                        f"{b.name} grew past its size at the start ({new} bytes); "
+                        "a file: image has a fixed layout"
+                    )
         for i, (old, new) in enumerate(zip(self.sizes, sizes)):
             if old != new:
                 if i < len(self.sources):
@@ -668,7 +713,8 @@ class Orchestrator:
                 if self.dirty_log is not None and new > old:
                     self.dirty_log.mark_dirty(old, new - old, block=i)
         self.sizes = sizes
-        self.main.send(P.encode_epoch_start(epoch, sizes))
+        if self.main is not None:
+            self.main.send(P.encode_epoch_start(epoch, sizes))
 
     def _work_items(self, full: bool) -> deque[tuple[int, int, int]]:
         """Chunk-aligned ranges: at most ITEM_BYTES, and small enough that every
@@ -762,8 +808,11 @@ class Orchestrator:
                 pending -= 1
 
     def sync(self, epoch: int) -> P.Counts:
-        """Close the epoch: a SYNC packet on every channel, then EPOCH_END on main."""
-        assert self.main is not None
+        """Close the epoch: a SYNC packet on every channel, then EPOCH_END on main.
+
+        With the file: transport the same gather is the source's own barrier: no
+        page of pass k+1 is written before every channel finished pass k.
+        """
         for w in self.workers:
             w.send("sync", epoch)
         total = P.Counts()
@@ -771,7 +820,8 @@ class Orchestrator:
             total += P.Counts(*msg[2])
             self.wire[w.index] = msg[3]
         self.stats.transferred_bytes = self.live_wire = sum(self.wire)
-        self.main.send(P.encode_epoch_end(epoch, total))
+        if self.main is not None:
+            self.main.send(P.encode_epoch_end(epoch, total))
         return total
 
     def _gather(self, what: str) -> list[tuple[workers.Worker, tuple[Any, ...]]]:
@@ -784,8 +834,18 @@ class Orchestrator:
 
     # -- completion -------------------------------------------------------------------------------
     def _complete(self, epoch: int) -> None:
-        assert self.main is not None
         self.phase = "completing"
+        if self.image_layout is not None:
+            digest = table_digest(
+                (size, t.page_hash, self.cfg.page_size) for size, t in zip(self.sizes, self.tables)
+            )
+            complete_image(self.image_fd, self.image_layout, self.sizes, self.present, digest)
+            self.stats.finished = time.monotonic()
+            workers.stop(self.workers)
+            self.workers = []
+            self.stats.digest = digest.hex()
+            return
+        assert self.main is not None
         if self.cfg.preserve:
             for i, src in enumerate(self.sources):
                 self.main.send(P.encode_metadata(read_metadata(i, src)))

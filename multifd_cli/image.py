@@ -1,0 +1,227 @@
+"""The `file:` transport: a self-describing image with a fixed offset for every
+page, written by the channels in parallel with pwrite (like QEMU's mapped-ram).
+
+Layout (docs/file-format.md is the reference, pinned by a golden-file test):
+
+    0            header: IMAGE_HEADER, then one IMAGE_BLOCK + name per block
+    ...          per block, each region aligned to IMAGE_ALIGN:
+                   a bitmap, one bit per page: 1 = the page's bytes are in the image
+                   the data region: page p of the block at data_offset + p * page_size
+
+A live source works: a later pass rewrites a page at its fixed offset. Two
+channels may write one offset in different passes, so the orchestrator's
+epoch barrier (no work of pass k+1 before every channel finished pass k) is
+what orders them on this side. The header says COMPLETE, with the digest, only
+after every page and the bitmap are fsynced.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import Sequence
+
+from multifd_cli import protocol as P
+from multifd_cli.errors import IOFailure, ProtocolError, UsageError, VerifyError
+from multifd_cli.sink import punch_hole
+from multifd_cli.tables import SharedTable, pages_of
+
+IMAGE_MAGIC = b"MFDIMG\x00\x01"
+IMAGE_VERSION = 1
+IMAGE_COMPLETE = 0x1
+IMAGE_ALIGN = 1 << 20
+# magic, version, flags, page size, block count, bytes of header in use, digest
+IMAGE_HEADER = struct.Struct("<8sIIIIQ16s")
+# size, capacity in pages, bitmap offset, data offset, kind, name length; name follows
+IMAGE_BLOCK = struct.Struct("<QQQQBH")
+
+
+def _align(n: int) -> int:
+    return -(-n // IMAGE_ALIGN) * IMAGE_ALIGN
+
+
+@dataclass
+class ImageBlock:
+    name: str
+    size: int
+    capacity: int  # pages the data region holds
+    bitmap_offset: int
+    data_offset: int
+    kind: int = P.KIND_PAGES
+
+
+@dataclass
+class ImageLayout:
+    page_size: int
+    blocks: list[ImageBlock]
+    flags: int = 0
+    digest: bytes = bytes(16)
+
+    @classmethod
+    def plan(cls, page_size: int, blocks: Sequence[tuple[str, int, int]]) -> ImageLayout:
+        """Fixed offsets for (name, size, kind) blocks; the image is sized once."""
+        header = IMAGE_HEADER.size + sum(IMAGE_BLOCK.size + len(n.encode()) for n, _, _ in blocks)
+        pos = _align(header)
+        out = []
+        for name, size, kind in blocks:
+            pages = pages_of(size, page_size)
+            bitmap = pos
+            pos = _align(pos + -(-pages // 8))
+            out.append(ImageBlock(name, size, pages, bitmap, pos, kind))
+            pos = _align(pos + pages * page_size)
+        return cls(page_size, out)
+
+    @property
+    def end(self) -> int:
+        b = self.blocks[-1]
+        return _align(b.data_offset + b.capacity * self.page_size)
+
+    def encode(self) -> bytes:
+        parts = []
+        for b in self.blocks:
+            name = b.name.encode()
+            parts.append(IMAGE_BLOCK.pack(b.size, b.capacity, b.bitmap_offset, b.data_offset,
+                                          b.kind, len(name)) + name)
+        body = b"".join(parts)
+        head = IMAGE_HEADER.pack(IMAGE_MAGIC, IMAGE_VERSION, self.flags, self.page_size,
+                                 len(self.blocks), IMAGE_HEADER.size + len(body), self.digest)
+        return head + body
+
+    @classmethod
+    def decode(cls, data: bytes) -> ImageLayout:
+        """Parse and check a header: every offset must lie inside the image's plan."""
+        try:
+            magic, version, flags, ps, n, used, digest = IMAGE_HEADER.unpack_from(data)
+        except struct.error:
+            raise ProtocolError("image header: got a file too short for one") from None
+        if magic != IMAGE_MAGIC:
+            raise ProtocolError(f"image magic: got {magic!r}, expected {IMAGE_MAGIC!r}")
+        if version != IMAGE_VERSION:
+            raise ProtocolError(f"image version: got {version}, expected {IMAGE_VERSION}")
+        if ps & (ps - 1) or not P.MIN_PAGE_SIZE <= ps <= P.MAX_PAGE_SIZE:
+            raise ProtocolError(f"image page size: got {ps}, expected a power of two")
+        if not 1 <= n <= P.MAX_BLOCKS or used > len(data):
+            raise ProtocolError(f"image blocks: got {n}, expected 1..{P.MAX_BLOCKS}")
+        pos = IMAGE_HEADER.size
+        blocks = []
+        for _ in range(n):
+            size, cap, bm, do, kind, nl = IMAGE_BLOCK.unpack_from(data, pos)
+            pos += IMAGE_BLOCK.size
+            name = data[pos : pos + nl].decode("utf-8", "strict")
+            pos += nl
+            P.check_block_name(name)
+            if size > cap * ps or cap > P.MAX_BLOCK_SIZE // ps:
+                raise ProtocolError(f"image block {name!r}: size {size} over its capacity")
+            blocks.append(ImageBlock(name, size, cap, bm, do, kind))
+        layout = cls(ps, blocks, flags, digest)
+        # The offsets are not trusted: they must be exactly what plan() gives.
+        expected = cls.plan(ps, [(b.name, b.capacity * ps, b.kind) for b in blocks])
+        for got, want in zip(blocks, expected.blocks):
+            if (got.bitmap_offset, got.data_offset) != (want.bitmap_offset, want.data_offset):
+                raise ProtocolError(f"image block {got.name!r}: offsets do not follow the format")
+        return layout
+
+
+def read_layout(path: str) -> ImageLayout:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(IMAGE_ALIGN)
+    except OSError as e:
+        raise UsageError(f"cannot read image {path}: {e.strerror}") from None
+    return ImageLayout.decode(head)
+
+
+class ImageSink:
+    """A channel's PacketSink for `file:`: pages go to their fixed offsets.
+
+    Presence is tracked in a shared u8-per-page table (one writer per page per
+    epoch, like every table), and becomes the bitmap at completion.
+    """
+
+    def __init__(self, fd: int, layout: ImageLayout, present: Sequence[SharedTable]) -> None:
+        self.fd = fd
+        self.layout = layout
+        self.present = present
+        self.epoch = 0
+        self.epoch_counts = P.Counts()
+        self.wire_bytes = 0
+        self.payload_bytes = 0
+
+    def send_pages(self, block: int, normal_offsets: list[int], zero_offsets: list[int],
+                   hashes: list[int], payload: list[memoryview | bytes]) -> None:
+        b = self.layout.blocks[block]
+        ps = self.layout.page_size
+        bits = self.present[block].view
+        data = memoryview(payload[0] if len(payload) == 1 else b"".join(payload))
+        pos = 0
+        for off in normal_offsets:
+            if off // ps >= b.capacity:
+                raise IOFailure(f"{b.name} grew past its size at the start; file: images have a fixed layout")
+            n = min(ps, len(data) - pos)
+            self._pwrite(data[pos : pos + n], b.data_offset + off)
+            bits[off // ps] = 1
+            pos += n
+        for off in zero_offsets:
+            if off // ps >= b.capacity:
+                raise IOFailure(f"{b.name} grew past its size at the start; file: images have a fixed layout")
+            if bits[off // ps]:
+                if not punch_hole(self.fd, b.data_offset + off, ps):
+                    self._pwrite(memoryview(bytes(ps)), b.data_offset + off)
+                bits[off // ps] = 0
+        self.wire_bytes += pos
+        self.payload_bytes += pos
+        self.epoch_counts += P.Counts(1, len(normal_offsets), len(zero_offsets))
+
+    def _pwrite(self, data: memoryview, offset: int) -> None:
+        while len(data):
+            try:
+                n = os.pwrite(self.fd, data, offset)
+            except OSError as e:
+                raise IOFailure(f"writing the image at offset {offset}: {e.strerror}") from None
+            data, offset = data[n:], offset + n
+
+    def send_sync(self, epoch: int) -> P.Counts:
+        counts, self.epoch_counts = self.epoch_counts, P.Counts()
+        return counts
+
+    def heartbeat_if_idle(self, interval: float) -> None:
+        """Nothing listens to a file: no heartbeats."""
+
+
+def create_image(path: str, layout: ImageLayout) -> int:
+    """Write the incomplete header and size the (sparse) image; return its fd."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        os.ftruncate(fd, layout.end)
+        os.pwrite(fd, layout.encode(), 0)
+    except OSError as e:
+        raise IOFailure(f"cannot create image {path}: {e.strerror}") from None
+    return fd
+
+
+def complete_image(fd: int, layout: ImageLayout, sizes: Sequence[int],
+                   present: Sequence[SharedTable], digest: bytes) -> None:
+    """Bitmaps, fsync, then the header that says COMPLETE, then fsync again."""
+    try:
+        for b, size, table in zip(layout.blocks, sizes, present):
+            n = pages_of(size, layout.page_size)
+            flags = table.view[:n].tolist()
+            bitmap = bytearray(-(-n // 8))
+            for i, bit in enumerate(flags):
+                if bit:
+                    bitmap[i >> 3] |= 1 << (i & 7)
+            os.pwrite(fd, bytes(bitmap), b.bitmap_offset)
+            b.size = size
+        os.fsync(fd)
+        layout.flags = IMAGE_COMPLETE
+        layout.digest = digest
+        os.pwrite(fd, layout.encode(), 0)
+        os.fsync(fd)
+    except OSError as e:
+        raise IOFailure(f"completing the image failed: {e.strerror}") from None
+
+
+def check_complete(layout: ImageLayout, path: str) -> None:
+    if not layout.flags & IMAGE_COMPLETE:
+        raise VerifyError(f"image {path} is incomplete: the migration into it did not finish")
