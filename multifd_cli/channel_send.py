@@ -30,6 +30,7 @@ from multifd_cli import protocol as P
 from multifd_cli.auth import Security
 from multifd_cli.clients import BlobClient, PagedClient
 from multifd_cli.compression import Compressor, get_compressor
+from multifd_cli.compression.adaptive import AdaptivePolicy
 from multifd_cli.errors import ConnectionFailed, IOFailure, ProtocolError, expect
 from multifd_cli.image import ImageLayout, ImageSink
 from multifd_cli.ratelimit import SharedRateLimit
@@ -60,10 +61,12 @@ class ChannelSender:
     """Frames packets onto this channel's socket and counts them per epoch."""
 
     def __init__(
-        self, sock: socket.socket, compressor: Compressor | None, limit: SharedRateLimit
+        self, sock: socket.socket, compressor: Compressor | None, limit: SharedRateLimit,
+        policy: AdaptivePolicy | None = None,
     ) -> None:
         self.sock = sock
         self.limit = limit
+        self.policy = policy  # --compress auto: the codec is chosen per packet
         self.comp = compressor
         self.comp_id = compressor.wire_id if compressor is not None else 0
         self.epoch = 0
@@ -84,8 +87,16 @@ class ChannelSender:
         raw = False
         size = sum(len(p) for p in payload)
         data: list[memoryview | bytes] = payload
-        if self.comp is not None and size:
-            packed = self.comp.compress(payload[0] if len(payload) == 1 else b"".join(payload))
+        comp, comp_id, option = self.comp, self.comp_id, None
+        if self.policy is not None:
+            option = self.policy.choose()
+            comp = option.codec
+            comp_id = comp.wire_id if comp is not None else 0
+        if comp is not None and size:
+            t0 = time.perf_counter()
+            packed = comp.compress(payload[0] if len(payload) == 1 else b"".join(payload))
+            if self.policy is not None and option is not None:
+                self.policy.observe_codec(option, size, len(packed), time.perf_counter() - t0)
             if len(packed) < size:
                 data = [packed]
             else:
@@ -98,11 +109,15 @@ class ChannelSender:
             zero_offsets=zero_offsets,
             hashes=hashes,
             payload=data,
-            compression=self.comp_id,
+            compression=comp_id,
             raw=raw,
         )
+        t0 = time.perf_counter()
         self.limit.consume(sum(len(b) for b in bufs))
-        self.wire_bytes += send_all(self.sock, bufs)
+        sent = send_all(self.sock, bufs)
+        if self.policy is not None:
+            self.policy.observe_link(sent, time.perf_counter() - t0)
+        self.wire_bytes += sent
         self.payload_bytes += size
         self.packet_num += 1
         self.epoch_counts += P.Counts(1, len(normal_offsets), len(zero_offsets))
@@ -141,8 +156,13 @@ def channel_main(index: int, pipe: Connection, args: SendChannelArgs) -> None:
     sock = connect(args.uri, args.timeout)
     try:
         sock = handshake.client(sock, index, args.session, args.timeout, args.security)
-        comp = None if args.compression == "none" else get_compressor(args.compression)
-        _serve(index, pipe, ChannelSender(sock, comp, args.limit), args)
+        policy = None
+        comp = None
+        if args.compression == "auto":
+            policy = AdaptivePolicy([get_compressor("lz4"), get_compressor("zstd:1")])
+        elif args.compression != "none":
+            comp = get_compressor(args.compression)
+        _serve(index, pipe, ChannelSender(sock, comp, args.limit, policy), args)
     finally:
         sock.close()
 

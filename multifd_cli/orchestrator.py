@@ -210,13 +210,15 @@ class Orchestrator:
         self.image_fd = -1
         self.present: list[SharedTable] = []  # file: transport, u8 per page
         self.remote: RemoteRecv | None = None
-        self.spec = parse_spec(cfg.compression)
+        self.auto = cfg.compression.strip().lower() == "auto"
+        self.spec = parse_spec("none" if self.auto else cfg.compression)
         self.compressor = get_compressor(self.spec)
         self.heartbeat = max(0.05, min(1.0, cfg.timeout / 4))
         method = self.spec.name
         self.stats = Stats(
             channels=cfg.channels,
-            compression=method if method == "none" else f"{method}:{self.spec.effective_level}",
+            compression="auto" if self.auto
+            else method if method == "none" else f"{method}:{self.spec.effective_level}",
         )
         self.sources: list[Source] = []
         self.tables: list[SourceTables] = []
@@ -362,7 +364,7 @@ class Orchestrator:
         main.conv.advance("WELCOME")
         self.config = P.Config(
             cfg.channels,
-            self.compressor.wire_id,
+            P.COMPRESSION_AUTO if self.auto else self.compressor.wire_id,
             self.spec.effective_level,
             cfg.page_size,
             cfg.packet_size,
@@ -417,7 +419,7 @@ class Orchestrator:
             self.uri,
             self.session,
             self.config,
-            str(self.spec),
+            "auto" if self.auto else str(self.spec),
             tuple(s.path for s in self.sources),
             tuple(self.tables),
             self.cfg.timeout,

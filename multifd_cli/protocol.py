@@ -45,6 +45,7 @@ MAC_LEN = 32
 FEATURE_PSK = 0x01  # HELLO features: the sender will prove it knows the pre-shared key
 ACCEPT_RESUME = 0x01  # ACCEPT flags: DEST holds an old copy; RESUME_HASHES follow
 MAX_RESUME_HASHES = 65536  # page hashes in one RESUME_HASHES message
+COMPRESSION_AUTO = 127  # CONFIG: each packet's header names its own codec (--compress auto)
 KIND_PAGES = 0  # a block copied page by page, pass after pass (a file or device)
 KIND_BLOB = 1  # a blob sent whole after the pause (device state); packet-size "pages"
 MAX_XATTRS = 256

@@ -158,7 +158,8 @@ class Receiver:
         if not isinstance(cfg, P.Config) or not isinstance(layout, P.Layout):
             raise ProtocolError("setup: expected CONFIG then LAYOUT")
         P.check_config(cfg, max_channels=self.cfg.max_channels)
-        by_wire_id(cfg.compression, cfg.level)  # an unknown method fails here, not mid-copy
+        if cfg.compression != P.COMPRESSION_AUTO:
+            by_wire_id(cfg.compression, cfg.level)  # an unknown method fails here, not mid-copy
         self.dest.plan([(b.name, b.size, b.allocated, b.kind) for b in layout.blocks])
         self.config = cfg
         self.layout = layout
@@ -173,8 +174,11 @@ class Receiver:
             for i, (b, ps) in enumerate(zip(layout.blocks, self.page_sizes))
         ]
         self.stats.channels = cfg.channels
-        method = by_wire_id(cfg.compression, cfg.level).name
-        self.stats.compression = method if method == "none" else f"{method}:{cfg.level}"
+        if cfg.compression == P.COMPRESSION_AUTO:
+            self.stats.compression = "auto"
+        else:
+            method = by_wire_id(cfg.compression, cfg.level).name
+            self.stats.compression = method if method == "none" else f"{method}:{cfg.level}"
         main.send(P.encode_accept(P.ACCEPT_RESUME if self.dest.in_place else 0))
         log.info(
             "session %s: %d channels, %d-byte pages, %d block(s), %d bytes",

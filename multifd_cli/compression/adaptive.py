@@ -1,0 +1,68 @@
+"""`--compress auto`: each channel picks none, lz4 or zstd per packet from what
+it measures, so incompressible data goes raw without burning CPU and a slow
+link gets the stronger codec.
+
+For every option the channel keeps a running estimate of the compressed ratio
+and the CPU seconds per raw byte, and of the link's bytes per second (the time
+sends take, rate limiting included). It sends each packet with the option that
+minimises the expected seconds per raw byte,
+
+    cpu_per_byte + ratio / link_bytes_per_s,
+
+and every PROBE_EVERY packets it tries the next option instead, so estimates
+never go stale. Every packet still names its codec in its header, so the
+receiver needs nothing new.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from multifd_cli.compression.base import Compressor
+
+ALPHA = 0.2  # weight of a new sample in the running estimates
+PROBE_EVERY = 16
+
+
+@dataclass
+class _Estimate:
+    codec: Compressor | None  # None sends raw
+    ratio: float
+    cpu_per_byte: float
+
+    def cost(self, link: float) -> float:
+        return self.cpu_per_byte + self.ratio / link
+
+
+class AdaptivePolicy:
+    def __init__(self, codecs: list[Compressor]) -> None:
+        # Optimistic starting points; the first probes replace them.
+        self.options = [_Estimate(None, 1.0, 0.0)] + [
+            _Estimate(c, 0.5, 1 / 500e6) for c in codecs
+        ]
+        self.link = 1e9  # bytes/s this channel's sends achieve
+        self._count = 0
+        self._probe = 0
+
+    def choose(self) -> _Estimate:
+        self._count += 1
+        if self._count % PROBE_EVERY == 0:
+            self._probe = (self._probe + 1) % len(self.options)
+            return self.options[self._probe]
+        return min(self.options, key=lambda o: o.cost(self.link))
+
+    def observe_codec(self, option: _Estimate, raw: int, packed: int, seconds: float) -> None:
+        if raw <= 0:
+            return
+        option.ratio += ALPHA * (min(1.0, packed / raw) - option.ratio)
+        option.cpu_per_byte += ALPHA * (seconds / raw - option.cpu_per_byte)
+
+    def observe_link(self, nbytes: int, seconds: float) -> None:
+        if nbytes >= 4096 and seconds > 0:
+            self.link += ALPHA * (nbytes / seconds - self.link)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            (o.codec.name if o.codec else "none"): round(o.cost(self.link) * 1e9, 3)
+            for o in self.options
+        }
