@@ -276,6 +276,7 @@ class Orchestrator:
             if self.cfg.pause.any:
                 self.watchdog = Watchdog(self.cfg.pause)
                 self.pauser.on_intent = self.watchdog.paused
+                self.throttle.watchdog = self.watchdog
             if self.image_path:
                 self._open_image()
             else:
@@ -431,7 +432,10 @@ class Orchestrator:
         )
         self.workers = workers.start(
             self.cfg.channels, "send", channel_main, args_for=lambda i: (args,),
-            close_for=lambda i: [self.main.sock] if self.main else [],
+            close_for=lambda i: [
+                *([self.main.sock] if self.main else []),
+                *([self.watchdog.inherited_end()] if self.watchdog else []),
+            ],
         )
         ready: set[int] = set()
         deadline = time.monotonic() + self.cfg.timeout

@@ -168,8 +168,10 @@ class Pauser:
                 self._write_freeze(1)
                 self.frozen = True
             if self.spec.pause_cmd:
-                run_command(self.spec.pause_cmd, "pause command")
+                # Set first: a command that half-paused and then failed is still
+                # undone by --resume-cmd.
                 self.commanded = True
+                run_command(self.spec.pause_cmd, "pause command")
             if self.extra_pause is not None:
                 self.extra_pause()
                 self.extra_paused = True
@@ -235,6 +237,15 @@ class Pauser:
 
 
 # -- watchdog ---------------------------------------------------------------------------------
+class _RawFd:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
 class Watchdog:
     """A tiny process that resumes the writer if send's main dies while it is paused.
 
@@ -253,12 +264,25 @@ class Watchdog:
         self.pid = pid
         self._w = w
 
+    def inherited_end(self) -> _RawFd:
+        """What a forked channel must close, so only main keeps the watchdog waiting."""
+        return _RawFd(self._w)
+
     def _say(self, msg: str) -> None:
         with contextlib.suppress(OSError):
             os.write(self._w, (msg + "\n").encode())
 
     def paused(self, stopped: Sequence[int], frozen: bool, commanded: bool) -> None:
-        self._say("paused " + ",".join(map(str, stopped)) + f" {int(frozen)} {int(commanded)}")
+        pids = ",".join(map(str, stopped)) or "-"
+        self._say(f"paused {pids} {int(frozen)} {int(commanded)}")
+
+    def throttling(self, pids: Sequence[int], old_cpu_max: str | None) -> None:
+        """The throttle may hold these stopped between two of its ticks."""
+        cpu = (old_cpu_max or "").replace(" ", "_") or "-"
+        self._say(f"throttle {','.join(map(str, pids)) or '-'} {cpu}")
+
+    def throttle_off(self) -> None:
+        self._say("throttle-off")
 
     def resumed(self) -> None:
         self._say("resumed")
@@ -285,6 +309,8 @@ def _watch(fd: int, spec: PauseSpec) -> None:  # pragma: no cover - child proces
                 with contextlib.suppress(OSError):
                     os.close(other)
         stopped: list[int] = []
+        throttled: list[int] = []
+        cpu_max = ""
         frozen = commanded = False
         buf = b""
         while True:
@@ -297,15 +323,26 @@ def _watch(fd: int, spec: PauseSpec) -> None:  # pragma: no cover - child proces
                 words = line.decode().split()
                 if not words:
                     continue
-                if words[0] == "paused":
-                    stopped = [int(p) for p in words[1].split(",") if p] if len(words) > 1 else []
+                if words[0] == "paused" and len(words) == 4:
+                    stopped = [int(p) for p in words[1].split(",") if p != "-"]
                     frozen = words[2] == "1"
                     commanded = words[3] == "1"
+                elif words[0] == "throttle" and len(words) == 3:
+                    throttled = [int(p) for p in words[1].split(",") if p != "-"]
+                    cpu_max = "" if words[2] == "-" else words[2].replace("_", " ")
+                elif words[0] == "throttle-off":
+                    throttled, cpu_max = [], ""
                 elif words[0] in ("resumed", "keep"):
                     stopped, frozen, commanded = [], False, False
                 elif words[0] == "exit":
                     os._exit(0)
-        # Main is gone while the writer may be paused: resume it.
+        # Main is gone while the writer may be paused or throttled: resume it.
+        for pid in throttled:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGCONT)
+        if cpu_max:
+            with contextlib.suppress(OSError), open(os.path.join(spec.cgroup, "cpu.max"), "w") as f:
+                f.write(cpu_max)
         for pid in stopped:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGCONT)
@@ -334,12 +371,14 @@ class Throttle:
     STEP = 10
     MAX = 99
 
-    def __init__(self, spec: PauseSpec) -> None:
+    def __init__(self, spec: PauseSpec, watchdog: Watchdog | None = None) -> None:
         self.spec = spec
+        self.watchdog = watchdog
         self.pct = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._old_cpu_max: str | None = None
+        self._pids: list[int] = []
 
     def step(self) -> int:
         """Throttle harder: 20 %, then +10 % per call, up to 99 %."""
@@ -347,8 +386,12 @@ class Throttle:
         if self.spec.cgroup:
             self._set_cpu_max()
         if self.spec.pids and self._thread is None:
+            # A process someone else stopped is theirs: never cycle it.
+            self._pids = [p for p in self.spec.pids if not is_stopped(p)]
             self._thread = threading.Thread(target=self._cycle, name="throttle", daemon=True)
             self._thread.start()
+        if self.watchdog is not None:
+            self.watchdog.throttling(self._pids, self._old_cpu_max)
         return self.pct
 
     def _set_cpu_max(self) -> None:
@@ -364,7 +407,7 @@ class Throttle:
             log.warning("cannot throttle %s through cpu.max: %s", self.spec.cgroup, e.strerror)
 
     def _cycle(self) -> None:
-        pids = list(self.spec.pids)
+        pids = list(self._pids)
         while not self._stop.is_set():
             stop_for = self.PERIOD_S * self.pct / 100
             for pid in pids:
@@ -382,10 +425,13 @@ class Throttle:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-            for pid in self.spec.pids:
+            for pid in self._pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
+            self._pids = []
         if self._old_cpu_max is not None:
             with contextlib.suppress(OSError), open(os.path.join(self.spec.cgroup, "cpu.max"), "w") as f:
                 f.write(self._old_cpu_max)
             self._old_cpu_max = None
+        if self.watchdog is not None and self.pct:
+            self.watchdog.throttle_off()
