@@ -113,6 +113,10 @@ def source_names(args: Sequence[str]) -> list[tuple[str, str]]:
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise UsageError(f"two sources would both be named {dup!r}: use SOURCE=NAME")
+    try:
+        P.check_block_names(names)
+    except ProtocolError as e:
+        raise UsageError(f"source names: {e.message}") from None
     return out
 
 

@@ -610,11 +610,25 @@ def _parse_layout(p: bytes) -> Layout:
         check_block_name(name)
         blocks.append(BlockInfo(name, size, allocated, kind))
     expect("LAYOUT length", len(p), pos)
-    names = [b.name for b in blocks]
+    check_block_names([b.name for b in blocks])
+    return Layout(tuple(blocks))
+
+
+def check_block_names(names: Sequence[str]) -> None:
+    """Names must be unique, and none may be a directory of another."""
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise ProtocolError(f"block name {dup!r}: got it twice, expected unique names")
-    return Layout(tuple(blocks))
+    taken = set(names)
+    for n in names:
+        parts = n.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent in taken:
+                raise ProtocolError(
+                    f"block name {n!r}: got it under {parent!r}, which is a block, "
+                    "expected names that are not each other's directories"
+                )
 
 
 def _parse_metadata(p: bytes) -> Metadata:

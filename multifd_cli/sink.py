@@ -229,6 +229,8 @@ class Destination:
             self.shape = "dir"
         else:
             self.shape = "file"
+            if os.path.isdir(self.path):
+                raise UsageError(f"{self.path} is a directory; one source needs a file DEST")
         if self.shape != "device":
             old = self.find_old_copy() if self.shape == "file" else None
             need = 0
@@ -336,7 +338,7 @@ class Destination:
                 os.fsync(self.fd)  # everything else is durable before the head lands
                 os.pwrite(self.fd, head, 0)
             for i, b in enumerate(self.blocks):
-                if i in metadata:
+                if i in metadata and self.shape != "device":  # never restyle a device node
                     apply_metadata(b.fd, metadata[i])
                 elif self.shape != "device" and self.in_place is None:
                     os.fchmod(b.fd, 0o644 & ~_umask())
@@ -415,7 +417,7 @@ class Destination:
                 if not replace:
                     raise FileExistsError(errno.EEXIST, "File exists")
                 exchange(staging, target)  # the old DEST is now at `staging`
-                shutil.rmtree(staging, ignore_errors=True)
+                _remove(staging)
             else:
                 os.rename(staging, target)
         except FileExistsError:
@@ -474,11 +476,20 @@ def exchange(a: str, b: str) -> None:
         raise OSError(err, os.strerror(err), b)
 
 
+def _remove(path: str) -> None:
+    """Remove what an exchange swapped out, a directory or a file."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def apply_metadata(fd: int, m: Metadata) -> None:
     """--preserve: mode, owner (as root), extended attributes, then mtime last."""
-    os.fchmod(fd, m.mode & 0o7777)
     if os.geteuid() == 0:
-        os.fchown(fd, m.uid, m.gid)
+        os.fchown(fd, m.uid, m.gid)  # first: chown clears setuid/setgid bits
+    os.fchmod(fd, m.mode & 0o7777)
     for name, value in m.xattrs:
         try:
             os.setxattr(fd, name, value)

@@ -14,8 +14,8 @@ from conftest import MULTIFD, sha256
 from multifd_cli.errors import EXIT_PROTOCOL, EXIT_USAGE, EXIT_VERIFY
 from multifd_cli.image import IMAGE_ALIGN, IMAGE_COMPLETE, ImageLayout, read_layout
 
-GOLDEN = Path(__file__).parent / "golden" / "image-header.bin"
-GOLDEN_SHA = Path(__file__).parent / "golden" / "image.sha256"
+GOLDEN = Path(__file__).parent / "golden" / "image" / "header.bin"
+GOLDEN_SHA = Path(__file__).parent / "golden" / "image" / "image.sha256"
 PS = 4096
 
 
