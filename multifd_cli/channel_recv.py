@@ -170,7 +170,8 @@ class ChannelReceiver:
         n = len(want)
         stamps = tables.stamp.view
         epoch = self.epoch
-        if any(s & ~HOLE_BIT == epoch for s in stamps[p0 : p0 + n].tolist()):
+        seen = stamps[p0 : p0 + n].tolist()
+        if epoch in seen or (epoch | HOLE_BIT) in seen:
             raise ProtocolError(f"a page at offset {start}.. arrived twice in epoch {epoch}")
         stamps[p0 : p0 + n] = array("I", [epoch]) * n
         tables.page_hash.view[p0 : p0 + n] = array("Q", got)
@@ -300,6 +301,7 @@ def channel_main(index: int, pipe: Connection, sock: socket.socket, args: RecvCh
     sock.settimeout(args.timeout)
     rx = ChannelReceiver(index, sock, args)
     rx.report = lambda: pipe.send(("progress", rx.wire_bytes, rx.written_bytes))
+    log.debug("receiving on %s", sock.getsockname() or "a unix socket")
     try:
         while True:
             try:

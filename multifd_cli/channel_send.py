@@ -156,6 +156,7 @@ def channel_main(index: int, pipe: Connection, args: SendChannelArgs) -> None:
     sock = connect(args.uri, args.timeout)
     try:
         sock = handshake.client(sock, index, args.session, args.timeout, args.security)
+        log.debug("connected to %s", args.uri)
         policy = None
         comp = None
         if args.compression == "auto":
@@ -210,7 +211,10 @@ def _serve(index: int, pipe: Connection, sender: ChannelSender | ImageSink,
             tables.refresh()
             t0 = time.monotonic()
             wire0 = sender.wire_bytes
-            tracker.holes = not block_device[block]
+            # SEEK_DATA/SEEK_HOLE cost a walk of the page cache on some filesystems
+            # (tmpfs): only ask where the file has holes at all.
+            st = os.fstat(fds[block])
+            tracker.holes = not block_device[block] and st.st_blocks * 512 < st.st_size
             res = tracker.scan(fds[block], block, tables, start, end, size, full, client, seeded)
             pipe.send(
                 (

@@ -18,11 +18,33 @@ _root = logging.getLogger("multifd")
 
 
 class _ChannelLogHandler(MultiProcessingHandler):  # type: ignore[misc]
-    """Main's end of the log queue; closing it waits a bounded time, never forever."""
+    """Main's end of the log queue.
+
+    Its receive loop stops on a None sentinel, so closing wakes it at once
+    instead of waiting out the library's 0.2 s poll; the join is bounded, so
+    a channel killed while holding the queue can never hang main's exit.
+    """
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                record = self.queue.get()
+            except (EOFError, OSError):
+                break
+            if record is None:
+                break
+            try:
+                self.sub_handler.emit(record)
+            except Exception:  # noqa: BLE001 - a bad record must not kill logging
+                pass
 
     def close(self) -> None:
         if not self._is_closed:  # type: ignore[has-type]
             self._is_closed = True
+            try:
+                self.queue.put_nowait(None)
+            except (OSError, ValueError):
+                pass
             self._receive_thread.join(0.5)
             self.sub_handler.flush()
             logging.Handler.close(self)

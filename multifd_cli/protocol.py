@@ -812,18 +812,19 @@ def check_packet(p: Packet, sizes: Sequence[int], page_size: int, max_pages: int
     if h.normal + h.zero > max_pages:
         raise ProtocolError(f"pages in packet: got {h.normal + h.zero}, expected at most {max_pages}")
     size = sizes[h.block]
-    raw = 0
-    for off in p.normal_offsets:
-        if off % page_size or off >= size:
+    normal = list(p.normal_offsets)
+    zero = list(p.zero_offsets)
+    # Whole-list checks in C; the slow loop runs only to name the culprit.
+    for kind, offs in (("page offset", normal), ("zero page offset", zero)):
+        if offs and (max(offs) >= size or any(o % page_size for o in offs)):
+            bad = next(o for o in offs if o % page_size or o >= size)
             raise ProtocolError(
-                f"page offset: got {off}, expected a multiple of {page_size} below {size}"
+                f"{kind}: got {bad}, expected a multiple of {page_size} below {size}"
             )
-        raw += page_length(off, size, page_size)
-    for off in p.zero_offsets:
-        if off % page_size or off >= size:
-            raise ProtocolError(
-                f"zero page offset: got {off}, expected a multiple of {page_size} below {size}"
-            )
+    raw = len(normal) * page_size
+    tail = size % page_size
+    if tail and normal:
+        raw -= (page_size - tail) * normal.count(size - tail)
     if h.compression == 0 or h.flags & FLAG_RAW:
         expect("uncompressed payload length", h.payload_len, raw)
     elif h.payload_len > raw:

@@ -41,10 +41,11 @@ def _restore_channel(index: int, pipe: Connection, image: str, layout: ImageLayo
             size = b.size
             bitmap = os.pread(src, -(-(end - start) // 8), b.bitmap_offset + start // 8)
             view = tables[bi].page_hash.view
-            written = 0
+            written = normal = 0
             for p in range(start, end):
                 if not bitmap[(p - start) >> 3] >> ((p - start) & 7) & 1:
                     continue  # absent: a zero page, a hole in the new file
+                normal += 1
                 n = min(ps, size - p * ps)
                 data = os.pread(src, n, b.data_offset + p * ps)
                 if len(data) != n:
@@ -52,7 +53,7 @@ def _restore_channel(index: int, pipe: Connection, image: str, layout: ImageLayo
                 view[p] = page_hash(data)
                 os.pwrite(fds[bi], data, p * ps)
                 written += n
-            pipe.send(("restored", bi, start, end, written))
+            pipe.send(("restored", bi, start, end, written, normal))
     finally:
         os.close(src)
 
@@ -93,6 +94,8 @@ def run(cfg: RecvConfig, events: Events, image: str) -> dict[str, Any]:
             for w, r in reports:
                 outstanding[w.index] -= 1
                 stats.transferred_bytes += r[4]
+                stats.normal_pages += r[5]
+                stats.zero_pages += (r[3] - r[2]) - r[5]
         ours = table_digest(
             (b.size, t.page_hash, ps) for b, t in zip(layout.blocks, tables)
         )
