@@ -84,6 +84,19 @@ class MainConnection:
         out, self._pending = self._pending, []
         return out
 
+    def raise_pending_abort(self, grace: float) -> None:
+        """After a channel lost its connection: if the peer said why on the main
+        connection, raise that (PeerAborted) instead of a bare connection error."""
+        deadline = time.monotonic() + grace
+        try:
+            while not self.closed:
+                left = deadline - time.monotonic()
+                if left <= 0 or not wait([self.sock], left):
+                    return
+                self._pending.extend(self.read_available())
+        except (ConnectionFailed, Timeout):
+            return
+
     def abort(self, exit_code: int, message: str) -> None:
         """Best effort: tell the peer why we stop. Never raises."""
         if self.closed:

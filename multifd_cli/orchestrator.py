@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import os
 import shlex
 import stat
@@ -37,6 +38,7 @@ from multifd_cli.connection import MainConnection
 from multifd_cli.control import ControlServer, control_path
 from multifd_cli.convergence import Estimator, PassSample
 from multifd_cli.errors import (
+    EXIT_CONNECTION,
     EXIT_SIGINT,
     Cancelled,
     ConvergeError,
@@ -289,7 +291,13 @@ class Orchestrator:
                 raise RuntimeError("test-only internal error (MULTIFD_TEST_INTERNAL_ERROR)")
             self._start_channels()
             self.stats.setup_done = time.monotonic()
-            self._migrate()
+            try:
+                self._migrate()
+            except workers.WorkerFailed as e:
+                # A channel's socket may close before the peer's ABORT is read.
+                if e.exit_code == EXIT_CONNECTION and self.main is not None:
+                    self.main.raise_pending_abort(0.5)
+                raise
             if self.remote is not None:
                 self.remote.relay_failure(self.cfg.timeout)
             self.succeeded = True
@@ -540,8 +548,8 @@ class Orchestrator:
                     ms = float(value)
                 except ValueError:
                     raise UsageError(f"downtime-limit {value!r}: expected milliseconds") from None
-                if ms <= 0:
-                    raise UsageError("downtime-limit must be above 0 ms")
+                if not math.isfinite(ms) or ms <= 0:
+                    raise UsageError("downtime-limit must be a number of milliseconds above 0")
                 self.downtime_limit_ms = ms
                 log.info("downtime-limit set to %g ms", ms)
                 return {"ok": True}
@@ -617,9 +625,10 @@ class Orchestrator:
         self.throttle.stop()
         self.phase = "switchover"
         self.limit.set_rate(0)  # the downtime runs at full speed
+        expected = self.estimator.expected_downtime(sum(self.sizes))
         self.events.emit(
             "switchover", **{"pass": epoch + 1},
-            expected_downtime_ms=round(self.estimator.expected_downtime(sum(self.sizes)) * 1000, 1),
+            expected_downtime_ms=round(expected * 1000, 1) if math.isfinite(expected) else None,
             remaining_bytes=self.estimator.remaining,
         )
         self.paused_at = time.monotonic()

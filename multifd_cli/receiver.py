@@ -22,6 +22,7 @@ from multifd_cli.compression import by_wire_id
 from multifd_cli.config import RecvConfig, TestHooks
 from multifd_cli.connection import MainConnection
 from multifd_cli.errors import (
+    EXIT_CONNECTION,
     ConnectionFailed,
     MultifdError,
     ProtocolError,
@@ -88,7 +89,12 @@ class Receiver:
             if self.dest.in_place is not None:
                 self._hash_old_copy()
             self.stats.setup_done = time.monotonic()
-            self._serve()
+            try:
+                self._serve()
+            except workers.WorkerFailed as e:
+                if e.exit_code == EXIT_CONNECTION and self.main is not None:
+                    self.main.raise_pending_abort(0.5)
+                raise
             summary = self.stats.summary()
             del summary["paused"]  # only send knows whether it paused the writer
             if self.blobs:
@@ -124,14 +130,24 @@ class Receiver:
                     pass
 
     # -- handshake ------------------------------------------------------------------------
-    def _accept(self, deadline: float) -> tuple[socket.socket, P.Hello]:
-        """Accept the next connection that says HELLO; drop anything else."""
+    def _accept(
+        self, deadline: float, watch: MainConnection | None = None
+    ) -> tuple[socket.socket, P.Hello]:
+        """Accept the next connection that says HELLO; drop anything else.
+
+        While channels connect, the main connection is watched too, so an ABORT
+        from the source ends the wait at once.
+        """
         assert self.lsock is not None
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise Timeout(f"no session started within {self.cfg.timeout:g} s (--timeout)")
-            if not wait([self.lsock], left):
+                what = "the channels did not connect" if watch else "no session started"
+                raise Timeout(f"{what} within {self.cfg.timeout:g} s (--timeout)")
+            ready = wait([self.lsock, *([watch.sock] if watch else [])], left)
+            if watch is not None and watch.sock in ready:
+                self._early.extend(watch.read_available())
+            if self.lsock not in ready:
                 continue
             conn, peer = self.lsock.accept()
             try:
@@ -190,7 +206,7 @@ class Receiver:
         assert self.config is not None
         socks: dict[int, socket.socket] = {}
         while len(socks) < self.config.channels:
-            conn, hello = self._accept(deadline)
+            conn, hello = self._accept(deadline, watch=self.main)
             problem = ""
             if hello.session != self.session:
                 problem = f"session {hello.session.hex()[:8]}, expected {self.session.hex()[:8]}"
