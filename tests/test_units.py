@@ -210,3 +210,19 @@ def test_dirty_log_marks_chunks_and_hands_them_over_once() -> None:
     assert log.pending_bytes() == 2 * cb
     assert log.take() == {0: [0, 1]}
     assert log.take() == {} and log.pending_bytes() == 0
+
+
+def test_shell_completion_script_and_answers() -> None:
+    """Completion is click's: the documented variable prints a script and completes options."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "_MULTIFD_COMPLETE": "bash_source"}
+    script = subprocess.run([sys.executable, "-m", "multifd_cli"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert script.returncode == 0 and "_multifd_completion" in script.stdout
+    env = {**os.environ, "_MULTIFD_COMPLETE": "bash_complete",
+           "COMP_WORDS": "multifd send --comp", "COMP_CWORD": "2"}
+    answer = subprocess.run([sys.executable, "-m", "multifd_cli"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert "--compress" in answer.stdout
