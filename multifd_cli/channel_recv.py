@@ -34,11 +34,12 @@ from multifd_cli.errors import (
     VerifyError,
     expect,
 )
-from multifd_cli.sink import HEADER_GUARD, HOLE_BIT, DestTables, punch_hole
+from multifd_cli.sink import HEADER_GUARD, HOLE_BIT, DestTables, punch_hole, start_writeback
 from multifd_cli.tables import page_hash, zero_bytes, zero_hash
 from multifd_cli.transport import recv_exact
 
 log = logging.getLogger("multifd")
+WRITEBACK_BYTES = 32 << 20  # each channel starts writeback after this much
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class ChannelReceiver:
         self.counts = P.Counts()
         self.wire_bytes = 0
         self.written_bytes = 0
+        self._unflushed = 0
         self.report: Callable[[], None] = lambda: None
         self._next_report = 0.0
         hooks = args.hooks
@@ -226,6 +228,12 @@ class ChannelReceiver:
                 return
         self._pwrite_all(fd, mv[pos : pos + length], offset)
         self.written_bytes += length
+        self._unflushed += length
+        if self._unflushed >= WRITEBACK_BYTES:
+            # Overlap the disk's work with the transfer instead of leaving it all
+            # to the final fsync, which falls inside the downtime.
+            self._unflushed = 0
+            start_writeback(fd, 0, 0)
 
     def _pwrite_all(self, fd: int, chunk: memoryview, offset: int) -> None:
         while len(chunk):

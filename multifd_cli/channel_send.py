@@ -245,7 +245,8 @@ def _serve(index: int, pipe: Connection, sender: ChannelSender | ImageSink,
             sender.epoch = epoch  # a channel given no work this epoch still syncs it
             counts = sender.send_sync(epoch)
             pipe.send(
-                ("synced", epoch, (counts.packets, counts.normal, counts.zero), sender.wire_bytes)
+                ("synced", epoch, (counts.packets, counts.normal, counts.zero), sender.wire_bytes,
+                 sender.payload_bytes)
             )
         elif op == "quit":
             return

@@ -71,18 +71,22 @@ class Stats:
             "channels": self.channels,
             "compression": self.compression,
             "digest": self.digest,
+            "payload_bytes": self.payload_bytes,
             "paused": self.paused,
         }
 
 
 def human_summary(side: str, status: str, s: dict[str, Any]) -> str:
     """A QEMU `info migrate`-shaped summary for stderr."""
+    wire = s["transferred_bytes"]
+    ratio = f"{s['payload_bytes'] / wire:.2f}" if wire else "-"
     lines = [
         f"{side}: status: {status}",
         f"  total time: {s['total_time_ms']:.0f} ms  setup: {s['setup_time_ms']:.0f} ms"
         f"  downtime: {s['downtime_ms']:.0f} ms",
         f"  passes: {s['passes']}  channels: {s['channels']}  compression: {s['compression']}",
-        f"  transferred: {s['transferred_bytes']} bytes  throughput: {s['mbps']:.1f} mbps",
+        f"  transferred: {s['transferred_bytes']} bytes  throughput: {s['mbps']:.1f} mbps"
+        f"  compression ratio: {ratio}",
         f"  normal pages: {s['normal_pages']}  zero pages: {s['zero_pages']}",
         f"  digest: {s['digest']}",
     ]

@@ -13,21 +13,18 @@ The orchestrator owns that one sync per epoch; no client ever syncs.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
 import os
 import shlex
-import stat
 import subprocess
-import tempfile
 import time
 import uuid
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from multifd_cli import handshake, workers
 from multifd_cli import protocol as P
@@ -55,6 +52,7 @@ from multifd_cli.image import ImageLayout, complete_image, create_image
 from multifd_cli.pause import Pauser, Throttle, Watchdog, pids_in_cgroup, writers_of
 from multifd_cli.progress import Progress, Snapshot
 from multifd_cli.ratelimit import SharedRateLimit
+from multifd_cli.sources import Blob, Source, open_source, read_metadata, source_names
 from multifd_cli.ssh import RemoteRecv, SshTarget, is_ssh_target, parse_ssh_target
 from multifd_cli.tables import SharedTable, chunk_pages, pages_of, table_digest
 from multifd_cli.tracker import DirtyLog, SourceTables
@@ -67,123 +65,6 @@ IN_FLIGHT = 2  # work items queued per channel, so none idles between items
 # mtime/ctime granularity can be a clock tick or more; a change within this
 # window of the pass start might not move them, so the shortcut is not trusted.
 MTIME_MARGIN_NS = 2_000_000_000
-
-
-@dataclass
-class Source:
-    path: str
-    name: str
-    fd: int
-    size: int
-    allocated: int
-    is_block_device: bool
-
-    def stat_key(self) -> tuple[int, int, int]:
-        st = os.fstat(self.fd)
-        return (self._size(st), st.st_mtime_ns, st.st_ctime_ns)
-
-    def _size(self, st: os.stat_result) -> int:
-        if self.is_block_device:
-            return os.lseek(self.fd, 0, os.SEEK_END)
-        return st.st_size
-
-    def current_size(self) -> int:
-        return self.stat_key()[0]
-
-
-def source_names(args: Sequence[str]) -> list[tuple[str, str]]:
-    """(path, block name) per SOURCE argument: `PATH=NAME`, or the path relative
-    to the sources' common directory (just the file name for one source)."""
-    pairs = []
-    for arg in args:
-        if "=" in arg and not os.path.exists(arg):
-            path, name = arg.rsplit("=", 1)
-            pairs.append((path, name))
-        else:
-            pairs.append((arg, ""))
-    dirs = [os.path.dirname(os.path.abspath(p)) for p, name in pairs if not name]
-    root = os.path.commonpath(dirs) if dirs else ""
-    out = []
-    for path, name in pairs:
-        name = name or os.path.relpath(os.path.abspath(path), root)
-        try:
-            P.check_block_name(name)
-        except ProtocolError as e:
-            raise UsageError(f"source {path}: {e.message}") from None
-        out.append((path, name))
-    names = [n for _, n in out]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise UsageError(f"two sources would both be named {dup!r}: use SOURCE=NAME")
-    try:
-        P.check_block_names(names)
-    except ProtocolError as e:
-        raise UsageError(f"source names: {e.message}") from None
-    return out
-
-
-def open_source(path: str, name: str = "") -> Source:
-    """Open and stat one source; refuse what cannot be migrated, with the reason."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise UsageError(f"source {path} does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"source {path} is a directory") from None
-    except OSError as e:
-        raise IOFailure(f"cannot open source {path}: {e.strerror}") from None
-    st = os.fstat(fd)
-    if stat.S_ISDIR(st.st_mode):
-        os.close(fd)
-        raise UsageError(f"source {path} is a directory")
-    blk = stat.S_ISBLK(st.st_mode)
-    if not (blk or stat.S_ISREG(st.st_mode)):
-        os.close(fd)
-        raise UsageError(f"source {path} is neither a regular file nor a block device")
-    size = os.lseek(fd, 0, os.SEEK_END) if blk else st.st_size
-    allocated = size if blk else min(size, st.st_blocks * 512)
-    return Source(path, name or os.path.basename(path), fd, size, allocated, blk)
-
-
-@dataclass
-class Blob:
-    """A blob client's unit (the device-state analog): produced after the pause,
-    sent whole, so it has nothing to flush."""
-
-    name: str
-    cmd: str = ""
-    path: str = ""
-    produced: str = ""  # the file the channels read it from, once produced
-    size: int = 0
-
-    def produce(self) -> None:
-        """Run --state-cmd (its stdout is the blob) or take --state-file, after the pause."""
-        if self.path:
-            self.produced = self.path
-        else:
-            fd, self.produced = tempfile.mkstemp(prefix="multifd-state-")
-            try:
-                proc = subprocess.run(
-                    self.cmd, shell=True, stdin=subprocess.DEVNULL, stdout=fd,
-                    stderr=subprocess.PIPE, timeout=300,
-                )
-            except subprocess.TimeoutExpired:
-                raise IOFailure(f"--state-cmd {self.cmd!r} did not finish within 300 s") from None
-            finally:
-                os.close(fd)
-            for line in proc.stderr.decode(errors="replace").splitlines():
-                log.info("state command: %s", line)
-            if proc.returncode != 0:
-                raise IOFailure(f"--state-cmd {self.cmd!r} exited with status {proc.returncode}")
-        try:
-            self.size = os.path.getsize(self.produced)
-        except OSError as e:
-            raise IOFailure(f"cannot read the state {self.produced}: {e.strerror}") from None
-
-    def cleanup(self) -> None:
-        if self.cmd and self.produced:
-            with contextlib.suppress(OSError):
-                os.unlink(self.produced)
 
 
 @dataclass
@@ -233,6 +114,7 @@ class Orchestrator:
         self.session = uuid.uuid4().bytes
         self.sizes: list[int] = []
         self.wire = [0] * cfg.channels  # bytes each channel put on the wire
+        self.payload = [0] * cfg.channels  # and the page bytes behind them
         self._next_channel = 0
         self.resume = False
         self.covered: list[int] = [0]  # pages per block whose old-copy hashes arrived
@@ -838,6 +720,8 @@ class Orchestrator:
         for w, msg in self._gather("synced"):
             total += P.Counts(*msg[2])
             self.wire[w.index] = msg[3]
+            self.payload[w.index] = msg[4]
+        self.stats.payload_bytes = sum(self.payload)
         self.stats.transferred_bytes = self.live_wire = sum(self.wire)
         if self.main is not None:
             self.main.send(P.encode_epoch_end(epoch, total))
@@ -884,24 +768,6 @@ class Orchestrator:
         workers.stop(self.workers)
         self.workers = []
         self.stats.digest = digest.hex()
-
-
-def read_metadata(block: int, src: Source) -> P.Metadata:
-    """What --preserve carries: mode, owner, mtime and extended attributes."""
-    st = os.fstat(src.fd)
-    xattrs: list[tuple[bytes, bytes]] = []
-    try:
-        names = os.listxattr(src.fd)
-    except OSError:
-        names = []
-    for name in names[: P.MAX_XATTRS]:
-        try:
-            value = os.getxattr(src.fd, name)
-        except OSError:
-            continue
-        if len(value) <= P.MAX_XATTR_VALUE:
-            xattrs.append((name.encode(), value))
-    return P.Metadata(block, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, tuple(xattrs))
 
 
 def run(cfg: SendConfig, events: Events, hooks: TestHooks) -> dict[str, Any]:

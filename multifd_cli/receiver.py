@@ -335,6 +335,7 @@ class Receiver:
                 self.stats.normal_pages += total.normal
                 self.stats.zero_pages += total.zero
                 self.stats.transferred_bytes = sum(wire)
+                self.stats.payload_bytes = sum(written)
                 self.dest.background_flush()
                 self.events.emit(
                     "pass", **{"pass": k}, normal_pages=total.normal, zero_pages=total.zero,

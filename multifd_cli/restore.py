@@ -94,6 +94,7 @@ def run(cfg: RecvConfig, events: Events, image: str) -> dict[str, Any]:
             for w, r in reports:
                 outstanding[w.index] -= 1
                 stats.transferred_bytes += r[4]
+                stats.payload_bytes += r[4]
                 stats.normal_pages += r[5]
                 stats.zero_pages += (r[3] - r[2]) - r[5]
         ours = table_digest(
