@@ -194,3 +194,32 @@ def write_mixed(path: Path, size: int, seed: int = 1) -> Path:
             left -= n
             k += 1
     return path
+
+
+# -- process states: read /proc directly, independently of multifd_cli.pause -----------------
+def thread_states(pid: int) -> list[str]:
+    """Field 3 of /proc/PID/task/*/stat for every thread ([] once the process is gone)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []
+    states = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                s = f.read()
+        except OSError:
+            continue
+        states.append(s[s.rindex(")") + 2])
+    return states
+
+
+def is_stopped(pid: int) -> bool:
+    s = thread_states(pid)
+    return bool(s) and all(c in "Tt" for c in s)
+
+
+def is_running(pid: int) -> bool:
+    """Alive and no thread stopped (S, R, D are all fine)."""
+    s = thread_states(pid)
+    return bool(s) and not any(c in "TtZX" for c in s)

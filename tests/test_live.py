@@ -28,7 +28,17 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import xxhash
-from conftest import Migration, Proc, Runner, sha256, spawn, write_random
+from conftest import (
+    Migration,
+    Proc,
+    Runner,
+    is_running,
+    is_stopped,
+    sha256,
+    spawn,
+    thread_states,
+    write_random,
+)
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -40,34 +50,6 @@ TIMEOUT = ("--timeout", "20")  # short, so a hang fails instead of stalling the 
 
 
 # -- process states ----------------------------------------------------------------------------
-
-
-def thread_states(pid: int) -> list[str]:
-    """Field 3 of /proc/PID/task/*/stat for every thread ([] if the process is gone)."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return []
-    states = []
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        states.append(stat[stat.rindex(")") + 2])
-    return states
-
-
-def is_stopped(pid: int) -> bool:
-    s = thread_states(pid)
-    return bool(s) and all(c in "Tt" for c in s)
-
-
-def is_running(pid: int) -> bool:
-    """Alive and no thread stopped (S, R, D are all fine)."""
-    s = thread_states(pid)
-    return bool(s) and not any(c in "TtZX" for c in s)
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.002) -> float | None:

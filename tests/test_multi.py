@@ -37,7 +37,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import Proc, Runner, sha256, spawn, write_mixed, write_random
+from conftest import (
+    Proc,
+    Runner,
+    is_running,
+    is_stopped,
+    sha256,
+    spawn,
+    thread_states,
+    write_mixed,
+    write_random,
+)
 
 from multifd_cli import protocol as P
 
@@ -121,33 +131,6 @@ def killpg(p: Proc) -> None:
         os.killpg(p.popen.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def thread_states(pid: int) -> list[str]:
-    """Field 3 of /proc/PID/task/*/stat for every thread ([] once the process is gone)."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return []
-    states = []
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                s = f.read()
-        except OSError:
-            continue
-        states.append(s[s.rindex(")") + 2])
-    return states
-
-
-def is_stopped(pid: int) -> bool:
-    s = thread_states(pid)
-    return bool(s) and all(c in "Tt" for c in s)
-
-
-def is_running(pid: int) -> bool:
-    s = thread_states(pid)
-    return bool(s) and not any(c in "TtZX" for c in s)
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.01) -> bool:

@@ -1,0 +1,563 @@
+"""Shared harness for tests/test_security.py, test_faults.py and test_resume.py.
+
+Importable as ``from helpers import mfdkit`` (tests/ is on sys.path through its
+conftest). It provides:
+
+- ``Mfd``: a real ``multifd`` process whose stdout (JSON events) and stderr are read
+  by background threads, so a test can wait for an event without ever blocking on a
+  full pipe, and ``Done``, its end state, with ``error()`` checking the one-line rule;
+- ``Kit``: starts recv/send/writers, and kills everything it started at the end;
+- ``Proxy``: a TCP proxy that records every byte both ways of every connection and
+  can cut or stall one channel connection after N bytes (fault injection);
+- process accounting through /proc (children, cmdline matches, thread states);
+- ``FakeClient``: handshake-level fake connections built with the protocol encoders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+ROOT = Path(__file__).resolve().parents[2]
+WRITER = ROOT / "examples" / "writer.py"
+MULTIFD = [sys.executable, "-m", "multifd_cli"]
+MiB = 1 << 20
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Done:
+    """How a multifd process ended."""
+
+    code: int
+    events: list[dict[str, Any]]
+    err: str
+    seconds: float
+    argv: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        tail = "\n".join(json.dumps(e) for e in self.events[-5:])
+        return f"exit {self.code} after {self.seconds:.1f} s\nevents:\n{tail}\nstderr:\n{self.err}"
+
+    def ok(self) -> dict[str, Any]:
+        """Exit 0, no error line, no traceback, a final completed event."""
+        assert self.code == 0, str(self)
+        assert "Traceback" not in self.err and "multifd: error" not in self.err, str(self)
+        assert self.events and self.events[-1]["event"] == "completed", str(self)
+        return self.events[-1]
+
+    def error(self, *codes: int) -> str:
+        """Exit status in `codes`, exactly one `multifd: error:` line, last on stderr,
+        no traceback, and a final `failed` event with the same code (--json).
+        Returns the message."""
+        assert self.code in codes, f"expected exit {codes}: {self}"
+        assert "Traceback" not in self.err, str(self)
+        lines = self.err.rstrip("\n").splitlines()
+        errors = [ln for ln in lines if ln.startswith("multifd: error:")]
+        assert len(errors) == 1, f"expected one error line: {self}"
+        assert lines[-1] == errors[0], f"the error line is not the last line: {self}"
+        assert "\n" not in errors[0]
+        if self.events:
+            last = self.events[-1]
+            assert last["event"] == "failed" and last["exit_code"] == self.code, str(self)
+            assert [e["event"] for e in self.events].count("failed") == 1, str(self)
+        return errors[0][len("multifd: error: "):]
+
+    def completed(self) -> dict[str, Any]:
+        return self.ok()
+
+
+class Mfd:
+    """One multifd process (new session, so a group kill reaches only it)."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        full = {k: v for k, v in os.environ.items() if not k.startswith("MULTIFD_")}
+        full.update(env or {})
+        full["PYTHONUNBUFFERED"] = "1"
+        self.argv = [*MULTIFD, *args]
+        self.popen = subprocess.Popen(
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            text=True, env=full, start_new_session=True, cwd=str(ROOT),
+        )
+        self.pid = self.popen.pid
+        self.started = time.monotonic()
+        self.events: list[dict[str, Any]] = []
+        self._err: list[str] = []
+        self._cond = threading.Condition()
+        self._eof = 0
+        self._threads = [
+            threading.Thread(target=self._read_out, daemon=True),
+            threading.Thread(target=self._read_err, daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        self._done: Done | None = None
+
+    def _read_out(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            if not line.strip():
+                continue
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                ev = {"event": "non-json", "line": line}
+            with self._cond:
+                self.events.append(ev)
+                self._cond.notify_all()
+        with self._cond:
+            self._eof += 1
+            self._cond.notify_all()
+
+    def _read_err(self) -> None:
+        assert self.popen.stderr is not None
+        for line in self.popen.stderr:
+            with self._cond:
+                self._err.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self._eof += 1
+            self._cond.notify_all()
+
+    @property
+    def stderr(self) -> str:
+        with self._cond:
+            return "".join(self._err)
+
+    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 20.0,
+                 what: str = "an event") -> dict[str, Any]:
+        """The first event (from the start) that satisfies `pred`."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for ev in self.events[seen:]:
+                    if pred(ev):
+                        return ev
+                seen = len(self.events)
+                if self._eof >= 2:
+                    raise AssertionError(f"exited {self.popen.poll()} without {what}: "
+                                         f"{self.stderr_locked()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {what} within {timeout} s: {self.stderr_locked()}")
+                self._cond.wait(left)
+
+    def stderr_locked(self) -> str:
+        return "".join(self._err)
+
+    def wait_stderr(self, text: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while text not in "".join(self._err):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._eof >= 2:
+                    raise AssertionError(f"{text!r} not on stderr: {''.join(self._err)}")
+                self._cond.wait(left)
+
+    def event(self, name: str, timeout: float = 20.0) -> dict[str, Any]:
+        return self.wait_for(lambda e: e.get("event") == name, timeout, f"a {name!r} event")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait(self, timeout: float = 60.0) -> Done:
+        if self._done is None:
+            try:
+                code = self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(
+                    f"{self.argv[3]} still running after {timeout} s: {self.stderr}") from None
+            seconds = time.monotonic() - self.started
+            for t in self._threads:
+                t.join(10)
+            self._done = Done(code, list(self.events), self.stderr, seconds, self.argv)
+        return self._done
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(5)
+
+
+class Kit:
+    """Starts multifd processes and writers for one test; kills them all at the end."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[Mfd] = []
+        self.writers: list[subprocess.Popen[bytes]] = []
+        self.proxies: list[Proxy] = []
+
+    def start(self, args: list[str], env: dict[str, str] | None = None) -> Mfd:
+        p = Mfd(args, env)
+        self.procs.append(p)
+        return p
+
+    def recv(self, dest: Path | str, *args: str, env: dict[str, str] | None = None,
+             timeout: float = 20, listen: str = "tcp:127.0.0.1:0") -> tuple[Mfd, str]:
+        p = self.start(["recv", "--json", "--listen", listen, "--timeout", f"{timeout:g}",
+                        *args, str(dest)], env)
+        ev = p.event("listening")
+        return p, ev["uri"]
+
+    def send(self, src: Path | str, uri: str, *args: str, env: dict[str, str] | None = None,
+             timeout: float = 20) -> Mfd:
+        return self.start(["send", "--json", "--timeout", f"{timeout:g}", str(src), "--to", uri,
+                           *args], env)
+
+    def writer(self, path: Path, rate: str = "8M", hot: str = "4M") -> int:
+        before = path.stat().st_mtime_ns
+        p = subprocess.Popen([sys.executable, str(WRITER), str(path), "--rate", rate,
+                              "--hot-set", hot], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        self.writers.append(p)
+        deadline = time.monotonic() + 10
+        while path.stat().st_mtime_ns == before:
+            assert time.monotonic() < deadline, "the writer did not start writing"
+            time.sleep(0.01)
+        return p.pid
+
+    def proxy(self, upstream: str, **kw: Any) -> Proxy:
+        p = Proxy(upstream, **kw)
+        self.proxies.append(p)
+        return p
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            p.kill()
+        for w in self.writers:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                w.wait(5)
+        for px in self.proxies:
+            px.close()
+
+
+# -- /proc -------------------------------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc/PID/task/*/children."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return sorted(set(out))
+
+
+def wait_children(pid: int, n: int, timeout: float = 20.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        kids = children(pid)
+        if len(kids) >= n:
+            return kids
+        assert time.monotonic() < deadline, f"{pid} has children {kids}, expected {n}"
+        time.sleep(0.02)
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def proc_state(pid: int) -> str:
+    """The one-letter state of /proc/PID/stat ('' if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def thread_states(pid: int) -> list[str]:
+    out = []
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{t}/stat") as f:
+                    out.append(f.read().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                pass
+    except OSError:
+        pass
+    return out
+
+
+def matching(needles: Iterable[str]) -> list[tuple[int, str]]:
+    """Live (non-zombie) processes whose cmdline contains any needle, except us."""
+    needles = [n for n in needles if n]
+    me = os.getpid()
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        cl = cmdline(int(name))
+        if cl and any(n in cl for n in needles) and proc_state(int(name)) not in ("Z", "X", ""):
+            out.append((int(name), cl))
+    return out
+
+
+def assert_no_procs(needles: Iterable[str], timeout: float = 10.0) -> None:
+    """Within `timeout`, no process mentions the test's DEST, source or ports."""
+    needles = list(needles)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = matching(needles)
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes left behind: {left}")
+        time.sleep(0.05)
+
+
+def writer_runs(pid: int, timeout: float = 5.0) -> None:
+    """The writer is running again: no thread stopped (T), within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = thread_states(pid)
+        assert states, f"writer {pid} is gone"
+        if "T" not in states and "t" not in states:
+            return
+        assert time.monotonic() < deadline, f"writer {pid} still stopped: {states}"
+        time.sleep(0.02)
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(step)
+
+
+def entries(d: Path) -> list[str]:
+    return sorted(os.listdir(d))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def hostport(uri: str) -> tuple[str, int]:
+    assert uri.startswith("tcp:"), uri
+    host, port = uri[4:].rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
+# -- a recording, fault-injecting TCP proxy ---------------------------------------------------------
+
+
+HELLO_ROLE_AT = 40 + 2  # after the 40-byte header: u16 version, then u16 role
+
+
+@dataclass
+class Leg:
+    """One proxied connection: what went each way, and the HELLO role if it was plain."""
+
+    index: int
+    c2s: bytearray = field(default_factory=bytearray)
+    s2c: bytearray = field(default_factory=bytearray)
+    role: int | None = None
+    cut: bool = False
+    stalled: bool = False
+    closed: threading.Event = field(default_factory=threading.Event)
+
+
+class Proxy:
+    """Forwards 127.0.0.1:port to `upstream` and records every byte both ways.
+
+    Faults (plain connections only, where the HELLO role is readable):
+    - cut_role/cut_after: once that channel's connection has forwarded `cut_after`
+      bytes towards recv, close both of its sockets (a connection cut mid-pass);
+    - stall_role/stall_after: once it has forwarded that much, forward nothing more in
+      either direction, but keep both sockets open (a stalled channel).
+    """
+
+    def __init__(self, upstream: str, *, cut_role: int | None = None, cut_after: int = 0,
+                 stall_role: int | None = None, stall_after: int = 0,
+                 hold_role: int | None = None) -> None:
+        self.upstream = hostport(upstream)
+        self.hold_role = hold_role  # forward nothing of this role's connection until release
+        self.release = threading.Event()
+        self.cut_role, self.cut_after = cut_role, cut_after
+        self.stall_role, self.stall_after = stall_role, stall_after
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(64)
+        self.port = self.lsock.getsockname()[1]
+        self.uri = f"tcp:127.0.0.1:{self.port}"
+        self.legs: list[Leg] = []
+        self.socks: list[socket.socket] = []
+        self.fault = threading.Event()  # set when a cut or stall happened
+        self._lock = threading.Lock()
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                c, _ = self.lsock.accept()
+            except OSError:
+                return
+            try:
+                u = socket.create_connection(self.upstream, timeout=10)
+                u.settimeout(None)
+            except OSError:
+                c.close()
+                continue
+            with self._lock:
+                leg = Leg(len(self.legs))
+                self.legs.append(leg)
+                self.socks += [c, u]
+            threading.Thread(target=self._pump, args=(leg, c, u, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(leg, u, c, False), daemon=True).start()
+
+    def _pump(self, leg: Leg, a: socket.socket, b: socket.socket, up: bool) -> None:
+        buf = leg.c2s if up else leg.s2c
+        try:
+            while True:
+                if leg.stalled:
+                    time.sleep(0.05)  # keep both sockets open, read nothing
+                    if leg.closed.is_set():
+                        return
+                    continue
+                data = a.recv(65536)
+                if not data:
+                    break
+                if leg.stalled:
+                    continue  # dropped: already stalled by the other direction
+                if up and leg.role is None and len(leg.c2s) + len(data) >= HELLO_ROLE_AT + 2:
+                    head = bytes(leg.c2s) + data
+                    if head[:4] == struct.pack("<I", 0x4D464431):
+                        leg.role = struct.unpack_from("<H", head, HELLO_ROLE_AT)[0]
+                if up and leg.role is not None and leg.role == self.hold_role:
+                    self.release.wait(60)
+                if up and leg.role is not None and leg.role == self.cut_role \
+                        and len(buf) + len(data) >= self.cut_after:
+                    keep = max(0, self.cut_after - len(buf))
+                    buf += data[:keep]
+                    b.sendall(data[:keep])
+                    leg.cut = True
+                    self.fault.set()
+                    break
+                if up and leg.role is not None and leg.role == self.stall_role \
+                        and len(buf) + len(data) >= self.stall_after:
+                    keep = max(0, self.stall_after - len(buf))
+                    buf += data[:keep]
+                    b.sendall(data[:keep])
+                    leg.stalled = True
+                    self.fault.set()
+                    continue
+                buf += data
+                b.sendall(data)
+        except OSError:
+            pass
+        if leg.stalled and not leg.cut:
+            return  # a stalled leg stays open until close()
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+        leg.closed.set()
+
+    def leg(self, role: int) -> Leg | None:
+        with self._lock:
+            return next((x for x in self.legs if x.role == role), None)
+
+    def welcomed(self, role: int) -> bool:
+        """That role's connection got at least a header plus a WELCOME back."""
+        x = self.leg(role)
+        return x is not None and len(x.s2c) >= 40 + 18
+
+    def captured(self) -> bytes:
+        with self._lock:
+            return b"".join(bytes(leg.c2s) + bytes(leg.s2c) for leg in self.legs)
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(len(leg.c2s) + len(leg.s2c) for leg in self.legs)
+
+    def close(self) -> None:
+        self._stop = True
+        self.release.set()
+        with contextlib.suppress(OSError):
+            self.lsock.close()
+        with self._lock:
+            for leg in self.legs:
+                leg.closed.set()
+            for s in self.socks:
+                with contextlib.suppress(OSError):
+                    s.close()
+
+
+# -- fake peers ----------------------------------------------------------------------------------------
+
+
+def read_message(sock: socket.socket, dec: Any, timeout: float = 10.0) -> Any:
+    """The next protocol message from `sock`, or None at EOF / reset."""
+    sock.settimeout(timeout)
+    while True:
+        msg = dec.next_message()
+        if msg is not None:
+            return msg
+        try:
+            data = sock.recv(65536)
+        except (ConnectionResetError, socket.timeout):
+            return None
+        if not data:
+            return None
+        dec.feed(data)
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = 15.0) -> bool:
+    """True when the peer closes `sock` (EOF or reset) within `timeout`."""
+    sock.settimeout(timeout)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
