@@ -160,7 +160,11 @@ def channel_main(index: int, pipe: Connection, args: SendChannelArgs) -> None:
         policy = None
         comp = None
         if args.compression == "auto":
-            policy = AdaptivePolicy([get_compressor("lz4"), get_compressor("zstd:1")])
+            channels = args.config.channels
+            policy = AdaptivePolicy(
+                [get_compressor("lz4"), get_compressor("zstd:1")],
+                cap=lambda: args.limit.rate / channels,
+            )
         elif args.compression != "none":
             comp = get_compressor(args.compression)
         _serve(index, pipe, ChannelSender(sock, comp, args.limit, policy), args)

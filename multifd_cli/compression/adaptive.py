@@ -17,6 +17,7 @@ receiver needs nothing new.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from multifd_cli.compression.base import Compressor
 
@@ -35,14 +36,26 @@ class _Estimate:
 
 
 class AdaptivePolicy:
-    def __init__(self, codecs: list[Compressor]) -> None:
+    def __init__(self, codecs: list[Compressor], cap: Callable[[], float] = lambda: 0.0) -> None:
         # Optimistic starting points; the first probes replace them.
         self.options = [_Estimate(None, 1.0, 0.0)] + [
             _Estimate(c, 0.5, 1 / 500e6) for c in codecs
         ]
-        self.link = 1e9  # bytes/s this channel's sends achieve
+        # The link is judged from bytes and seconds averaged separately: one
+        # send that fits in a socket buffer (or a rate limiter's burst) must not
+        # make the link look infinitely fast.
+        self._link_bytes = 1e9 * 0.01
+        self._link_secs = 0.01
+        self.cap = cap  # this channel's share of --max-bandwidth, 0 when unlimited
         self._count = 0
         self._probe = 0
+
+    @property
+    def link(self) -> float:
+        """Bytes per second this channel's sends achieve."""
+        measured = self._link_bytes / self._link_secs
+        cap = self.cap()
+        return min(measured, cap) if cap > 0 else measured
 
     def choose(self) -> _Estimate:
         self._count += 1
@@ -59,7 +72,8 @@ class AdaptivePolicy:
 
     def observe_link(self, nbytes: int, seconds: float) -> None:
         if nbytes >= 4096 and seconds > 0:
-            self.link += ALPHA * (nbytes / seconds - self.link)
+            self._link_bytes += ALPHA * (nbytes - self._link_bytes)
+            self._link_secs += ALPHA * (seconds - self._link_secs)
 
     def summary(self) -> dict[str, float]:
         return {
