@@ -23,9 +23,10 @@ from multifd_cli.errors import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
     EXIT_USAGE,
-    Cancelled,
+    Interrupted,
     MultifdError,
     UsageError,
+    exit_code_of,
 )
 
 log = logging.getLogger("multifd")
@@ -158,8 +159,8 @@ def _setup(debug: bool, log_level: str, log_file: str | None) -> None:
 
     def on_signal(signum: int, frame: Any) -> NoReturn:
         if signum == signal.SIGTERM:
-            raise Cancelled("terminated by SIGTERM", EXIT_SIGTERM)
-        raise Cancelled("interrupted by SIGINT", EXIT_SIGINT)
+            raise Interrupted("terminated by SIGTERM", EXIT_SIGTERM)
+        raise Interrupted("interrupted by SIGINT", EXIT_SIGINT)
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -176,9 +177,7 @@ def _run(side: str, json_events: bool, body: Callable[[Any], dict[str, Any]],
         logsetup.install_for_channels()
         summary = body(events)
     except BaseException as e:
-        code = e.exit_code if isinstance(e, MultifdError) else EXIT_INTERNAL
-        if isinstance(e, KeyboardInterrupt):
-            code = EXIT_SIGINT
+        code = exit_code_of(e)
         events.emit("failed", error=_one_line(e), exit_code=code)
         _failed_emitted = True
         raise
@@ -442,7 +441,7 @@ def _exit(code: int, message: str) -> NoReturn:
 
 
 def _one_line(e: BaseException) -> str:
-    if isinstance(e, MultifdError):
+    if isinstance(e, (MultifdError, Interrupted)):
         return str(e)
     if isinstance(e, KeyboardInterrupt):
         return "interrupted"
@@ -465,9 +464,13 @@ def main(argv: list[str] | None = None) -> NoReturn:
             _note_json(args[0], "--json" in args or os.environ.get("MULTIFD_JSON") == "1")
         hint = f" (see 'multifd {args[0]} --help')" if args and args[0] in ("send", "recv") else ""
         _exit(EXIT_USAGE, e.format_message().replace("\n", " ") + hint)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:
+        # click turns a KeyboardInterrupt (our Interrupted is one) into Abort.
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, Interrupted):
+            _exit(cause.exit_code, cause.message)
         _exit(EXIT_SIGINT, "interrupted")
-    except MultifdError as e:
+    except (MultifdError, Interrupted) as e:
         if _debug:
             traceback.print_exc()
         _exit(e.exit_code, _one_line(e))

@@ -106,6 +106,27 @@ class Cancelled(MultifdError):
         self.exit_code = exit_code
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM. A KeyboardInterrupt, so that no `except Exception` on the
+    way can swallow it, nor code that re-raises KeyboardInterrupt from a bare
+    `except:` (multiprocessing-logging's emit does); it unwinds to the CLI,
+    running every cleanup."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+def exit_code_of(e: BaseException) -> int:
+    """The exit code an exception stands for; anything unexpected is internal."""
+    if isinstance(e, (MultifdError, Interrupted)):
+        return e.exit_code
+    if isinstance(e, KeyboardInterrupt):
+        return EXIT_SIGINT
+    return EXIT_INTERNAL
+
+
 class PeerAborted(MultifdError):
     """The peer sent ABORT; we exit with the code it reported."""
 

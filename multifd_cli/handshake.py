@@ -85,8 +85,17 @@ def client(
     if sec.tls is not None:
         sock = _tls_wrap(sock, sec.tls, deadline, server=False, hostname=sec.tls_hostname)
     features = P.FEATURE_PSK if sec.psk else 0
-    send_all(sock, [P.encode_hello(role, session, features)])
-    msg = _read(sock, deadline)
+    try:
+        send_all(sock, [P.encode_hello(role, session, features)])
+        msg = _read(sock, deadline)
+    except ConnectionFailed as e:
+        if sec.tls is None:
+            raise
+        # TLS 1.3 reports a refused client certificate only at the first read.
+        raise AuthError(
+            f"TLS: the destination closed the connection ({e.message}); it may require "
+            "a client certificate (--tls-cert, --tls-key)"
+        ) from None
     if isinstance(msg, P.AuthChallenge):
         if sec.psk is None:
             raise AuthError("the destination requires a pre-shared key: give --psk-file")

@@ -40,11 +40,11 @@ from multifd_cli.errors import (
     Cancelled,
     ConvergeError,
     IOFailure,
-    MultifdError,
     PeerAborted,
     ProtocolError,
     UsageError,
     VerifyError,
+    exit_code_of,
     expect,
 )
 from multifd_cli.events import Events, Stats
@@ -185,7 +185,7 @@ class Orchestrator:
             self.succeeded = True
             return self.stats.summary()
         except BaseException as e:
-            code = e.exit_code if isinstance(e, MultifdError) else 1
+            code = exit_code_of(e)
             if self.main is not None and not isinstance(e, PeerAborted):
                 self.main.abort(code, f"source: {e}")
             raise

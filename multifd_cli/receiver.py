@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from multifd_cli.errors import (
     ProtocolError,
     Timeout,
     VerifyError,
+    exit_code_of,
     expect,
 )
 from multifd_cli.events import Events, Stats
@@ -66,6 +68,8 @@ class Receiver:
         self.sizes: tuple[int, ...] = ()
         self.progress = Progress(events, tty=cfg.progress, json_interval=cfg.json_interval)
         self._early: list[P.Message] = []  # main-connection messages read while hashing
+        self._greeted: list[tuple[socket.socket, P.Hello]] = []  # from handshake threads
+        self._wake_r, self._wake_w = os.pipe()  # handshake threads wake the accept loop
         self.tables: list[DestTables] = []
         self.page_sizes: tuple[int, ...] = ()
         self.layout = P.Layout(())
@@ -106,12 +110,14 @@ class Receiver:
         finally:
             self.progress.finish()
             self._close_listener()
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
             for t in self.tables:
                 t.close()
             self.dest.close()
 
     def _fail(self, e: BaseException) -> None:
-        code = e.exit_code if isinstance(e, MultifdError) else 1
+        code = exit_code_of(e)
         if self.main is not None:
             self.main.abort(code, f"destination: {e}")
         if self.workers:
@@ -135,42 +141,75 @@ class Receiver:
     ) -> tuple[socket.socket, P.Hello]:
         """Accept the next connection that says HELLO; drop anything else.
 
+        Each handshake runs in its own thread, so a peer that connects and then
+        says nothing (a half-open socket, a slow scanner) delays no one else.
         While channels connect, the main connection is watched too, so an ABORT
         from the source ends the wait at once.
         """
         assert self.lsock is not None
         while True:
+            if self._greeted:
+                return self._greeted.pop(0)
             left = deadline - time.monotonic()
             if left <= 0:
                 what = "the channels did not connect" if watch else "no session started"
                 raise Timeout(f"{what} within {self.cfg.timeout:g} s (--timeout)")
-            ready = wait([self.lsock, *([watch.sock] if watch else [])], left)
+            ready = wait([self.lsock, self._wake_r, *([watch.sock] if watch else [])], left)
             if watch is not None and watch.sock in ready:
                 self._early.extend(watch.read_available())
-            if self.lsock not in ready:
-                continue
-            conn, peer = self.lsock.accept()
-            try:
-                tune(conn)
+            if self._wake_r in ready:
+                os.read(self._wake_r, 4096)
+            if self.lsock in ready:
+                conn, peer = self.lsock.accept()
                 hs_deadline = min(deadline, time.monotonic() + min(10.0, self.cfg.timeout))
-                return handshake.server(conn, hs_deadline, self.cfg.security)
-            except MultifdError as e:
-                log.warning("dropped a connection from %s: %s", peer or "a local peer", e)
-                conn.close()
+                threading.Thread(
+                    target=self._greet, args=(conn, peer, hs_deadline), daemon=True
+                ).start()
+
+    def _greet(self, conn: socket.socket, peer: object, deadline: float) -> None:
+        """A handshake thread: HELLO (and TLS, and the key proof) or drop."""
+        try:
+            tune(conn)
+            result = handshake.server(conn, deadline, self.cfg.security)
+        except MultifdError as e:
+            log.warning("dropped a connection from %s: %s", peer or "a local peer", e)
+            conn.close()
+        except OSError as e:
+            log.warning("dropped a connection from %s: %s", peer or "a local peer", e)
+            conn.close()
+        else:
+            self._greeted.append(result)
+        finally:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
 
     def _accept_session(self, deadline: float) -> None:
         while True:
             conn, hello = self._accept(deadline)
-            if hello.role == P.ROLE_MAIN:
-                break
-            log.warning("dropped channel %d: it arrived before any session", hello.role)
-            conn.close()
+            if hello.role != P.ROLE_MAIN:
+                log.warning("dropped channel %d: it arrived before any session", hello.role)
+                conn.close()
+                continue
+            main = MainConnection(conn, "recv-main", self.cfg.timeout)
+            self.main = main  # so a protocol error in CONFIG or LAYOUT is answered with ABORT
+            try:
+                main.conv.advance("HELLO")
+                main.send(P.encode_welcome(hello.session))
+                setup_deadline = min(deadline, time.monotonic() + min(10.0, self.cfg.timeout))
+                cfg = main.receive(setup_deadline)
+                layout = main.receive(setup_deadline)
+            except (ConnectionFailed, Timeout) as e:
+                # No session yet: a source that went away, or never said more,
+                # is dropped like any bad connection, and recv keeps listening.
+                log.warning("dropped a session start: %s", e)
+                main.close()
+                self.main = None
+                continue
+            break
         self.session = hello.session
-        self.main = main = MainConnection(conn, "recv-main", self.cfg.timeout)
-        main.conv.advance("HELLO")
-        main.send(P.encode_welcome(self.session))
-        cfg = main.receive(deadline)
-        layout = main.receive(deadline)
+        self.main = main
         if not isinstance(cfg, P.Config) or not isinstance(layout, P.Layout):
             raise ProtocolError("setup: expected CONFIG then LAYOUT")
         P.check_config(cfg, max_channels=self.cfg.max_channels)

@@ -193,6 +193,11 @@ class Destination:
                 raise UsageError(f"{self.path} is a block device; use --force to overwrite it")
             return
         if self.resume:
+            if os.path.isfile(self.path + ".partial") and not self.force:
+                raise UsageError(
+                    f"{self.path} and {self.path}.partial both exist: --resume would update "
+                    "the .partial and then have to replace DEST; add --force for that"
+                )
             return
         if not self.force:
             raise UsageError(f"destination {self.path} exists; use --force to replace it")

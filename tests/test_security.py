@@ -28,8 +28,16 @@ from typing import Iterator
 
 import pytest
 from conftest import sha256, write_random
-from helpers.mfdkit import Kit, Proxy, assert_no_procs, closed_by_peer, entries, hostport, \
-    read_message, wait_until
+from helpers.mfdkit import (
+    Kit,
+    Proxy,
+    assert_no_procs,
+    closed_by_peer,
+    entries,
+    hostport,
+    read_message,
+    wait_until,
+)
 
 from multifd_cli import protocol as P
 
@@ -283,6 +291,7 @@ def test_tls_default_hostname_is_the_to_host(kit: Kit, tmp_path: Path, certs: Ce
     kit.send(c.src, uri, "--tls-ca", certs["ca.pem"]).wait().ok()
     r.wait().ok()
     c.copied()
+    assert_no_procs(c.needles(uri))
 
 
 @pytest.mark.parametrize("case", ["untrusted-ca", "hostname-mismatch"])
@@ -340,11 +349,11 @@ def test_tls_client_cert_from_another_ca_is_refused(kit: Kit, tmp_path: Path,
     """A client certificate not signed by recv's --tls-ca: refused like no cert at all."""
     c = make_case(tmp_path)
     r, uri = kit.recv(c.dest, "--force", *certs.server(), "--tls-ca", certs["other.pem"],
-                      timeout=8)
+                      timeout=3)
     d = kit.send(c.src, uri, "--tls-ca", certs["ca.pem"], *certs.client(), timeout=5).wait()
     d.error(3, 5)
     rd = r.wait(30)
-    assert "dropped a connection" in rd.stderr, rd.stderr
+    assert "dropped a connection" in rd.err, rd.err
     assert "no session started" in rd.error(3)
     c.intact()
     assert_no_procs(c.needles(uri))
@@ -375,6 +384,11 @@ def test_psk_and_tls_wrong_key_still_exits_5(kit: Kit, tmp_path: Path, certs: Ce
     r.wait_stderr("wrong pre-shared key")
     assert r.alive()
     c.intact()
+    kit.send(c.src, uri, "--psk-file", str(tmp_path / "a"), "--tls-ca", certs["ca.pem"],
+             timeout=5).wait().ok()
+    r.wait().ok()
+    c.copied()
+    assert_no_procs(c.needles(uri))
 
 
 def test_plain_send_to_tls_recv_fails_and_recv_keeps_listening(kit: Kit, tmp_path: Path,
@@ -406,6 +420,8 @@ def test_tls_send_to_plain_recv_fails(kit: Kit, tmp_path: Path, certs: Certs) ->
     c.intact()
     kit.send(c.src, uri, timeout=5).wait().ok()
     r.wait().ok()
+    c.copied()
+    assert_no_procs(c.needles(uri))
 
 
 # -- recv before a session: junk is logged and dropped -----------------------------------------------
@@ -417,11 +433,17 @@ def _wrong_magic_hello() -> bytes:
     return head + struct.pack("<I", zlib.crc32(head)) + good[P.HEADER_SIZE:]
 
 
+def _bad_crc_hello() -> bytes:
+    good = P.encode_hello(P.ROLE_MAIN, os.urandom(16))
+    at = P.HEADER_CRC_SPAN
+    return good[:at] + bytes([good[at] ^ 0xFF]) + good[at + 1:]
+
+
 JUNK = {
     "garbage": b"GET / HTTP/1.1\r\nHost: example\r\n\r\n" + bytes(range(64)),
     "wrong-magic": _wrong_magic_hello(),
     "wrong-version": P.encode_hello(P.ROLE_MAIN, os.urandom(16), version=99),
-    "bad-crc": P.encode_hello(P.ROLE_MAIN, os.urandom(16))[:-1] + b"\x00",
+    "bad-crc": _bad_crc_hello(),
     "not-hello": P.encode_config(P.Config(2, 0, 0, 4096, 512 << 10)),
     "channel-before-session": P.encode_hello(0, os.urandom(16)),
     "port-scan": b"",
@@ -469,6 +491,7 @@ def test_all_junk_kinds_in_a_row_then_a_real_send(kit: Kit, tmp_path: Path) -> N
     r.wait().ok()
     assert r.stderr.count("dropped") >= len(JUNK) - 1, r.stderr
     c.copied()
+    assert_no_procs(c.needles(uri))
 
 
 def test_half_open_connection_does_not_block_a_real_send(kit: Kit, tmp_path: Path) -> None:
@@ -488,8 +511,10 @@ def test_half_open_connection_does_not_block_a_real_send(kit: Kit, tmp_path: Pat
         assert d.code == 0, f"a half-open connection kept a real send out: {d}"
     r.wait().ok()
     c.copied()
+    assert_no_procs(c.needles(uri))
 
 
+@pytest.mark.slow
 def test_half_open_connection_then_a_patient_send(kit: Kit, tmp_path: Path) -> None:
     """With a --timeout longer than recv's 10 s handshake cap, the send gets through once
     recv drops the idle connection (logged as "handshake timed out")."""
@@ -504,6 +529,7 @@ def test_half_open_connection_then_a_patient_send(kit: Kit, tmp_path: Path) -> N
     r.wait().ok()
     assert "handshake timed out" in r.stderr, r.stderr
     c.copied()
+    assert_no_procs(c.needles(uri))
     assert took < 15, took
 
 
@@ -528,27 +554,25 @@ def test_abandoned_session_start_does_not_end_recv(kit: Kit, tmp_path: Path) -> 
     kit.send(c.src, uri, timeout=5).wait().ok()
     r.wait().ok()
     c.copied()
+    assert_no_procs(c.needles(uri))
 
 
 def test_stale_hello_of_a_timed_out_send_does_not_kill_the_retry(kit: Kit,
                                                                  tmp_path: Path) -> None:
-    """The end-to-end form of the two bugs above: an idle connection stalls recv; send #1
-    (--timeout 3) gives up; the user retries at once with send #2 (--timeout 20).
-    Expected: send #2 succeeds. FAILS at the time of writing: recv takes send #1's dead
-    connection as its session, exits 3 "main connection closed by peer", and send #2
-    exits 3 "connection lost during handshake: Connection reset by peer"."""
+    """The end-to-end form of the two bugs above, as they used to combine: an idle
+    connection stalled recv, send #1 (--timeout 3) gave up, and recv then took its dead
+    connection as the session and died, failing the retry. Now the idle connection
+    stalls no one: send #1 succeeds within its short timeout, and recv completes."""
     c = make_case(tmp_path)
     r, uri = kit.recv(c.dest, "--force", timeout=30)
     with socket.create_connection(hostport(uri), timeout=5):
         time.sleep(0.2)
         first = kit.send(c.src, uri, timeout=3).wait()
-        assert "handshake timed out" in first.error(3)
-        second = kit.send(c.src, uri, timeout=20)
-        d2 = second.wait(40)
+        assert first.code == 0, f"the send behind an idle connection failed: {first}"
     rd = r.wait(40)
-    assert d2.code == 0, f"the retry failed: {d2}\nrecv: {rd}"
     rd.ok()
     c.copied()
+    assert_no_procs(c.needles(uri))
 
 
 # -- once a session is established --------------------------------------------------------------------
@@ -596,7 +620,7 @@ def test_foreign_session_and_duplicate_channel_are_rejected(kit: Kit, tmp_path: 
     s.wait().ok()
     r.wait().ok()
     c.copied()
-    assert r.stderr.count("dropped a connection") == len(fakes), r.stderr
+    assert r.stderr.count("dropped a connection: ") == len(fakes), r.stderr
     assert_no_procs(c.needles(uri, px.uri))
 
 
@@ -633,3 +657,4 @@ def test_fake_channels_with_psk_cannot_join(kit: Kit, tmp_path: Path) -> None:
     s.wait().ok()
     r.wait().ok()
     c.copied()
+    assert_no_procs(c.needles(uri))

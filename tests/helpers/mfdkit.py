@@ -317,13 +317,14 @@ def thread_states(pid: int) -> list[str]:
     return out
 
 
-def matching(needles: Iterable[str]) -> list[tuple[int, str]]:
-    """Live (non-zombie) processes whose cmdline contains any needle, except us."""
+def matching(needles: Iterable[str], exclude: Iterable[int] = ()) -> list[tuple[int, str]]:
+    """Live (non-zombie) processes whose cmdline contains any needle, except us and
+    `exclude` (e.g. a writer that is meant to keep running)."""
     needles = [n for n in needles if n]
-    me = os.getpid()
+    skip = {os.getpid(), *exclude}
     out = []
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
+        if not name.isdigit() or int(name) in skip:
             continue
         cl = cmdline(int(name))
         if cl and any(n in cl for n in needles) and proc_state(int(name)) not in ("Z", "X", ""):
@@ -331,12 +332,14 @@ def matching(needles: Iterable[str]) -> list[tuple[int, str]]:
     return out
 
 
-def assert_no_procs(needles: Iterable[str], timeout: float = 10.0) -> None:
+def assert_no_procs(needles: Iterable[str], timeout: float = 10.0,
+                    exclude: Iterable[int] = ()) -> None:
     """Within `timeout`, no process mentions the test's DEST, source or ports."""
     needles = list(needles)
+    exclude = list(exclude)
     deadline = time.monotonic() + timeout
     while True:
-        left = matching(needles)
+        left = matching(needles, exclude)
         if not left:
             return
         if time.monotonic() > deadline:
@@ -438,39 +441,62 @@ class Proxy:
                 c, _ = self.lsock.accept()
             except OSError:
                 return
-            try:
-                u = socket.create_connection(self.upstream, timeout=10)
-                u.settimeout(None)
-            except OSError:
-                c.close()
-                continue
             with self._lock:
                 leg = Leg(len(self.legs))
                 self.legs.append(leg)
-                self.socks += [c, u]
-            threading.Thread(target=self._pump, args=(leg, c, u, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(leg, u, c, False), daemon=True).start()
+                self.socks.append(c)
+            threading.Thread(target=self._open, args=(leg, c), daemon=True).start()
 
-    def _pump(self, leg: Leg, a: socket.socket, b: socket.socket, up: bool) -> None:
+    def _open(self, leg: Leg, c: socket.socket) -> None:
+        """Read the client's first bytes (the HELLO role, when plain), hold if asked,
+        and only then connect upstream, so a held connection is not even in recv's
+        accept queue."""
+        head = b""
+        try:
+            c.settimeout(30)
+            while len(head) < HELLO_ROLE_AT + 2:
+                data = c.recv(65536)
+                if not data:
+                    break
+                head += data
+                if head[:4] != struct.pack("<I", 0x4D464431)[: len(head[:4])]:
+                    break  # not a plain HELLO (TLS, junk): forward as it is
+            c.settimeout(None)
+            if len(head) >= HELLO_ROLE_AT + 2 and head[:4] == struct.pack("<I", 0x4D464431):
+                leg.role = struct.unpack_from("<H", head, HELLO_ROLE_AT)[0]
+                if leg.role == self.hold_role:
+                    self.release.wait(60)
+            u = socket.create_connection(self.upstream, timeout=10)
+            u.settimeout(None)
+        except OSError:
+            with contextlib.suppress(OSError):
+                c.close()
+            leg.closed.set()
+            return
+        with self._lock:
+            self.socks.append(u)
+        threading.Thread(target=self._pump, args=(leg, c, u, True, head), daemon=True).start()
+        threading.Thread(target=self._pump, args=(leg, u, c, False, b""), daemon=True).start()
+
+    def _pump(self, leg: Leg, a: socket.socket, b: socket.socket, up: bool,
+              first: bytes) -> None:
         buf = leg.c2s if up else leg.s2c
         try:
+            pending = first
             while True:
                 if leg.stalled:
                     time.sleep(0.05)  # keep both sockets open, read nothing
                     if leg.closed.is_set():
                         return
                     continue
-                data = a.recv(65536)
+                if pending:
+                    data, pending = pending, b""
+                else:
+                    data = a.recv(65536)
                 if not data:
                     break
                 if leg.stalled:
                     continue  # dropped: already stalled by the other direction
-                if up and leg.role is None and len(leg.c2s) + len(data) >= HELLO_ROLE_AT + 2:
-                    head = bytes(leg.c2s) + data
-                    if head[:4] == struct.pack("<I", 0x4D464431):
-                        leg.role = struct.unpack_from("<H", head, HELLO_ROLE_AT)[0]
-                if up and leg.role is not None and leg.role == self.hold_role:
-                    self.release.wait(60)
                 if up and leg.role is not None and leg.role == self.cut_role \
                         and len(buf) + len(data) >= self.cut_after:
                     keep = max(0, self.cut_after - len(buf))
