@@ -516,8 +516,9 @@ def test_half_open_connection_does_not_block_a_real_send(kit: Kit, tmp_path: Pat
 
 @pytest.mark.slow
 def test_half_open_connection_then_a_patient_send(kit: Kit, tmp_path: Path) -> None:
-    """With a --timeout longer than recv's 10 s handshake cap, the send gets through once
-    recv drops the idle connection (logged as "handshake timed out")."""
+    """With a --timeout longer than recv's 10 s handshake cap: the idle connection's
+    handshake runs in its own thread, so the send gets through at once, and recv's exit
+    closes the idle socket."""
     c = make_case(tmp_path)
     r, uri = kit.recv(c.dest, "--force", timeout=30)
     with socket.create_connection(hostport(uri), timeout=5) as idle:
@@ -525,12 +526,11 @@ def test_half_open_connection_then_a_patient_send(kit: Kit, tmp_path: Path) -> N
         t0 = time.monotonic()
         kit.send(c.src, uri, timeout=20).wait().ok()
         took = time.monotonic() - t0
-        assert closed_by_peer(idle, 1)
-    r.wait().ok()
-    assert "handshake timed out" in r.stderr, r.stderr
+        r.wait().ok()
+        assert closed_by_peer(idle, 5)
     c.copied()
     assert_no_procs(c.needles(uri))
-    assert took < 15, took
+    assert took < 5, took
 
 
 def test_abandoned_session_start_does_not_end_recv(kit: Kit, tmp_path: Path) -> None:
