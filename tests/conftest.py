@@ -223,3 +223,21 @@ def is_running(pid: int) -> bool:
     """Alive and no thread stopped (S, R, D are all fine)."""
     s = thread_states(pid)
     return bool(s) and not any(c in "TtZX" for c in s)
+
+
+def release(pid: int) -> None:
+    """Continue a possibly stopped process, then kill it: a test writer's end."""
+    for sig in (signal.SIGCONT, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def sleeper() -> Iterator[int]:
+    """A process to name in --pause-pid when nothing writes; released afterwards."""
+    p = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    yield p.pid
+    release(p.pid)
+    p.wait(10)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from conftest import MULTIFD, spawn, write_mixed, write_random
+from conftest import MULTIFD, release, spawn, write_mixed, write_random
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "events.md"
@@ -289,11 +289,7 @@ class Procs:
                     pass
                 p.wait(5)
         for pid in self.pids:
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
+            release(pid)
             try:
                 os.waitpid(pid, 0)
             except ChildProcessError:
@@ -625,18 +621,6 @@ def test_slow_migration_progress_and_status(doc: Spec, procs: Procs, tmp_path: P
     assert any(st["status"] == "active" for st in statuses), statuses
     assert all(st["max_bandwidth"] in (16 * MiB, 0) for st in statuses)
 
-
-@pytest.fixture
-def sleeper() -> Iterator[int]:
-    """A process to pause: send stops it (SIGSTOP) and, by default, leaves it stopped."""
-    p = subprocess.Popen(["sleep", "600"], start_new_session=True)
-    yield p.pid
-    for sig in (signal.SIGCONT, signal.SIGKILL):
-        try:
-            os.kill(p.pid, sig)
-        except ProcessLookupError:
-            pass
-    p.wait(10)
 
 
 def test_switchover_forced_after_one_pass(doc: Spec, procs: Procs, tmp_path: Path,

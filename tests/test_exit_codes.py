@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from conftest import spawn, write_random
+from conftest import release, spawn, write_random
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -128,11 +128,7 @@ class Procs:
         for p in self.all:
             p.kill()
         for pid in self.pids:
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
+            release(pid)
             try:
                 os.waitpid(pid, 0)
             except ChildProcessError:

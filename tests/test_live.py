@@ -34,6 +34,7 @@ from conftest import (
     Runner,
     is_running,
     is_stopped,
+    release,
     sha256,
     spawn,
     thread_states,
@@ -99,11 +100,7 @@ class Writer:
 
     def kill(self) -> None:
         if self.popen.poll() is None:
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(self.pid, sig)
-                except ProcessLookupError:
-                    pass
+            release(self.pid)
         self.popen.wait(10)
 
 
@@ -129,11 +126,7 @@ def stopped_sleeper() -> Iterator[int]:
     os.kill(p.pid, signal.SIGSTOP)
     assert wait_until(lambda: is_stopped(p.pid), 5) is not None
     yield p.pid
-    for sig in (signal.SIGCONT, signal.SIGKILL):
-        try:
-            os.kill(p.pid, sig)
-        except ProcessLookupError:
-            pass
+    release(p.pid)
     p.wait(10)
 
 

@@ -42,6 +42,7 @@ from conftest import (
     Runner,
     is_running,
     is_stopped,
+    release,
     sha256,
     spawn,
     thread_states,
@@ -157,11 +158,7 @@ class Writer:
 
     def kill(self) -> None:
         if self.popen.poll() is None:
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(self.pid, sig)
-                except ProcessLookupError:
-                    pass
+            release(self.pid)
         self.popen.wait(10)
 
 
@@ -178,18 +175,6 @@ def writer() -> Iterator[Callable[..., Writer]]:
     for w in started:
         w.kill()
 
-
-@pytest.fixture
-def sleeper() -> Iterator[int]:
-    """A process to name in --pause-pid when nothing writes; continued and killed after."""
-    p = subprocess.Popen(["sleep", "600"], start_new_session=True)
-    yield p.pid
-    for sig in (signal.SIGCONT, signal.SIGKILL):
-        try:
-            os.kill(p.pid, sig)
-        except ProcessLookupError:
-            pass
-    p.wait(10)
 
 
 # -- 1. several sources ------------------------------------------------------------------------
