@@ -88,6 +88,17 @@ class PagedClient:
         if len(self._normal) + len(self._zero) >= self.max_pages:
             self.flush()
 
+    def queue_zeros(self, block: int, offsets: range) -> None:
+        """Describe a run of zero pages, as queue_zero() would one by one."""
+        self._switch(block)
+        done = 0
+        while done < len(offsets):
+            take = min(len(offsets) - done, self.max_pages - len(self._normal) - len(self._zero))
+            self._zero.extend(offsets[done : done + take])
+            done += take
+            if len(self._normal) + len(self._zero) >= self.max_pages:
+                self.flush()
+
     def detach(self) -> None:
         """Copy queued page data out of buffers the caller is about to reuse."""
         if self._parts and not (len(self._parts) == 1 and isinstance(self._parts[0], bytes)):

@@ -190,13 +190,20 @@ class HashTracker:
                 ph[pi : pi + k] = array("Q", hs)
                 client.queue_run(block, base + a, cv, hs)
                 res.dirty_pages += k
+            elif whole and clen == cb and ch == zero_hash(cb) and cv.tobytes() == zero_bytes(cb):
+                # A whole zero chunk (a quarter of a typical VM image): describe
+                # its pages in one go. tobytes() then == runs at memcmp speed, where
+                # comparing the memoryview itself walks it item by item, 50x slower.
+                ph[pi : pi + k] = array("Q", hs)
+                client.queue_zeros(block, range(base + a, base + a + clen, ps))
+                res.zero_pages += k
             else:
                 old = ph[pi : pi + k].tolist()
                 ph[pi : pi + k] = array("Q", hs)
                 for i in range(k) if whole else [i for i in range(k) if hs[i] != old[i]]:
                     pv = cv[i * ps : (i + 1) * ps]
                     h = hs[i]
-                    if h in (zfull, ztail) and pv == zero_bytes(len(pv)):
+                    if h in (zfull, ztail) and pv.tobytes() == zero_bytes(len(pv)):
                         client.queue_zero(block, base + a + i * ps)
                         res.zero_pages += 1
                     else:

@@ -132,6 +132,40 @@ def test_paged_client_never_mixes_blocks_in_a_packet() -> None:
     assert [(p[0], p[2]) for p in rec.packets] == [(0, [0]), (1, [0])]
 
 
+def test_paged_client_zero_runs_fill_packets_like_single_zero_pages() -> None:
+    one, bulk = Recorder(), Recorder()
+    a, b = PagedClient(one, PS, 8), PagedClient(bulk, PS, 8)
+    for c in (a, b):
+        c.queue_page(0, 0, memoryview(b"p" * PS), 7)
+    for off in range(PS, 21 * PS, PS):
+        a.queue_zero(0, off)
+    b.queue_zeros(0, range(PS, 21 * PS, PS))
+    a.flush()
+    b.flush()
+    assert bulk.packets == one.packets
+    assert [len(p[1]) + len(p[2]) for p in bulk.packets] == [8, 8, 5]
+
+
+def test_tracker_whole_zero_chunks_are_described_not_sent(tmp_path: Path) -> None:
+    cp = chunk_pages(PS)
+    path = tmp_path / "f"
+    data = bytearray(os.urandom(4 * cp * PS))
+    data[cp * PS : 3 * cp * PS] = bytes(2 * cp * PS)  # two whole zero chunks
+    data[3 * cp * PS + 5 * PS : 3 * cp * PS + 6 * PS] = bytes(PS)  # and one zero page
+    data[5] = 0  # a page that starts with zeros is not a zero page
+    path.write_bytes(data)
+    tables = SourceTables.create("z", len(data), PS)
+    rec, res = scan(path, tables, full=True)
+    zero = sorted(o for p in rec.packets for o in p[2])
+    assert zero == [*range(cp * PS, 3 * cp * PS, PS), 3 * cp * PS + 5 * PS]
+    assert res.zero_pages == 2 * cp + 1 and res.dirty_pages == 4 * cp - res.zero_pages
+    # The page table holds the zero hash there, so an unchanged rescan sends nothing.
+    rec, res = scan(path, tables, full=False)
+    assert rec.packets == []
+    assert tables.page_hash.view[cp] == xxhash.xxh3_64_intdigest(bytes(PS))
+    tables.close()
+
+
 # -- the hash tracker ---------------------------------------------------------------------------------
 def scan(path: Path, tables: SourceTables, full: bool, size: int | None = None) -> tuple[Recorder, object]:
     rec = Recorder()
