@@ -15,12 +15,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import ssl
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from multifd_cli.errors import UsageError
 from multifd_cli.protocol import NONCE_LEN
+
+if TYPE_CHECKING:
+    import ssl  # only for TLS, imported where a context is made
 
 _LABEL = b"multifd-psk-v1 "
 

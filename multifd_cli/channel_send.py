@@ -23,7 +23,7 @@ import stat
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from multifd_cli import handshake
 from multifd_cli import protocol as P
@@ -32,11 +32,13 @@ from multifd_cli.clients import BlobClient, PagedClient
 from multifd_cli.compression import Compressor, get_compressor
 from multifd_cli.compression.adaptive import AdaptivePolicy
 from multifd_cli.errors import ConnectionFailed, IOFailure, ProtocolError, expect
-from multifd_cli.image import ImageLayout, ImageSink
 from multifd_cli.ratelimit import SharedRateLimit
 from multifd_cli.tables import SharedTable
 from multifd_cli.tracker import HashTracker, SourceTables
 from multifd_cli.transport import Uri, connect, send_all
+
+if TYPE_CHECKING:
+    from multifd_cli.image import ImageLayout, ImageSink
 
 log = logging.getLogger("multifd")
 
@@ -142,6 +144,8 @@ class ChannelSender:
 def channel_main(index: int, pipe: Connection, args: SendChannelArgs) -> None:
     """Process entry point of a send channel."""
     if args.image is not None:
+        from multifd_cli.image import ImageSink
+
         path, layout, present = args.image
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)

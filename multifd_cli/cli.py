@@ -322,10 +322,11 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
     _note_json("send", json_events)
     from multifd_cli import protocol as P
     from multifd_cli.compression import get_compressor, parse_spec
-    from multifd_cli.ssh import is_ssh_target, parse_ssh_target
-    from multifd_cli.transport import parse_uri
+    from multifd_cli.transport import is_ssh_target, parse_uri
 
     if is_ssh_target(to):
+        from multifd_cli.ssh import parse_ssh_target
+
         host: str | None = parse_ssh_target(to).host
     elif to.startswith("file:"):
         host = None

@@ -5,8 +5,8 @@
 from __future__ import annotations
 
 import socket
-import ssl
 import time
+from typing import TYPE_CHECKING
 
 from multifd_cli import auth
 from multifd_cli import protocol as P
@@ -22,9 +22,14 @@ from multifd_cli.errors import (
 from multifd_cli.transport import send_all
 from multifd_cli.workers import recv_exact_deadline
 
+if TYPE_CHECKING:
+    import ssl
+
 
 def tls_client_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext:
     """Verify the destination against --tls-ca (or the system store); offer a client cert."""
+    import ssl
+
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     try:
         if ca:
@@ -38,6 +43,8 @@ def tls_client_context(ca: str | None, cert: str | None, key: str | None) -> ssl
 
 def tls_server_context(cert: str, key: str | None, ca: str | None) -> ssl.SSLContext:
     """Serve --tls-cert; with --tls-ca, also require a client certificate signed by it."""
+    import ssl
+
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         ctx.load_cert_chain(cert, key)
@@ -52,6 +59,8 @@ def tls_server_context(cert: str, key: str | None, ca: str | None) -> ssl.SSLCon
 def _tls_wrap(
     sock: socket.socket, ctx: ssl.SSLContext, deadline: float, *, server: bool, hostname: str | None
 ) -> ssl.SSLSocket:
+    import ssl
+
     sock.settimeout(max(0.05, deadline - time.monotonic()))
     try:
         tls = ctx.wrap_socket(sock, server_side=server, server_hostname=None if server else hostname)

@@ -24,7 +24,7 @@ import uuid
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multifd_cli import handshake, workers
 from multifd_cli import protocol as P
@@ -48,15 +48,17 @@ from multifd_cli.errors import (
     expect,
 )
 from multifd_cli.events import Events, Stats
-from multifd_cli.image import ImageLayout, complete_image, create_image
 from multifd_cli.pause import Pauser, Throttle, Watchdog, pids_in_cgroup, writers_of
 from multifd_cli.progress import Progress, Snapshot
 from multifd_cli.ratelimit import SharedRateLimit
 from multifd_cli.sources import Blob, Source, open_source, read_metadata, source_names
-from multifd_cli.ssh import RemoteRecv, SshTarget, is_ssh_target, parse_ssh_target
 from multifd_cli.tables import SharedTable, chunk_pages, pages_of, table_digest
 from multifd_cli.tracker import DirtyLog, SourceTables
-from multifd_cli.transport import connect, parse_uri
+from multifd_cli.transport import connect, is_ssh_target, parse_uri
+
+if TYPE_CHECKING:  # both are imported where used: most sessions need neither
+    from multifd_cli.image import ImageLayout
+    from multifd_cli.ssh import RemoteRecv, SshTarget
 
 log = logging.getLogger("multifd")
 
@@ -91,7 +93,11 @@ class Orchestrator:
         self.hooks = hooks
         self.dirty_log = dirty_log
         self.image_path = cfg.to[len("file:"):] if cfg.to.startswith("file:") else ""
-        self.ssh_target = parse_ssh_target(cfg.to) if is_ssh_target(cfg.to) else None
+        self.ssh_target: SshTarget | None = None
+        if is_ssh_target(cfg.to):
+            from multifd_cli.ssh import parse_ssh_target
+
+            self.ssh_target = parse_ssh_target(cfg.to)
         self.uri = parse_uri(cfg.to) if not (self.ssh_target or self.image_path) else None
         self.image_layout: ImageLayout | None = None
         self.image_fd = -1
@@ -213,6 +219,8 @@ class Orchestrator:
 
     def _start_remote(self, target: SshTarget) -> None:
         """Start recv on the far side over ssh, then connect to it directly (rsync -e ssh)."""
+        from multifd_cli.ssh import RemoteRecv
+
         cfg = self.cfg
         recv_args = ["--timeout", f"{cfg.timeout:g}", *cfg.remote_recv_args]
         ssh_words = shlex.split(cfg.ssh) if cfg.ssh else ["ssh"]
@@ -286,6 +294,8 @@ class Orchestrator:
 
     def _open_image(self) -> None:
         """The file: transport: a fixed-offset image instead of a peer."""
+        from multifd_cli.image import ImageLayout, create_image
+
         cfg = self.cfg
         if self.blobs:
             raise UsageError("--state-cmd/--state-file cannot go into a file: image")
@@ -739,6 +749,8 @@ class Orchestrator:
     def _complete(self, epoch: int) -> None:
         self.phase = "completing"
         if self.image_layout is not None:
+            from multifd_cli.image import complete_image
+
             digest = table_digest(
                 (size, t.page_hash, self.cfg.page_size) for size, t in zip(self.sizes, self.tables)
             )

@@ -41,11 +41,11 @@ from multifd_cli.errors import (
     Timeout,
     UsageError,
 )
+from multifd_cli.transport import SSH_SCHEME as SCHEME
 from multifd_cli.transport import Uri, parse_uri
 
 log = logging.getLogger("multifd")
 
-SCHEME = "ssh:"
 #: ssh exits 255 when ssh itself failed (DNS, refused, auth, host key).
 SSH_FAILED = 255
 #: Remote lines kept for error messages, and remote events kept for `events()`.
@@ -76,11 +76,6 @@ class SshTarget:
         user = f"{self.user}@" if self.user else ""
         port = f":{self.port}" if self.port is not None else ""
         return f"{SCHEME}{user}{host}{port}:{self.dest}"
-
-
-def is_ssh_target(text: str) -> bool:
-    """True for a --to that names an ssh target rather than a tcp:/unix: URI."""
-    return text.startswith(SCHEME)
 
 
 def parse_ssh_target(text: str) -> SshTarget:

@@ -9,8 +9,8 @@ import contextlib
 import errno
 import os
 import socket
-import ssl
 import stat
+import sys
 import time
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -45,6 +45,17 @@ class Uri:
     @property
     def address(self) -> str | tuple[str, int]:
         return self.path if self.scheme == "unix" else (self.host, self.port)
+
+
+SSH_SCHEME = "ssh:"
+
+
+def is_ssh_target(text: str) -> bool:
+    """True for a --to that names an ssh target rather than a tcp:/unix: URI.
+
+    Here, not in ssh.py, so that telling the two apart does not import the launcher.
+    """
+    return text.startswith(SSH_SCHEME)
 
 
 def parse_uri(text: str) -> Uri:
@@ -170,7 +181,9 @@ def send_all(sock: socket.socket, buffers: Sequence[Buffer]) -> int:
     """sendmsg() the buffers, resuming after partial sends; return bytes sent."""
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
     total = sum(len(v) for v in views)
-    if isinstance(sock, ssl.SSLSocket):
+    # ssl is imported only when TLS is in use (~10 ms of start-up otherwise).
+    ssl = sys.modules.get("ssl")
+    if ssl is not None and isinstance(sock, ssl.SSLSocket):
         # TLS has no scatter-gather send; each buffer is encrypted on its own.
         try:
             for v in views:

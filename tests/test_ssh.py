@@ -26,11 +26,10 @@ from multifd_cli.ssh import (
     RemoteRecvFailed,
     SshTarget,
     connect_uri,
-    is_ssh_target,
     parse_ssh_target,
     remote_command_line,
 )
-from multifd_cli.transport import Uri
+from multifd_cli.transport import Uri, is_ssh_target
 
 ROOT = Path(__file__).resolve().parents[1]
 # The remote side must run THIS checkout, whatever the remote shell's cwd is.
