@@ -17,6 +17,8 @@ import sys
 import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import reduce
+from operator import or_
 from typing import Iterable, Sequence, Union
 
 from multifd_cli.errors import ProtocolError, expect
@@ -815,8 +817,14 @@ def check_packet(p: Packet, sizes: Sequence[int], page_size: int, max_pages: int
     normal = list(p.normal_offsets)
     zero = list(p.zero_offsets)
     # Whole-list checks in C; the slow loop runs only to name the culprit.
+    # A power-of-two page size (every page block) checks alignment by OR-ing all
+    # offsets together in C; a blob's chunk size may be any multiple of a page.
+    mask = page_size - 1 if not page_size & (page_size - 1) else 0
     for kind, offs in (("page offset", normal), ("zero page offset", zero)):
-        if offs and (max(offs) >= size or any(o % page_size for o in offs)):
+        if not offs:
+            continue
+        misaligned = reduce(or_, offs) & mask if mask else any(o % page_size for o in offs)
+        if misaligned or max(offs) >= size:
             bad = next(o for o in offs if o % page_size or o >= size)
             raise ProtocolError(
                 f"{kind}: got {bad}, expected a multiple of {page_size} below {size}"

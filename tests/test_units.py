@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from multifd_cli.clients import PagedClient
 from multifd_cli.config import parse_rate, parse_size
@@ -260,3 +262,40 @@ def test_shell_completion_script_and_answers() -> None:
     answer = subprocess.run([sys.executable, "-m", "multifd_cli"], env=env,
                             capture_output=True, text=True, timeout=30)
     assert "--compress" in answer.stdout
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from("zrp"), min_size=1, max_size=300),
+    tail=st.integers(min_value=0, max_value=PS - 1),
+)
+def test_tracker_full_pass_describes_every_page_once_and_records_its_hash(
+    tmp_path_factory: pytest.TempPathFactory, kinds: list[str], tail: int
+) -> None:
+    """Zero pages (z), random pages (r), pages that are zero but for one byte (p),
+    over several reads of the tracker's buffer, with a short last page."""
+    cp = chunk_pages(PS)
+    pages = [bytes(PS) if k == "z" else os.urandom(PS) if k == "r" else bytes(PS - 1) + b"x"
+             for k in kinds * (1 + 300 // len(kinds))][: 300]
+    data = b"".join(pages)[: len(pages) * PS - tail]
+    path = tmp_path_factory.mktemp("t") / "f"
+    path.write_bytes(data)
+    tables = SourceTables.create("p", len(data), PS)
+    rec, res = scan(path, tables, full=True)
+    sent = [(o, h) for p in rec.packets for o, h in zip(p[1], p[3])]
+    zero = [o for p in rec.packets for o in p[2]]
+    n = len(pages)
+    assert sorted([o for o, _ in sent] + zero) == [i * PS for i in range(n)]
+    for o, h in sent:
+        assert h == xxhash.xxh3_64_intdigest(data[o : o + PS])
+    for o in zero:
+        assert not any(data[o : o + PS])
+    for i in range(n):
+        assert tables.page_hash.view[i] == xxhash.xxh3_64_intdigest(data[i * PS : (i + 1) * PS])
+    for c in range(-(-n // cp)):
+        chunk = data[c * cp * PS : (c + 1) * cp * PS]
+        assert tables.chunk_hash.view[c] == xxhash.xxh3_64_intdigest(chunk)
+        assert tables.chunk_valid.view[c] == 1
+    assert (res.dirty_pages, res.zero_pages) == (len(sent), len(zero))
+    assert b"".join(p[4] for p in rec.packets) == b"".join(data[o : o + PS] for o, _ in sent)
+    tables.close()
