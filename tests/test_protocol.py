@@ -829,3 +829,14 @@ def test_duplicate_block_names_are_refused():
 @pytest.mark.parametrize("name", ["disk.img", "vm/disk.img", "a b/ü.img", "..hidden", "x.."])
 def test_plain_relative_block_names_pass(name):
     P.check_block_name(name)
+
+
+def test_messages_compare_by_type_and_fields_like_dataclasses() -> None:
+    # Messages are NamedTuples (cheaper to define); equality must still be typed.
+    c = P.Counts(1, 2, 3)
+    assert P.Sync(1, c) == P.Sync(1, P.Counts(1, 2, 3))
+    assert P.Sync(1, c) != P.EpochEnd(1, c)
+    assert P.Sync(1, c) != (1, c)
+    assert P.AuthOk(b"x" * 32) != P.AuthChallenge(b"x" * 32)
+    assert c + P.Counts(1, 1, 1) == P.Counts(2, 3, 4)
+    assert len({P.Digest(1, b"d"), P.Digest(1, b"d"), P.Complete(b"d", 1)}) == 2
