@@ -454,7 +454,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         cli.main(args=args, prog_name="multifd", standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except click.exceptions.Exit as e:  # --version, --help
+        if argv is None:
+            _leave_now(e.exit_code)
         sys.exit(e.exit_code)
     except click.ClickException as e:
         if not args or args in (["send"], ["recv"]) and "Usage:" in e.format_message():
@@ -481,4 +483,22 @@ def main(argv: list[str] | None = None) -> NoReturn:
         if _debug:
             traceback.print_exc()
         _exit(EXIT_INTERNAL, f"{_one_line(e)} (run with --debug for a traceback)")
+    if argv is None:
+        _leave_now(0)
     sys.exit(0)
+
+
+def _leave_now(code: int) -> NoReturn:
+    """Exit a finished run without the interpreter's teardown.
+
+    By now every channel is reaped, the copy is linked and fsynced, and every
+    file is closed; what is left is freeing tens of thousands of objects one by
+    one, which cost ~25 ms of every run. Output is flushed first.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
