@@ -18,6 +18,7 @@ LAZY = {
     "importlib.metadata": "only a codec name that is not built in (~17 ms)",
     "multifd_cli.ssh": "only --to ssh: targets",
     "multifd_cli.image": "only file: images",
+    "ctypes.util": "find_library() runs ldconfig (~13 ms); libc is in the process already",
 }
 
 
