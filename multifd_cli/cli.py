@@ -157,7 +157,9 @@ def _setup(debug: bool, log_level: str, log_file: str | None) -> None:
 
     logsetup.configure("debug" if debug else log_level, log_file)
 
-    def on_signal(signum: int, frame: Any) -> NoReturn:
+    def on_signal(signum: int, frame: Any) -> None:
+        if logsetup.hold_signal(signum):
+            return  # raised when the log call in progress has finished
         if signum == signal.SIGTERM:
             raise Interrupted("terminated by SIGTERM", EXIT_SIGTERM)
         raise Interrupted("interrupted by SIGINT", EXIT_SIGINT)

@@ -7,14 +7,49 @@ cancel the queue's join, and shutdown never waits on logging for long.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from multiprocessing_logging import MultiProcessingHandler
 
 FORMAT = "%(asctime)s %(processName)s %(levelname)s %(message)s"
 _root = logging.getLogger("multifd")
+
+
+_held_depth = 0
+_held_signals: list[int] = []
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold main's SIGINT/SIGTERM handling for the duration; deliver it on the way out.
+
+    main's signal handlers raise (see cli.py). Raised inside the log queue's
+    put(), the exception could leave the queue's lock taken, so the shutdown that
+    followed deadlocked on it, or logging swallowed it as a "Logging error" and
+    recv listened on until --timeout. The handler asks hold_signal() first; a
+    flag, not a signal mask, because the kernel may hand the signal to another
+    thread while Python still runs the handler in this one.
+    """
+    global _held_depth
+    _held_depth += 1
+    try:
+        yield
+    finally:
+        _held_depth -= 1
+        if not _held_depth and _held_signals:
+            signal.raise_signal(_held_signals.pop(0))
+
+
+def hold_signal(signum: int) -> bool:
+    """For main's signal handler: True if the signal must wait for a log call to end."""
+    if _held_depth:
+        _held_signals.append(signum)
+        return True
+    return False
 
 
 class _ChannelLogHandler(MultiProcessingHandler):  # type: ignore[misc]
@@ -24,6 +59,10 @@ class _ChannelLogHandler(MultiProcessingHandler):  # type: ignore[misc]
     instead of waiting out the library's 0.2 s poll; the join is bounded, so
     a channel killed while holding the queue can never hang main's exit.
     """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with _signals_held():
+            super().emit(record)
 
     def _receive(self) -> None:
         while True:
@@ -41,13 +80,14 @@ class _ChannelLogHandler(MultiProcessingHandler):  # type: ignore[misc]
     def close(self) -> None:
         if not self._is_closed:  # type: ignore[has-type]
             self._is_closed = True
-            try:
-                self.queue.put_nowait(None)
-            except (OSError, ValueError):
-                pass
-            self._receive_thread.join(0.5)
-            self.sub_handler.flush()
-            logging.Handler.close(self)
+            with _signals_held():
+                try:
+                    self.queue.put_nowait(None)
+                except (OSError, ValueError):
+                    pass
+                self._receive_thread.join(0.5)
+                self.sub_handler.flush()
+                logging.Handler.close(self)
 
 
 def configure(level: str = "INFO", log_file: str | None = None) -> None:

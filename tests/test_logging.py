@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import Runner, sha256, write_random
@@ -28,3 +30,51 @@ def test_channel_records_are_merged_once_with_their_channel(runner: Runner, tmp_
         # Main's own records are there too, and nothing went to stdout.
         assert any("MainProcess" in ln for ln in lines)
     assert all(e["event"] for e in m.send.events)  # stdout carried only JSON events
+
+
+SIGNAL_INSIDE_A_LOG_CALL = """
+import logging, os, signal
+from multifd_cli import cli, logsetup
+from multifd_cli.errors import Interrupted
+
+cli._setup(False, "info", None)
+logsetup.install_for_channels()
+queue = logging.getLogger("multifd").handlers[0].queue
+
+
+class SignalWithLockHeld:
+    # Stands in for the queue's condition: SIGINT arrives just after its lock is taken.
+    def __init__(self, cond):
+        self.cond = cond
+
+    def __enter__(self):
+        self.cond.__enter__()
+        os.kill(os.getpid(), signal.SIGINT)
+        return self
+
+    def __exit__(self, *exc):
+        return self.cond.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self.cond, name)
+
+
+real = queue._notempty
+queue._notempty = SignalWithLockHeld(real)
+try:
+    logging.getLogger("multifd").info("a record")
+except Interrupted as e:
+    print("raised after the log call:", e)
+queue._notempty = real
+logsetup.shutdown()
+print("shut down")
+"""
+
+
+def test_a_signal_inside_a_log_call_is_raised_after_it() -> None:
+    """main's handlers raise; raised with the log queue's lock held, the exception
+    left it taken and the shutdown that followed hung (seen: recv ignoring SIGINT)."""
+    out = subprocess.run([sys.executable, "-c", SIGNAL_INSIDE_A_LOG_CALL], capture_output=True,
+                         text=True, timeout=20)
+    assert out.stdout.splitlines() == [
+        "raised after the log call: interrupted by SIGINT", "shut down"], out.stderr
