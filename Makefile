@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 FUZZ_SECONDS ?= 60
 
-.PHONY: venv demo test test-all lint bench fuzz clean
+.PHONY: venv bytecode demo test test-all lint bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,12 +20,17 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
+# The tests start multifd hundreds of times; with PYTHONDONTWRITEBYTECODE set (as in
+# some shells and CI images) each start would compile every module from source.
+bytecode: $(STAMP)
+	$(BIN)/python -m compileall -q multifd_cli
+
 # Pairwise coverage of the option matrix; stays well under 10 minutes on 2 cores.
-test: $(STAMP)
+test: bytecode
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The full matrix.
-test-all: $(STAMP)
+test-all: bytecode
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
