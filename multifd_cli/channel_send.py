@@ -30,7 +30,8 @@ from multifd_cli import protocol as P
 from multifd_cli.auth import Security
 from multifd_cli.clients import BlobClient, PagedClient
 from multifd_cli.compression import Compressor, get_compressor
-from multifd_cli.compression.adaptive import AdaptivePolicy
+from multifd_cli.compression.adaptive import AdaptivePolicy, CodecOption
+from multifd_cli.compression.probe import PROBE_PAGES, incompressible_segments
 from multifd_cli.errors import ConnectionFailed, IOFailure, ProtocolError, expect
 from multifd_cli.ratelimit import SharedRateLimit
 from multifd_cli.tables import SharedTable
@@ -86,15 +87,56 @@ class ChannelSender:
         hashes: list[int],
         payload: list[memoryview | bytes],
     ) -> None:
-        raw = False
         size = sum(len(p) for p in payload)
-        data: list[memoryview | bytes] = payload
-        comp, comp_id, option = self.comp, self.comp_id, None
         if self.policy is not None:
             option = self.policy.choose()
             comp = option.codec
-            comp_id = comp.wire_id if comp is not None else 0
-        if comp is not None and size:
+            self._emit(block, normal_offsets, zero_offsets, hashes, payload, size, comp, option)
+            return
+        comp = self.comp
+        n = len(normal_offsets)
+        if comp is None or n < 2 * PROBE_PAGES or size % n:
+            # Nothing to compress, too few pages to split, or a short tail page.
+            self._emit(block, normal_offsets, zero_offsets, hashes, payload, size, comp)
+            return
+        data = memoryview(payload[0] if len(payload) == 1 else b"".join(payload))
+        seg = size // n * PROBE_PAGES
+        skip = incompressible_segments(comp, data, seg)
+        if not any(skip):
+            self._emit(block, normal_offsets, zero_offsets, hashes, [data], size, comp)
+            return
+        # Pages of segments that did not shrink in the probe go raw in a packet of
+        # their own, without being compressed at all; the rest are compressed.
+        for raw in (False, True):
+            idx = [i for k, flag in enumerate(skip) if flag == raw
+                   for i in range(k * PROBE_PAGES, min(n, (k + 1) * PROBE_PAGES))]
+            if not idx:
+                continue
+            parts: list[memoryview | bytes] = [
+                data[k * seg : (k + 1) * seg] for k, flag in enumerate(skip) if flag == raw
+            ]
+            self._emit(
+                block, [normal_offsets[i] for i in idx], zero_offsets,
+                [hashes[i] for i in idx], parts, sum(len(x) for x in parts), comp, raw=raw,
+            )
+            zero_offsets = []  # they went with the first packet
+
+    def _emit(
+        self,
+        block: int,
+        normal_offsets: list[int],
+        zero_offsets: list[int],
+        hashes: list[int],
+        payload: list[memoryview | bytes],
+        size: int,
+        comp: Compressor | None,
+        option: CodecOption | None = None,
+        raw: bool = False,
+    ) -> None:
+        """Compress (unless `raw`), frame and send one packet."""
+        comp_id = comp.wire_id if comp is not None else 0
+        data: list[memoryview | bytes] = payload
+        if comp is not None and size and not raw:
             t0 = time.perf_counter()
             packed = comp.compress(payload[0] if len(payload) == 1 else b"".join(payload))
             if self.policy is not None and option is not None:
@@ -112,7 +154,7 @@ class ChannelSender:
             hashes=hashes,
             payload=data,
             compression=comp_id,
-            raw=raw,
+            raw=raw and comp is not None,
         )
         t0 = time.perf_counter()
         self.limit.consume(sum(len(b) for b in bufs))

@@ -569,3 +569,71 @@ def test_entry_point_listing_failure_is_not_fatal(
 def test_real_entry_point_lookup() -> None:
     """The importlib.metadata call itself works on this Python."""
     assert all(hasattr(ep, "load") for ep in registry._entry_points(registry.ENTRY_POINT_GROUP))
+
+
+# -- the incompressibility probe ------------------------------------------------------------------
+def test_probe_tells_random_segments_from_text_and_zeros() -> None:
+    from multifd_cli.compression.probe import incompressible_segments
+
+    seg = 64 * 1024
+    data = os.urandom(seg) + _text_corpus(seg) + bytes(seg) + os.urandom(seg // 2)
+    for name in ("lz4", "zstd:1", "zlib"):
+        assert incompressible_segments(get_compressor(name), data, seg) == [
+            True, False, False, True], name
+
+
+@pytest.mark.parametrize("kinds", [
+    ["text", "random", "text", "random", "random", "text", "text", "random"],
+    ["random"] * 8,  # nothing left to compress: one raw packet, zero pages included
+])
+def test_channel_sends_incompressible_segments_raw_and_the_rest_compressed(
+    kinds: list[str],
+) -> None:
+    """Pages of segments whose probe did not shrink go in a raw packet of their own;
+    every page arrives once, with its hash, and the bytes decode to the original."""
+    import socket
+    import threading
+
+    from multifd_cli import protocol as P
+    from multifd_cli.channel_send import ChannelSender
+    from multifd_cli.compression.probe import PROBE_PAGES
+    from multifd_cli.ratelimit import SharedRateLimit
+
+    ps, seg = 4096, 4096 * PROBE_PAGES
+    data = b"".join(_text_corpus(seg) if k == "text" else os.urandom(seg) for k in kinds)
+    n = len(data) // ps
+    offsets = [i * ps for i in range(n)]
+    hashes = [i + 1 for i in range(n)]  # the channel does not look at them
+    a, b = socket.socketpair()
+    dec = P.Decoder()
+
+    def drain() -> None:
+        while chunk := b.recv(1 << 20):
+            dec.feed(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        tx = ChannelSender(a, get_compressor("lz4"), SharedRateLimit(0))
+        tx.send_pages(0, offsets, [n * ps], hashes, [memoryview(data)])
+        a.shutdown(socket.SHUT_WR)
+        reader.join(10)
+        packets = [m for m in dec.messages() if isinstance(m, P.Packet)]
+    finally:
+        a.close()
+        b.close()
+    expect = [(0, 2), (P.FLAG_RAW, 2)] if "text" in kinds else [(P.FLAG_RAW, 2)]
+    assert [(p.header.flags & P.FLAG_RAW, p.header.compression) for p in packets] == expect
+    assert [list(p.zero_offsets) for p in packets] == [[n * ps]] + [[]] * (len(expect) - 1)
+    assert tx.epoch_counts == P.Counts(len(expect), n, 1)
+    got = {}
+    for p in packets:
+        raw = len(p.normal_offsets) * ps
+        body = bytes(p.payload) if p.header.flags & P.FLAG_RAW else by_wire_id(2).decompress(
+            p.payload, raw)
+        for j, (off, h) in enumerate(zip(p.normal_offsets, p.hashes)):
+            got[off] = (body[j * ps : (j + 1) * ps], h)
+        kind = "random" if p.header.flags & P.FLAG_RAW else "text"
+        assert {kinds[off // seg] for off in p.normal_offsets} == {kind}
+    assert sorted(got) == offsets
+    assert all(got[o] == (data[o : o + ps], o // ps + 1) for o in offsets)

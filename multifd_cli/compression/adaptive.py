@@ -26,7 +26,7 @@ PROBE_EVERY = 16
 
 
 @dataclass
-class _Estimate:
+class CodecOption:
     codec: Compressor | None  # None sends raw
     ratio: float
     cpu_per_byte: float
@@ -38,8 +38,8 @@ class _Estimate:
 class AdaptivePolicy:
     def __init__(self, codecs: list[Compressor], cap: Callable[[], float] = lambda: 0.0) -> None:
         # Optimistic starting points; the first probes replace them.
-        self.options = [_Estimate(None, 1.0, 0.0)] + [
-            _Estimate(c, 0.5, 1 / 500e6) for c in codecs
+        self.options = [CodecOption(None, 1.0, 0.0)] + [
+            CodecOption(c, 0.5, 1 / 500e6) for c in codecs
         ]
         # The link is judged from bytes and seconds averaged separately: one
         # send that fits in a socket buffer (or a rate limiter's burst) must not
@@ -57,14 +57,14 @@ class AdaptivePolicy:
         cap = self.cap()
         return min(measured, cap) if cap > 0 else measured
 
-    def choose(self) -> _Estimate:
+    def choose(self) -> CodecOption:
         self._count += 1
         if self._count % PROBE_EVERY == 0:
             self._probe = (self._probe + 1) % len(self.options)
             return self.options[self._probe]
         return min(self.options, key=lambda o: o.cost(self.link))
 
-    def observe_codec(self, option: _Estimate, raw: int, packed: int, seconds: float) -> None:
+    def observe_codec(self, option: CodecOption, raw: int, packed: int, seconds: float) -> None:
         if raw <= 0:
             return
         option.ratio += ALPHA * (min(1.0, packed / raw) - option.ratio)
