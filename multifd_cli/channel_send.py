@@ -71,7 +71,6 @@ class ChannelSender:
         self.limit = limit
         self.policy = policy  # --compress auto: the codec is chosen per packet
         self.comp = compressor
-        self.comp_id = compressor.wire_id if compressor is not None else 0
         self.epoch = 0
         self.packet_num = 0
         self.epoch_counts = P.Counts()

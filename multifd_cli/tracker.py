@@ -190,7 +190,7 @@ class HashTracker:
         zfull = zero_hash(ps)
         ztail = zero_hash(length - (k - 1) * ps)
         if zfull not in hs and hs[-1] != ztail:
-            client.queue_run(block, base, mv[:length], hs)
+            client.queue_run(block, base, mv, hs)
             res.dirty_pages += k
             return
         # Zero pages are described, not sent; the runs between them go as they are.
@@ -255,8 +255,8 @@ class HashTracker:
                 client.queue_run(block, base + a, cv, hs)
                 res.dirty_pages += k
             elif whole and clen == cb and ch == zero_hash(cb) and cv.tobytes() == zero_bytes(cb):
-                # A whole zero chunk (a quarter of a typical VM image): describe
-                # its pages in one go. tobytes() then == runs at memcmp speed, where
+                # A whole zero chunk (common in disk images): describe its pages in
+                # one go. tobytes() then == runs at memcmp speed, where
                 # comparing the memoryview itself walks it item by item, 50x slower.
                 ph[pi : pi + k] = array("Q", hs)
                 client.queue_zeros(block, range(base + a, base + a + clen, ps))
