@@ -197,6 +197,23 @@ def write_mixed(path: Path, size: int, seed: int = 1) -> Path:
 
 
 # -- process states: read /proc directly, independently of multifd_cli.pause -----------------
+WRITER = Path(__file__).resolve().parents[1] / "examples" / "writer.py"
+
+
+def start_writer(path: Path, rate: str = "16M", hot: str = "16M") -> int:
+    """Start examples/writer.py on `path` in its own session; return its pid once it wrote."""
+    before = path.stat().st_mtime_ns
+    p = subprocess.Popen([sys.executable, str(WRITER), str(path), "--rate", rate,
+                          "--hot-set", hot], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    deadline = time.monotonic() + 10
+    while path.stat().st_mtime_ns == before:
+        assert time.monotonic() < deadline, "the writer did not start writing"
+        time.sleep(0.01)
+    return p.pid
+
+
 def thread_states(pid: int) -> list[str]:
     """Field 3 of /proc/PID/task/*/stat for every thread ([] once the process is gone)."""
     try:

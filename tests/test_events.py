@@ -27,7 +27,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,10 +35,10 @@ from typing import Any, Iterator
 
 import pytest
 from conftest import MULTIFD, release, spawn, write_mixed, write_random
+from conftest import start_writer as conftest_start_writer
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "events.md"
-WRITER = ROOT / "examples" / "writer.py"
 MiB = 1 << 20
 
 EVENTS = {"listening", "pass", "switchover", "progress", "completed", "failed"}
@@ -351,17 +350,9 @@ def describe(send: Run, recv: Run) -> str:
 
 
 def start_writer(procs: Procs, path: Path, rate: str = "16M", hot: str = "16M") -> int:
-    before = path.stat().st_mtime_ns
-    p = subprocess.Popen([sys.executable, str(WRITER), str(path), "--rate", rate,
-                          "--hot-set", hot], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
-    procs.pids.append(p.pid)
-    deadline = time.monotonic() + 10
-    while path.stat().st_mtime_ns == before:
-        assert time.monotonic() < deadline, "the writer did not start writing"
-        time.sleep(0.01)
-    return p.pid
+    pid = conftest_start_writer(path, rate, hot)
+    procs.pids.append(pid)
+    return pid
 
 
 # -- the doc itself ----------------------------------------------------------------------------------

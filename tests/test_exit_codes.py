@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from conftest import release, spawn, write_random
+from conftest import release, spawn, start_writer, write_random
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-WRITER = ROOT / "examples" / "writer.py"
 HELPERS = Path(__file__).parent / "helpers"
 MiB = 1 << 20
 
@@ -112,17 +111,9 @@ class Procs:
                           env)
 
     def writer(self, path: Path, rate: str = "16M", hot: str = "8M") -> int:
-        before = path.stat().st_mtime_ns
-        p = subprocess.Popen([sys.executable, str(WRITER), str(path), "--rate", rate,
-                              "--hot-set", hot], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-        self.pids.append(p.pid)
-        deadline = time.monotonic() + 10
-        while path.stat().st_mtime_ns == before:
-            assert time.monotonic() < deadline, "the writer did not start writing"
-            time.sleep(0.01)
-        return p.pid
+        pid = start_writer(path, rate, hot)
+        self.pids.append(pid)
+        return pid
 
     def cleanup(self) -> None:
         for p in self.all:
