@@ -383,24 +383,37 @@ class Throttle:
     def step(self) -> int:
         """Throttle harder: 20 %, then +10 % per call, up to 99 %."""
         self.pct = self.INITIAL if self.pct == 0 else min(self.MAX, self.pct + self.STEP)
-        if self.spec.cgroup:
-            self._set_cpu_max()
-        if self.spec.pids and self._thread is None:
+        start = bool(self.spec.pids) and self._thread is None
+        if start:
             # A process someone else stopped is theirs: never cycle it.
             self._pids = [p for p in self.spec.pids if not is_stopped(p)]
-            self._thread = threading.Thread(target=self._cycle, name="throttle", daemon=True)
-            self._thread.start()
+        if self.spec.cgroup and self._old_cpu_max is None:
+            self._old_cpu_max = self._read_cpu_max()
+        # The watchdog learns what it may have to undo before the first SIGSTOP or
+        # cpu.max write: a SIGKILL of main in between must not strand the writer.
         if self.watchdog is not None:
             self.watchdog.throttling(self._pids, self._old_cpu_max)
+        if self.spec.cgroup:
+            self._set_cpu_max()
+        if start:
+            self._thread = threading.Thread(target=self._cycle, name="throttle", daemon=True)
+            self._thread.start()
         return self.pct
 
+    def _read_cpu_max(self) -> str | None:
+        try:
+            with open(os.path.join(self.spec.cgroup, "cpu.max")) as f:
+                return f.read().strip()
+        except OSError as e:
+            log.warning("cannot throttle %s through cpu.max: %s", self.spec.cgroup, e.strerror)
+            return None
+
     def _set_cpu_max(self) -> None:
+        if self._old_cpu_max is None:
+            return  # unreadable, so it could not be restored: leave it alone
         path = os.path.join(self.spec.cgroup, "cpu.max")
         period = 100_000
         try:
-            if self._old_cpu_max is None:
-                with open(path) as f:
-                    self._old_cpu_max = f.read().strip()
             with open(path, "w") as f:
                 f.write(f"{max(1000, period * (100 - self.pct) // 100)} {period}")
         except OSError as e:

@@ -741,6 +741,34 @@ def test_sigkill_of_send_while_throttling(runner: Runner, tmp_path: Path,
         _reap_group(m)
 
 
+# Main dies right after the throttle's first SIGSTOP: the earliest moment a kill can
+# strand the writer. The CI once caught the end-to-end test above in that window.
+_DIE_AFTER_FIRST_STOP = r"""
+import os, signal, sys
+from multifd_cli import pause
+target = int(sys.argv[1])
+spec = pause.PauseSpec(pids=(target,))
+watchdog = pause.Watchdog(spec)
+real_kill = os.kill
+def kill(pid, sig):
+    real_kill(pid, sig)
+    if pid == target and sig == signal.SIGSTOP:
+        real_kill(os.getpid(), signal.SIGKILL)
+os.kill = kill
+pause.Throttle(spec, watchdog).step()
+signal.pause()
+"""
+
+
+def test_sigkill_right_after_the_first_throttle_stop(sleeper: int) -> None:
+    p = subprocess.run([sys.executable, "-c", _DIE_AFTER_FIRST_STOP, str(sleeper)],
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()
+    took = wait_until(lambda: is_running(sleeper), 3.0)
+    assert took is not None, f"writer left stopped: {thread_states(sleeper)}"
+    assert took <= 2.5
+
+
 # -- 9. a source that grows or shrinks between passes --------------------------------------------
 
 RESIZES = {
