@@ -149,7 +149,18 @@ class ChannelReceiver:
         if n and offsets == list(range(offsets[0], offsets[0] + n * ps, ps)):
             self._apply_run(h.block, fd, tables, offsets[0], mv, want)
         elif n:
-            self._apply_scattered(h.block, fd, tables, offsets, mv, want, size)
+            # Pages in stretches of consecutive offsets, each applied as one run:
+            # a packet with gaps (zero pages, or segments sent raw in a packet of
+            # their own) costs a few runs, not a Python loop over its pages.
+            cuts = [i for i in range(1, n) if offsets[i] - offsets[i - 1] != ps]
+            tail = size % ps
+            pos = 0
+            for a, b in zip([0, *cuts], [*cuts, n]):
+                length = (b - a) * ps
+                if tail and offsets[b - 1] == size - tail:
+                    length -= ps - tail  # the file's short last page ends its run
+                self._apply_run(h.block, fd, tables, offsets[a], mv[pos : pos + length], want[a:b])
+                pos += length
         if p.zero_offsets:
             self._zero(fd, tables, p.zero_offsets, size)
 
@@ -178,41 +189,6 @@ class ChannelReceiver:
         stamps[p0 : p0 + n] = array("I", [epoch]) * n
         tables.page_hash.view[p0 : p0 + n] = array("Q", got)
         self._write(fd, mv, 0, len(mv), start)
-
-    def _apply_scattered(
-        self,
-        block: int,
-        fd: int,
-        tables: DestTables,
-        offsets: list[int],
-        mv: memoryview,
-        want: list[int],
-        size: int,
-    ) -> None:
-        ps = self.ps
-        stamps = tables.stamp.view
-        hashes = tables.page_hash.view
-        epoch = self.epoch
-        pos = 0
-        run_off = run_pos = -1
-        run_len = 0
-        for off, w in zip(offsets, want):
-            n = ps if off + ps <= size else size - off
-            got = page_hash(mv[pos : pos + n])
-            if got != w:
-                raise self._mismatch(block, off, got, w)
-            pi = off // ps
-            if stamps[pi] & ~HOLE_BIT == epoch:
-                raise ProtocolError(f"page at offset {off} arrived twice in epoch {epoch}")
-            stamps[pi] = epoch
-            hashes[pi] = w
-            if off == run_off + run_len and pos == run_pos + run_len:
-                run_len += n
-            else:
-                self._write(fd, mv, run_pos, run_len, run_off)
-                run_off, run_pos, run_len = off, pos, n
-            pos += n
-        self._write(fd, mv, run_pos, run_len, run_off)
 
     def _write(self, fd: int, mv: memoryview, pos: int, length: int, offset: int) -> None:
         if length <= 0:
