@@ -192,6 +192,22 @@ def terminate(workers: Sequence[Worker]) -> None:
     stop(workers, grace=0.0)
 
 
+def _drain(w: Worker, reports: list[tuple[Worker, tuple[Any, ...]]]) -> bool:
+    """Move what `w` has sent into `reports`; False once its pipe is closed.
+
+    A channel's ("error", code, message) report raises WorkerFailed at once.
+    """
+    try:
+        while w.pipe.poll():
+            msg = w.pipe.recv()
+            if msg[0] == "error":
+                raise WorkerFailed(msg[2], msg[1], w.index)
+            reports.append((w, msg))
+    except (EOFError, OSError):
+        return False
+    return True
+
+
 def poll(
     workers: Sequence[Worker],
     extra: Sequence[Any],
@@ -211,28 +227,14 @@ def poll(
     for obj in ready:
         if obj in by_pipe:
             w = by_pipe[obj]
-            try:
-                while w.pipe.poll():
-                    msg = w.pipe.recv()
-                    if msg[0] == "error":
-                        raise WorkerFailed(msg[2], msg[1], w.index)
-                    reports.append((w, msg))
-            except (EOFError, OSError):
+            if not _drain(w, reports):
                 dead.append(w)
         elif obj in by_sentinel:
             dead.append(by_sentinel[obj])
         else:
             extras.append(obj)
     for w in dead:
-        # A last report may still sit in the pipe of a channel that just exited.
-        try:
-            while w.pipe.poll():
-                msg = w.pipe.recv()
-                if msg[0] == "error":
-                    raise WorkerFailed(msg[2], msg[1], w.index)
-                reports.append((w, msg))
-        except (EOFError, OSError):
-            pass
+        _drain(w, reports)  # a last report may sit in the pipe of a channel that just exited
         if not any(r[0] is w for r in reports) or w.process.exitcode not in (0, None):
             w.process.join(0.5)
             code = w.process.exitcode
