@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import pytest
 
@@ -201,17 +201,9 @@ WRITER = Path(__file__).resolve().parents[1] / "examples" / "writer.py"
 
 
 def start_writer(path: Path, rate: str = "16M", hot: str = "16M") -> int:
-    """Start examples/writer.py on `path` in its own session; return its pid once it wrote."""
-    before = path.stat().st_mtime_ns
-    p = subprocess.Popen([sys.executable, str(WRITER), str(path), "--rate", rate,
-                          "--hot-set", hot], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
-    deadline = time.monotonic() + 10
-    while path.stat().st_mtime_ns == before:
-        assert time.monotonic() < deadline, "the writer did not start writing"
-        time.sleep(0.01)
-    return p.pid
+    """Start examples/writer.py on `path` in its own session; return its pid once it wrote.
+    The caller releases it (see `release`); the `writers` fixture does that itself."""
+    return Writer(path, rate, hot).pid
 
 
 def thread_states(pid: int) -> list[str]:
@@ -249,6 +241,63 @@ def release(pid: int) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+class Writer:
+    """examples/writer.py in its own session; always continued and killed at the end."""
+
+    def __init__(self, path: Path, rate: str = "16M", hot: str = "16M", threads: int = 1,
+                 seed: int = 1) -> None:
+        self.path = path
+        self.threads = threads
+        before = path.stat().st_mtime_ns
+        self.popen = subprocess.Popen(
+            [sys.executable, str(WRITER), str(path), "--rate", rate, "--hot-set", hot,
+             "--threads", str(threads), "--seed", str(seed)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        # Started only once every writing thread exists and the file has changed.
+        deadline = time.monotonic() + 10
+        while len(thread_states(self.pid)) < threads + 1 or path.stat().st_mtime_ns == before:
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError("the writer did not start writing")
+            time.sleep(0.01)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def states(self) -> list[str]:
+        return thread_states(self.pid)
+
+    def stopped(self) -> bool:
+        return is_stopped(self.pid)
+
+    def running(self) -> bool:
+        return is_running(self.pid)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            release(self.pid)
+        self.popen.wait(10)
+
+
+@pytest.fixture
+def writers() -> Iterator[Callable[..., Writer]]:
+    """Start writers with `writers(path, rate=..., hot=..., threads=..., seed=...)`;
+    every one is continued and killed when the test ends."""
+    started: list[Writer] = []
+
+    def start(path: Path, **kw: Any) -> Writer:
+        w = Writer(path, **kw)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.kill()
 
 
 @pytest.fixture

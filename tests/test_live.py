@@ -32,6 +32,7 @@ from conftest import (
     Migration,
     Proc,
     Runner,
+    Writer,
     is_running,
     is_stopped,
     release,
@@ -45,7 +46,6 @@ KiB = 1 << 10
 MiB = 1 << 20
 PAGE = 4096
 ROOT = Path(__file__).resolve().parent.parent
-WRITER = ROOT / "examples" / "writer.py"
 HELPERS = Path(__file__).parent / "helpers"
 TIMEOUT = ("--timeout", "20")  # short, so a hang fails instead of stalling the suite
 
@@ -62,61 +62,6 @@ def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.002) ->
         if time.monotonic() - t0 > timeout:
             return None
         time.sleep(step)
-
-
-class Writer:
-    """examples/writer.py in its own session; always continued and killed at the end."""
-
-    def __init__(self, path: Path, rate: str, hot: str, threads: int, seed: int) -> None:
-        self.path = path
-        self.threads = threads
-        before = path.stat().st_mtime_ns
-        self.popen = subprocess.Popen(
-            [sys.executable, str(WRITER), str(path), "--rate", rate, "--hot-set", hot,
-             "--threads", str(threads), "--seed", str(seed)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        # Started only once every writing thread exists and the file has changed.
-        ok = wait_until(
-            lambda: len(thread_states(self.pid)) >= threads + 1
-            and path.stat().st_mtime_ns != before,
-            10, 0.01,
-        )
-        assert ok is not None, "the writer did not start writing"
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def states(self) -> list[str]:
-        return thread_states(self.pid)
-
-    def stopped(self) -> bool:
-        return is_stopped(self.pid)
-
-    def running(self) -> bool:
-        return is_running(self.pid)
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            release(self.pid)
-        self.popen.wait(10)
-
-
-@pytest.fixture
-def writers() -> Iterator[Callable[..., Writer]]:
-    started: list[Writer] = []
-
-    def start(path: Path, rate: str = "16M", hot: str = "16M", threads: int = 1,
-              seed: int = 1) -> Writer:
-        w = Writer(path, rate, hot, threads, seed)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        w.kill()
 
 
 @pytest.fixture

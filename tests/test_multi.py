@@ -31,7 +31,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -40,9 +39,9 @@ import pytest
 from conftest import (
     Proc,
     Runner,
+    Writer,
     is_running,
     is_stopped,
-    release,
     sha256,
     spawn,
     thread_states,
@@ -55,7 +54,6 @@ from multifd_cli import protocol as P
 KiB = 1 << 10
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
-WRITER = ROOT / "examples" / "writer.py"
 # Channel 0 of recv sleeps this long before applying each packet: a slow destination.
 SLOW_RECV = {"MULTIFD_TEST_DELAY": "0:0.05"}
 IS_ROOT = os.geteuid() == 0
@@ -141,40 +139,6 @@ def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.01) -> 
             return False
         time.sleep(step)
     return True
-
-
-class Writer:
-    """examples/writer.py in its own session; continued and killed in cleanup."""
-
-    def __init__(self, path: Path, rate: str = "4M") -> None:
-        before = path.stat().st_mtime_ns
-        self.popen = subprocess.Popen(
-            [sys.executable, str(WRITER), str(path), "--rate", rate, "--hot-set", "16M"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        assert wait_until(lambda: path.stat().st_mtime_ns != before, 10), "the writer never wrote"
-        self.pid = self.popen.pid
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            release(self.pid)
-        self.popen.wait(10)
-
-
-@pytest.fixture
-def writer() -> Iterator[Callable[..., Writer]]:
-    started: list[Writer] = []
-
-    def start(path: Path, rate: str = "4M") -> Writer:
-        w = Writer(path, rate)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        w.kill()
-
 
 
 # -- 1. several sources ------------------------------------------------------------------------
@@ -341,9 +305,9 @@ def _blob_checks(s: Proc, r: Proc, name: str, size: int) -> None:
 
 
 def test_state_cmd_blob_with_live_writer(runner: Runner, tmp_path: Path,
-                                         writer: Callable[..., Writer]) -> None:
+                                         writers: Callable[..., Writer]) -> None:
     src = write_random(tmp_path / "disk.img", 16 * MiB, seed=51)
-    w = writer(src)
+    w = writers(src, rate="4M")
     cmd = "printf 'cpu=%d regs=%s\\n' 7 deadbeef; printf 'tail-without-newline'"
     printed = subprocess.run(cmd, shell=True, capture_output=True, check=True).stdout
     dest = tmp_path / "vm"
@@ -362,10 +326,10 @@ def test_state_cmd_blob_with_live_writer(runner: Runner, tmp_path: Path,
     assert stat.S_IMODE((dest / "state").stat().st_mode) == 0o644 & ~_umask()
 
 
-def test_state_file_blob_named(runner: Runner, tmp_path: Path, writer: Callable[..., Writer]) -> None:
+def test_state_file_blob_named(runner: Runner, tmp_path: Path, writers: Callable[..., Writer]) -> None:
     src = write_random(tmp_path / "disk.img", 16 * MiB, seed=52)
     state = write_random(tmp_path / "saved-state.bin", 10 * KiB + 3, seed=53)
-    w = writer(src)
+    w = writers(src, rate="4M")
     dest = tmp_path / "vm"
     r, uri = runner.recv(dest)
     s = runner.send([src], uri, "--pause-pid", str(w.pid), "--state-file", str(state),
@@ -399,9 +363,9 @@ def test_blob_larger_than_a_packet_arrives_whole(runner: Runner, tmp_path: Path,
 
 
 def test_failing_state_cmd_exits_7_and_resumes_the_writer(runner: Runner, tmp_path: Path,
-                                                          writer: Callable[..., Writer]) -> None:
+                                                          writers: Callable[..., Writer]) -> None:
     src = write_random(tmp_path / "disk.img", 16 * MiB, seed=57)
-    w = writer(src)
+    w = writers(src, rate="4M")
     dest = tmp_path / "vm"
     r, uri = runner.recv(dest)
     s = runner.send([src], uri, "--pause-pid", str(w.pid), "--state-cmd", "echo partial; exit 1")
