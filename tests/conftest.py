@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,6 +300,23 @@ def writers() -> Iterator[Callable[..., Writer]]:
     yield start
     for w in started:
         w.kill()
+
+
+def reap(pid: int) -> None:
+    """`release` a child this test started by pid, then wait for it."""
+    release(pid)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """For unix sockets: tmp_path can exceed sun_path's 108 bytes."""
+    d = Path(tempfile.mkdtemp(prefix="mfd-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

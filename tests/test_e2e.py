@@ -11,14 +11,12 @@ from __future__ import annotations
 import itertools
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from conftest import MULTIFD, Migration, Proc, Runner, sha256, spawn, write_mixed, write_random
@@ -36,16 +34,8 @@ SIZES = {"odd": 3 * MiB + 1234, "1mib": MiB}
 # -- helpers ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    """A short directory for unix sockets: tmp_path can exceed sun_path's 108 bytes."""
-    d = Path(tempfile.mkdtemp(prefix="mfd-"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def listen_uri(transport: str, sock_dir: Path) -> str:
-    return "tcp:127.0.0.1:0" if transport == "tcp" else f"unix:{sock_dir / 'm.sock'}"
+def listen_uri(transport: str, short_dir: Path) -> str:
+    return "tcp:127.0.0.1:0" if transport == "tcp" else f"unix:{short_dir / 'm.sock'}"
 
 
 def hook(script: str, *args: object) -> str:
@@ -175,29 +165,29 @@ FULL = [
 ]
 
 
-def _matrix_case(runner: Runner, tmp_path: Path, sock_dir: Path, method: str, channels: int,
+def _matrix_case(runner: Runner, tmp_path: Path, short_dir: Path, method: str, channels: int,
                  transport: str, size_name: str) -> None:
     src = write_mixed(tmp_path / "src", SIZES[size_name], seed=channels)
     dest = tmp_path / "dest"
     m = runner.migrate(src, dest, ("--channels", str(channels), "--compress", method),
-                       listen=listen_uri(transport, sock_dir))
+                       listen=listen_uri(transport, short_dir))
     sc, _ = assert_migrated(m, src, dest, channels=channels, compression=method)
     assert sc["zero_pages"] > 0  # the mixed data has zero pages
     if transport == "unix":
-        assert not (sock_dir / "m.sock").exists()  # recv removes its socket
+        assert not (short_dir / "m.sock").exists()  # recv removes its socket
 
 
 @pytest.mark.parametrize(("method", "channels", "transport", "size_name"), PAIRWISE)
-def test_matrix_pairwise(runner: Runner, tmp_path: Path, sock_dir: Path, method: str,
+def test_matrix_pairwise(runner: Runner, tmp_path: Path, short_dir: Path, method: str,
                          channels: int, transport: str, size_name: str) -> None:
-    _matrix_case(runner, tmp_path, sock_dir, method, channels, transport, size_name)
+    _matrix_case(runner, tmp_path, short_dir, method, channels, transport, size_name)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "channels", "transport", "size_name"), FULL)
-def test_matrix_full(runner: Runner, tmp_path: Path, sock_dir: Path, method: str,
+def test_matrix_full(runner: Runner, tmp_path: Path, short_dir: Path, method: str,
                      channels: int, transport: str, size_name: str) -> None:
-    _matrix_case(runner, tmp_path, sock_dir, method, channels, transport, size_name)
+    _matrix_case(runner, tmp_path, short_dir, method, channels, transport, size_name)
 
 
 def test_compression_shrinks_compressible_data(runner: Runner, tmp_path: Path) -> None:

@@ -24,17 +24,15 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from conftest import MULTIFD, release, spawn, write_mixed, write_random
+from conftest import MULTIFD, reap, spawn, write_mixed, write_random
 from conftest import start_writer as conftest_start_writer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,11 +286,7 @@ class Procs:
                     pass
                 p.wait(5)
         for pid in self.pids:
-            release(pid)
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
+            reap(pid)
 
 
 @pytest.fixture
@@ -300,14 +294,6 @@ def procs() -> Iterator[Procs]:
     p = Procs()
     yield p
     p.cleanup()
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """For unix sockets: tmp_path can exceed sun_path's 108 bytes."""
-    d = Path(tempfile.mkdtemp(prefix="mfd-ev-"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def start_recv(procs: Procs, dest: Path, *args: str,

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from conftest import release, spawn, start_writer, write_random
+from conftest import reap, spawn, start_writer, write_random
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -119,19 +119,7 @@ class Procs:
         for p in self.all:
             p.kill()
         for pid in self.pids:
-            release(pid)
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """For unix sockets: tmp_path can exceed sun_path's 108 bytes."""
-    d = Path(tempfile.mkdtemp(prefix="mfd-ec-"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+            reap(pid)
 
 
 @pytest.fixture

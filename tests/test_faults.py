@@ -27,7 +27,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,16 +61,6 @@ def kit(tmp_path: Path) -> Iterator[Kit]:
     k = Kit(tmp_path)
     yield k
     k.cleanup()
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    """For unix sockets: tmp_path can exceed sun_path's 108 bytes."""
-    d = Path(tempfile.mkdtemp(prefix="mfd-ft-"))
-    yield d
-    for f in d.iterdir():
-        f.unlink()
-    d.rmdir()
 
 
 @dataclass
@@ -393,10 +382,10 @@ def test_sigterm_while_the_writer_is_paused(kit: Kit, tmp_path: Path, side: str)
 
 @pytest.mark.parametrize("how", ["cancel", "sigint"])
 def test_cancel_then_a_new_migration_on_the_same_port(kit: Kit, tmp_path: Path,
-                                                      sock_dir: Path, how: str) -> None:
+                                                      short_dir: Path, how: str) -> None:
     port = free_port()
     listen = f"tcp:127.0.0.1:{port}"
-    control = f"unix:{sock_dir / 'ctl.sock'}"
+    control = f"unix:{short_dir / 'ctl.sock'}"
     run = start(kit, tmp_path, listen=listen,
                 send_args=("--max-bandwidth", "16M", "--control", control))
     assert run.recv_uri == listen
