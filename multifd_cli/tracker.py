@@ -15,6 +15,7 @@ import os
 import threading
 from array import array
 from dataclasses import dataclass
+from itertools import compress
 from typing import Callable
 
 from multifd_cli.clients import PagedClient
@@ -194,26 +195,25 @@ class HashTracker:
             res.dirty_pages += k
             return
         # Zero pages are described, not sent; the runs between them go as they are.
+        # Candidates by hash (a C-level scan), each confirmed by its bytes, then
+        # handled a run at a time: no Python step per page of the buffer.
+        zeros = list(compress(range(k), map(zfull.__eq__, hs)))
+        if ztail != zfull and hs[-1] == ztail:
+            zeros.append(k - 1)
         zb = zero_bytes(ps)
-        zeros = [
-            i for i, h in enumerate(hs)
-            if (h == zfull or (i == k - 1 and h == ztail))
-            and mv[i * ps : (i + 1) * ps].tobytes() == zb[: min(ps, length - i * ps)]
-        ]
+        zeros = [i for i in zeros if (t := mv[i * ps : (i + 1) * ps].tobytes()) == zb[: len(t)]]
+        # [first, end) of each run of consecutive zero pages
+        firsts = [z for z, prev in zip(zeros, [-2, *zeros]) if z != prev + 1]
+        ends = [z + 1 for z, nxt in zip(zeros, [*zeros[1:], -1]) if nxt != z + 1]
         start = 0
-        for i in [*zeros, k]:
-            if i > start:
-                client.queue_run(block, base + start * ps, mv[start * ps : min(i * ps, length)],
-                                 hs[start:i])
-                res.dirty_pages += i - start
-            start = i + 1
-        j = 0
-        while j < len(zeros):  # consecutive zero pages in one call
-            e = j
-            while e + 1 < len(zeros) and zeros[e + 1] == zeros[e] + 1:
-                e += 1
-            client.queue_zeros(block, range(base + zeros[j] * ps, base + (zeros[e] + 1) * ps, ps))
-            j = e + 1
+        for first, end in zip([*firsts, k], [*ends, k]):
+            if first > start:
+                client.queue_run(block, base + start * ps, mv[start * ps : min(first * ps, length)],
+                                 hs[start:first])
+                res.dirty_pages += first - start
+            if end > first:
+                client.queue_zeros(block, range(base + first * ps, base + end * ps, ps))
+            start = end
         res.zero_pages += len(zeros)
 
     def _scan_buffer(
