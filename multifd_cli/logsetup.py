@@ -44,6 +44,18 @@ def _signals_held() -> Iterator[None]:
             signal.raise_signal(_held_signals.pop(0))
 
 
+def hold_signals_from_now() -> None:
+    """The run has succeeded: hold SIGINT/SIGTERM until exit and never raise them.
+
+    A signal during the cleanup after success would otherwise report a failure
+    (exit 130/143) for a migration that is complete, while send keeps the writer
+    paused as asked after success: a script would then restart a writer whose
+    data already lives on elsewhere, or wait on one that never resumes.
+    """
+    global _held_depth
+    _held_depth += 1
+
+
 def hold_signal(signum: int) -> bool:
     """For main's signal handler: True if the signal must wait for a log call to end."""
     if _held_depth:

@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from multifd_cli import handshake, workers
+from multifd_cli import handshake, logsetup, workers
 from multifd_cli import protocol as P
 from multifd_cli.channel_send import SendChannelArgs, channel_main
 from multifd_cli.compression import get_compressor, parse_spec
@@ -170,6 +170,7 @@ class Orchestrator:
             if self.cfg.pause.any:
                 self.watchdog = Watchdog(self.cfg.pause)
                 self.pauser.on_intent = self.watchdog.paused
+                self.pauser.on_command = self.watchdog.command
                 self.throttle.watchdog = self.watchdog
             if self.image_path:
                 self._open_image()
@@ -189,6 +190,7 @@ class Orchestrator:
             if self.remote is not None:
                 self.remote.relay_failure(self.cfg.timeout)
             self.succeeded = True
+            logsetup.hold_signals_from_now()
             return self.stats.summary()
         except BaseException as e:
             code = exit_code_of(e)
@@ -241,7 +243,10 @@ class Orchestrator:
                 log.info("the writer runs again")
         finally:
             if self.watchdog is not None:
-                self.watchdog.close(keep=keep and self.pauser.paused)
+                if self.pauser.paused and not keep:
+                    self.watchdog.hand_over()  # a signal cut the resume short
+                else:
+                    self.watchdog.close(keep=keep and self.pauser.paused)
                 self.watchdog = None
 
     def _warn_unpaused_writers(self) -> None:

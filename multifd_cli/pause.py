@@ -111,16 +111,35 @@ class PauseSpec:
             )
 
 
-def run_command(cmd: str, what: str) -> None:
-    """Run a pause/resume command; its output goes to the log, never to stdout."""
+def run_command(cmd: str, what: str,
+                started: Callable[[int | None], None] | None = None) -> None:
+    """Run a pause/resume command; its output goes to the log, never to stdout.
+
+    The command gets its own session, so a Ctrl-C meant for multifd cannot kill
+    a half-done `virsh suspend`. `started` hears its process group before we
+    wait and None once it is over, so the watchdog can stop it if main dies
+    meanwhile. If we stop waiting early (timeout, a signal), the whole group is
+    killed: a pause that lands after the resume would strand the writer.
+    """
+    proc = subprocess.Popen(
+        cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )
     try:
-        proc = subprocess.run(
-            cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, timeout=60,
-        )
-    except subprocess.TimeoutExpired:
-        raise PauseError(f"{what} {cmd!r} did not finish within 60 s") from None
-    for line in proc.stdout.decode(errors="replace").splitlines():
+        if started is not None:
+            started(proc.pid)
+        out, _ = proc.communicate(timeout=60)
+    except BaseException as e:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if isinstance(e, subprocess.TimeoutExpired):
+            raise PauseError(f"{what} {cmd!r} did not finish within 60 s") from None
+        raise
+    finally:
+        if started is not None:
+            started(None)
+    for line in out.decode(errors="replace").splitlines():
         log.info("%s: %s", what, line)
     if proc.returncode != 0:
         raise PauseError(f"{what} {cmd!r} exited with status {proc.returncode}")
@@ -140,6 +159,8 @@ class Pauser:
     # Told what is about to be paused before anything is, so a watchdog can
     # undo it even if main dies halfway through pausing.
     on_intent: Callable[[list[int], bool, bool], None] | None = None
+    # Told the process group of a running pause/resume command (None: done).
+    on_command: Callable[[int | None], None] | None = None
 
     @property
     def paused(self) -> bool:
@@ -157,21 +178,23 @@ class Pauser:
         if self.on_intent is not None:
             self.on_intent(to_stop, bool(self.spec.cgroup), bool(self.spec.pause_cmd))
         try:
+            # Each mechanism is recorded before it acts: a signal handled between
+            # the act and the record would otherwise leave resume() unaware of it.
             for pid in to_stop:
+                self.stopped.append(pid)
                 try:
                     os.kill(pid, signal.SIGSTOP)
                 except ProcessLookupError:
                     log.warning("process %d is gone; nothing to pause there", pid)
-                    continue
-                self.stopped.append(pid)
+                    self.stopped.remove(pid)
             if self.spec.cgroup:
-                self._write_freeze(1)
                 self.frozen = True
+                self._write_freeze(1)
             if self.spec.pause_cmd:
-                # Set first: a command that half-paused and then failed is still
-                # undone by --resume-cmd.
+                # A command that half-paused and then failed is still undone by
+                # --resume-cmd.
                 self.commanded = True
-                run_command(self.spec.pause_cmd, "pause command")
+                run_command(self.spec.pause_cmd, "pause command", self.on_command)
             if self.extra_pause is not None:
                 self.extra_pause()
                 self.extra_paused = True
@@ -208,30 +231,37 @@ class Pauser:
             raise PauseError(f"cannot {'freeze' if value else 'thaw'} {self.spec.cgroup}: {e.strerror}") from None
 
     def resume(self) -> None:
-        """Undo whatever pause() did; try every mechanism even if one fails."""
+        """Undo whatever pause() did; try every mechanism even if one fails.
+
+        A signal during the resume command still lets the thaw and the SIGCONTs
+        run; `commanded` then stays set, so `paused` tells the caller that the
+        watchdog must finish the job.
+        """
         errors: list[str] = []
-        if self.extra_paused and self.extra_resume is not None:
-            try:
-                self.extra_resume()
-            except Exception as e:  # noqa: BLE001 - resume everything else regardless
-                errors.append(f"resume hook: {e}")
-            self.extra_paused = False
-        if self.commanded:
-            try:
-                run_command(self.spec.resume_cmd, "resume command")
-            except PauseError as e:
-                errors.append(e.message)
-            self.commanded = False
-        if self.frozen:
-            try:
-                self._write_freeze(0)
-            except PauseError as e:
-                errors.append(e.message)
-            self.frozen = False
-        for pid in self.stopped:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        self.stopped = []
+        try:
+            if self.extra_paused and self.extra_resume is not None:
+                try:
+                    self.extra_resume()
+                except Exception as e:  # noqa: BLE001 - resume everything else regardless
+                    errors.append(f"resume hook: {e}")
+                self.extra_paused = False
+            if self.commanded:
+                try:
+                    run_command(self.spec.resume_cmd, "resume command", self.on_command)
+                except PauseError as e:
+                    errors.append(e.message)
+                self.commanded = False
+        finally:
+            if self.frozen:
+                try:
+                    self._write_freeze(0)
+                except PauseError as e:
+                    errors.append(e.message)
+                self.frozen = False
+            for pid in self.stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            self.stopped = []
         if errors:
             raise PauseError("; ".join(errors))
 
@@ -284,6 +314,10 @@ class Watchdog:
     def throttle_off(self) -> None:
         self._say("throttle-off")
 
+    def command(self, pgid: int | None) -> None:
+        """A pause/resume command runs in process group `pgid` (None: it is over)."""
+        self._say(f"command {pgid if pgid is not None else '-'}")
+
     def resumed(self) -> None:
         self._say("resumed")
 
@@ -295,6 +329,19 @@ class Watchdog:
             os.close(self._w)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
+
+    def hand_over(self) -> None:
+        """Main could not finish resuming (a signal cut it short): close the pipe
+        without a word, so the watchdog undoes what it knows of, as if main had
+        died. Not waited for: its resume command may take a while."""
+        with contextlib.suppress(OSError):
+            os.close(self._w)
+
+
+def _default_signals() -> None:  # pragma: no cover - runs in a child before exec
+    """The watchdog ignores SIGINT/SIGTERM; the resume command it runs must not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _watch(fd: int, spec: PauseSpec) -> None:  # pragma: no cover - child process
@@ -308,10 +355,16 @@ def _watch(fd: int, spec: PauseSpec) -> None:  # pragma: no cover - child proces
             if other != fd:
                 with contextlib.suppress(OSError):
                     os.close(other)
+        # It never writes to stdout: a script reading send's output must see
+        # EOF when send exits, not when the watchdog does.
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
         stopped: list[int] = []
         throttled: list[int] = []
         cpu_max = ""
         frozen = commanded = False
+        command_group = 0
         buf = b""
         while True:
             data = os.read(fd, 4096)
@@ -330,6 +383,8 @@ def _watch(fd: int, spec: PauseSpec) -> None:  # pragma: no cover - child proces
                 elif words[0] == "throttle" and len(words) == 3:
                     throttled = [int(p) for p in words[1].split(",") if p != "-"]
                     cpu_max = "" if words[2] == "-" else words[2].replace("_", " ")
+                elif words[0] == "command" and len(words) == 2:
+                    command_group = 0 if words[1] == "-" else int(words[1])
                 elif words[0] == "throttle-off":
                     throttled, cpu_max = [], ""
                 elif words[0] in ("resumed", "keep"):
@@ -337,6 +392,18 @@ def _watch(fd: int, spec: PauseSpec) -> None:  # pragma: no cover - child proces
                 elif words[0] == "exit":
                     os._exit(0)
         # Main is gone while the writer may be paused or throttled: resume it.
+        if command_group:
+            # First stop a pause (or resume) command main left running: a pause
+            # that lands after our resume would strand the writer.
+            with contextlib.suppress(OSError):
+                os.killpg(command_group, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(command_group, 0)
+                except OSError:
+                    break
+                time.sleep(0.01)
         for pid in throttled:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGCONT)
@@ -351,7 +418,8 @@ def _watch(fd: int, spec: PauseSpec) -> None:  # pragma: no cover - child proces
                 f.write("0")
         if commanded:
             subprocess.run(spec.resume_cmd, shell=True, stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+                           preexec_fn=_default_signals)
         if stopped or frozen or commanded:
             os.write(2, b"multifd: watchdog: send died during the pause; the writer was resumed\n")
     except BaseException:  # noqa: BLE001 - a child must never return into main's code

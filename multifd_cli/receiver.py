@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
-from multifd_cli import handshake, workers
+from multifd_cli import handshake, logsetup, workers
 from multifd_cli import protocol as P
 from multifd_cli.channel_recv import RecvChannelArgs, channel_main
 from multifd_cli.compression import by_wire_id
@@ -427,6 +427,7 @@ class Receiver:
             )
         self._check_blobs(digest.epoch)
         self.dest.finalize(self.metadata)
+        logsetup.hold_signals_from_now()  # DEST is complete and named: this run succeeded
         self.main.send(P.encode_complete(ours, written))
         workers.stop(self.workers)
         self.workers = []

@@ -208,6 +208,17 @@ def start_writer(path: Path, rate: str = "16M", hot: str = "16M") -> int:
     return Writer(path, rate, hot).pid
 
 
+def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.002) -> float | None:
+    """Poll `pred` until true; the seconds it took, or None on timeout."""
+    t0 = time.monotonic()
+    while True:
+        if pred():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            return None
+        time.sleep(step)
+
+
 def thread_states(pid: int) -> list[str]:
     """Field 3 of /proc/PID/task/*/stat for every thread ([] once the process is gone)."""
     try:

@@ -39,6 +39,7 @@ from conftest import (
     sha256,
     spawn,
     thread_states,
+    wait_until,
     write_random,
 )
 
@@ -51,17 +52,6 @@ TIMEOUT = ("--timeout", "20")  # short, so a hang fails instead of stalling the 
 
 
 # -- process states ----------------------------------------------------------------------------
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.002) -> float | None:
-    """Poll `pred` until true; the seconds it took, or None on timeout."""
-    t0 = time.monotonic()
-    while True:
-        if pred():
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout:
-            return None
-        time.sleep(step)
 
 
 @pytest.fixture
