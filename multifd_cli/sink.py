@@ -188,12 +188,20 @@ class Destination:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
+            if os.path.islink(self.path) and not self.force:
+                raise UsageError(
+                    f"destination {self.path} is a dangling symlink; use --force to replace it"
+                ) from None
             return
+        except OSError as e:
+            raise UsageError(f"destination {self.path}: {e.strerror}") from None
         if stat.S_ISBLK(st.st_mode):
             if not self.force:
                 raise UsageError(f"{self.path} is a block device; use --force to overwrite it")
             return
         if self.resume:
+            if not stat.S_ISREG(st.st_mode):
+                raise UsageError(f"--resume: {self.path} is not a regular file")
             if os.path.isfile(self.path + ".partial") and not self.force:
                 raise UsageError(
                     f"{self.path} and {self.path}.partial both exist: --resume would update "
@@ -219,6 +227,21 @@ class Destination:
             os.close(fd)
             raise UsageError(f"another multifd recv is writing {self.path}") from None
         self._lock_fd = fd
+        self._remove_strays()
+
+    def _remove_strays(self) -> None:
+        """Remove what a killed recv of this DEST left: a copy in the making under a
+        hidden name (where O_TMPFILE is missing, or between naming steps) or a
+        staging directory. Safe under DEST's lock: no other recv uses these names."""
+        prefix = f".{self.name}.multifd-"
+        try:
+            names = os.listdir(self.dir)
+        except OSError:
+            return
+        for n in names:
+            if n.startswith(prefix) and len(n) == len(prefix) + 8:
+                log.info("removing %s, left by an earlier recv of %s", n, self.path)
+                _remove(os.path.join(self.dir, n))
 
     def plan(self, blocks: list[tuple[str, int, int, int]]) -> None:
         """Pick the shape from LAYOUT's (name, size, allocated, kind) and check room."""
@@ -361,22 +384,40 @@ class Destination:
                 os.fsync(b.fd)
         except OSError as e:
             raise IOFailure(f"fsync of the destination failed: {e.strerror}") from None
-        if self.shape == "file":
-            self._finish_file()
-        elif self.shape == "dir":
-            self._publish_dir(self.path, replace=self.force)
-        self._fsync_dir(self.dir)
+        naming: _Naming | None = None
+        try:
+            if self.shape == "file":
+                naming = self._finish_file()
+            elif self.shape == "dir":
+                naming = self._publish_dir(self.path, replace=self.force)
+            self._fsync_dir(self.dir)
+        except BaseException:
+            if naming is not None:
+                naming.undo()  # an existing DEST is untouched on failure
+            raise
+        if naming is not None:
+            naming.commit()
 
-    def _finish_file(self) -> None:
+    def _finish_file(self) -> _Naming | None:
         if self.in_place is None:
-            self._publish(0, self.path, replace=self.force)
-        elif self.in_place != self.path:
-            if os.path.lexists(self.path) and not self.force:
-                raise IOFailure(f"{self.path} exists; resumed copy left as {self.in_place} (--force replaces)")
+            return self._publish(0, self.path, replace=self.force)
+        if self.in_place != self.path:
             try:
-                os.replace(self.in_place, self.path)
+                if self.force:
+                    os.replace(self.in_place, self.path)
+                else:
+                    rename_noreplace(self.in_place, self.path)
+            except FileExistsError:
+                raise IOFailure(
+                    f"{self.path} exists; resumed copy left as {self.in_place} (--force replaces)"
+                ) from None
             except OSError as e:
                 raise IOFailure(f"cannot rename {self.in_place} to {self.path}: {e.strerror}") from None
+        return None
+
+    def _hidden(self) -> str:
+        """A name for a copy in the making; the next recv of this DEST removes strays."""
+        return os.path.join(self.dir, f".{self.name}.multifd-{uuid.uuid4().hex[:8]}")
 
     @staticmethod
     def _fsync_dir(path: str) -> None:
@@ -389,59 +430,64 @@ class Destination:
         except OSError as e:
             raise IOFailure(f"fsync of directory {path} failed: {e.strerror}") from None
 
-    def _publish(self, block: int, target: str, *, replace: bool) -> None:
+    def _publish(self, block: int, target: str, *, replace: bool) -> _Naming:
+        """Name block's file `target`; the caller commits or undoes."""
         fd = self.blocks[block].fd
-        tmp = self._tmp_names.get(block)
+        st = os.fstat(fd)
+        aside = self._tmp_names.get(block)
+        naming = _Naming(aside or self._hidden(), target, (st.st_dev, st.st_ino),
+                         keep_aside=aside is not None)
         try:
-            if tmp is not None:
-                if not replace and os.path.lexists(target):
-                    raise FileExistsError(errno.EEXIST, "File exists")
-                os.replace(tmp, target)
-                del self._tmp_names[block]
-                return
-            if not replace:
-                link_fd(fd, target)
-                return
-            hidden = os.path.join(os.path.dirname(target), f".{self.name}.multifd-{uuid.uuid4().hex[:8]}")
-            link_fd(fd, hidden)
-            try:
-                os.replace(hidden, target)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.unlink(hidden)
-                raise
+            if aside is None:
+                link_fd(fd, naming.aside)
+            naming.place(replace)
+            self._tmp_names.pop(block, None)
         except FileExistsError:
+            naming.undo()
             raise IOFailure(f"{target} appeared during the migration; not replacing it") from None
         except OSError as e:
+            naming.undo()
             raise IOFailure(f"cannot name the destination {target}: {e.strerror}") from None
+        except BaseException:
+            naming.undo()
+            raise
+        return naming
 
-    def _publish_dir(self, target: str, *, replace: bool) -> None:
-        """Link every block into a staging directory, then put it in place in one rename."""
-        staging = os.path.join(self.dir, f".{self.name}.multifd-{uuid.uuid4().hex[:8]}")
+    def _publish_dir(self, target: str, *, replace: bool) -> _Naming:
+        """Name every block inside a staging directory, then put it in place in one step."""
+        staging = self._hidden()
+        naming: _Naming | None = None
         try:
             os.mkdir(staging, 0o755)
+            st = os.lstat(staging)
+            naming = _Naming(staging, target, (st.st_dev, st.st_ino), keep_aside=False)
             dirs = {staging}
             for i, b in enumerate(self.blocks):
                 path = os.path.join(staging, b.name)
                 parent = os.path.dirname(path)
                 os.makedirs(parent, exist_ok=True)
                 dirs.add(parent)
-                self._publish(i, path, replace=False)
+                tmp = self._tmp_names.pop(i, None)
+                if tmp is None:
+                    link_fd(b.fd, path)
+                else:
+                    os.rename(tmp, path)
             for d in sorted(dirs, key=len, reverse=True):
                 self._fsync_dir(d)
-            if os.path.lexists(target):
-                if not replace:
-                    raise FileExistsError(errno.EEXIST, "File exists")
-                exchange(staging, target)  # the old DEST is now at `staging`
-                _remove(staging)
+            naming.place(replace)
+        except BaseException as e:
+            if naming is not None:
+                naming.undo()
             else:
-                os.rename(staging, target)
-        except FileExistsError:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise IOFailure(f"{target} appeared during the migration; not replacing it") from None
-        except OSError as e:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise IOFailure(f"cannot put the destination directory in place: {e.strerror}") from None
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(e, FileExistsError):
+                raise IOFailure(f"{target} appeared during the migration; not replacing it") from None
+            if isinstance(e, OSError):
+                raise IOFailure(
+                    f"cannot put the destination directory in place: {e.strerror}"
+                ) from None
+            raise
+        return naming
 
     def discard(self) -> None:
         """On failure: keep the copy as DEST.partial only if asked; else it vanishes."""
@@ -456,9 +502,9 @@ class Destination:
         if self.keep_partial:
             try:
                 if self.shape == "dir":
-                    self._publish_dir(self.path + ".partial", replace=True)
+                    self._publish_dir(self.path + ".partial", replace=True).commit()
                 else:
-                    self._publish(0, self.path + ".partial", replace=True)
+                    self._publish(0, self.path + ".partial", replace=True).commit()
                 log.info("kept the incomplete copy as %s.partial", self.path)
             except Exception as e:  # noqa: BLE001 - failing already; say so and go on
                 log.warning("could not keep %s.partial: %s", self.path, e)
@@ -490,6 +536,80 @@ def exchange(a: str, b: str) -> None:
     if _libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), b)
+
+
+RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(a: str, b: str) -> None:
+    """Rename, failing with EEXIST if `b` exists: never replace what appeared there."""
+    if _libc.renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_NOREPLACE) == 0:
+        return
+    err = ctypes.get_errno()
+    if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        raise OSError(err, os.strerror(err), b)
+    if os.path.isdir(a):  # no renameat2 flags here: the best a directory can get
+        if os.path.lexists(b):
+            raise FileExistsError(errno.EEXIST, "File exists", b)
+        os.rename(a, b)
+    else:
+        os.link(a, b)
+        os.unlink(a)
+
+
+class _Naming:
+    """Put a finished copy, already named `aside`, at `target`.
+
+    What was at `target` survives (swapped to `aside`) until commit(), so a
+    failure up to and including the directory fsync can undo() the whole
+    step. Where our copy is, is read from inodes, not from which step ran:
+    undo() is right whatever step a signal interrupted.
+    """
+
+    def __init__(self, aside: str, target: str, key: tuple[int, int], keep_aside: bool) -> None:
+        self.aside = aside
+        self.target = target
+        self.key = key  # (st_dev, st_ino) of our copy
+        self.keep_aside = keep_aside  # `aside` is our only name for the copy: undo keeps it
+
+    def _ours(self, path: str) -> bool:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.key
+
+    def place(self, replace: bool) -> None:
+        if not replace:
+            rename_noreplace(self.aside, self.target)
+            return
+        try:
+            exchange(self.aside, self.target)
+        except FileNotFoundError:
+            rename_noreplace(self.aside, self.target)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            os.replace(self.aside, self.target)  # no RENAME_EXCHANGE: cannot be undone
+
+    def undo(self) -> None:
+        """Put back what was at `target` (if anything); our copy returns to `aside`,
+        or goes if `aside` was only a name made for this step."""
+        with contextlib.suppress(OSError):
+            if self._ours(self.target):
+                if not os.path.lexists(self.aside):
+                    os.rename(self.target, self.aside)
+                elif not self._ours(self.aside):
+                    exchange(self.aside, self.target)  # the old copy goes back
+                else:
+                    _remove(self.target)  # a second name of ours
+            if self._ours(self.aside) and not self.keep_aside:
+                _remove(self.aside)
+
+    def commit(self) -> None:
+        """Drop what the exchange swapped out."""
+        if os.path.lexists(self.aside) and not self._ours(self.aside):
+            _remove(self.aside)
 
 
 def _remove(path: str) -> None:

@@ -330,6 +330,16 @@ def short_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def strace_ok() -> None:
+    """strace runs and can trace here (tests that inject faults with it need that)."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    probe = subprocess.run(["strace", "-o", os.devnull, "true"], capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"strace cannot trace here: {probe.stderr.decode(errors='replace')[:200]}")
+
+
 @pytest.fixture
 def sleeper() -> Iterator[int]:
     """A process to name in --pause-pid when nothing writes; released afterwards."""
