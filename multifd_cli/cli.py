@@ -218,6 +218,8 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, from_: str, ch
     parse_uri(listen)
     if from_ and not from_.startswith("file:"):
         raise UsageError(f"--from {from_}: expected file:IMAGE")
+    if from_ and not from_[5:]:
+        raise UsageError("--from file:IMAGE needs a path")
     if from_ and resume:
         raise UsageError("--from and --resume do not combine")
     security = _load_security("recv", psk_file, tls_cert, tls_key, tls_ca, None, None)

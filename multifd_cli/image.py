@@ -12,13 +12,17 @@ A live source works: a later pass rewrites a page at its fixed offset. Two
 channels may write one offset in different passes, so the orchestrator's
 epoch barrier (no work of pass k+1 before every channel finished pass k) is
 what orders them on this side. The header says COMPLETE, with the digest, only
-after every page and the bitmap are fsynced.
+after every page and the bitmap are fsynced; the image is written under a hidden
+name beside IMAGE and renamed to IMAGE only after that.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import struct
+import uuid
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -103,12 +107,22 @@ class ImageLayout:
             raise ProtocolError(f"image page size: got {ps}, expected a power of two")
         if not 1 <= n <= P.MAX_BLOCKS or used > len(data):
             raise ProtocolError(f"image blocks: got {n}, expected 1..{P.MAX_BLOCKS}")
+        data = data[:used]  # the block entries lie inside the header bytes in use
         pos = IMAGE_HEADER.size
         blocks = []
-        for _ in range(n):
+        for i in range(n):
+            if pos + IMAGE_BLOCK.size > used:
+                raise ProtocolError(f"image blocks: got {n}, but the header holds only {i}")
             size, cap, bm, do, kind, nl = IMAGE_BLOCK.unpack_from(data, pos)
             pos += IMAGE_BLOCK.size
-            name = data[pos : pos + nl].decode("utf-8", "strict")
+            if pos + nl > used:
+                raise ProtocolError(f"image block {i}: got a name of {nl} bytes past the header's end")
+            try:
+                name = data[pos : pos + nl].decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError(
+                    f"image block {i}: got a name that is not UTF-8, expected UTF-8"
+                ) from None
             pos += nl
             P.check_block_name(name)
             if size > cap * ps or cap > P.MAX_BLOCK_SIZE // ps:
@@ -124,12 +138,19 @@ class ImageLayout:
 
 
 def read_layout(path: str) -> ImageLayout:
+    """The image's checked header. The file must be as long as its layout: a cut
+    image is refused here, before DEST is created or a channel started."""
     try:
         with open(path, "rb") as f:
             head = f.read(IMAGE_ALIGN)
+            length = os.fstat(f.fileno()).st_size
     except OSError as e:
         raise UsageError(f"cannot read image {path}: {e.strerror}") from None
-    return ImageLayout.decode(head)
+    layout = ImageLayout.decode(head)
+    if length < layout.end:
+        raise IOFailure(f"image {path} is shorter than its header says: "
+                        f"got {length} bytes, expected {layout.end}")
+    return layout
 
 
 class ImageSink:
@@ -189,20 +210,41 @@ class ImageSink:
         """Nothing listens to a file: no heartbeats."""
 
 
-def create_image(path: str, layout: ImageLayout) -> int:
-    """Write the incomplete header and size the (sparse) image; return its fd."""
+def _final_path(path: str) -> str:
+    """Where the image gets its name: through a symlink, as opening it did."""
+    return os.path.realpath(path)
+
+
+def create_image(path: str, layout: ImageLayout) -> tuple[int, str]:
+    """Write the incomplete header into a hidden file beside IMAGE and size it
+    (sparsely); return its fd and hidden name.
+
+    IMAGE itself is left alone until complete_image() renames the new image over
+    it, so a send that fails keeps an existing, complete image intact.
+    """
+    final = _final_path(path)
+    tmp = os.path.join(os.path.dirname(final),
+                       f".{os.path.basename(final)}.multifd-{uuid.uuid4().hex[:8]}")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        if os.path.isdir(final):  # or the rename at the very end would fail
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise IOFailure(f"cannot create image {path}: {e.strerror}") from None
+    try:
         os.ftruncate(fd, layout.end)
         os.pwrite(fd, layout.encode(), 0)
     except OSError as e:
+        os.close(fd)
+        discard_image(tmp)
         raise IOFailure(f"cannot create image {path}: {e.strerror}") from None
-    return fd
+    return fd, tmp
 
 
-def complete_image(fd: int, layout: ImageLayout, sizes: Sequence[int],
+def complete_image(fd: int, tmp: str, path: str, layout: ImageLayout, sizes: Sequence[int],
                    present: Sequence[SharedTable], digest: bytes) -> None:
-    """Bitmaps, fsync, then the header that says COMPLETE, then fsync again."""
+    """Bitmaps, fsync, then the header that says COMPLETE, fsync again; only then
+    rename the hidden file to IMAGE, replacing an old image, and fsync the directory."""
     try:
         for b, size, table in zip(layout.blocks, sizes, present):
             n = pages_of(size, layout.page_size)
@@ -220,6 +262,20 @@ def complete_image(fd: int, layout: ImageLayout, sizes: Sequence[int],
         os.fsync(fd)
     except OSError as e:
         raise IOFailure(f"completing the image failed: {e.strerror}") from None
+    final = _final_path(path)
+    try:
+        os.replace(tmp, final)
+    except OSError as e:
+        raise IOFailure(f"cannot name the image {path}: {e.strerror}") from None
+    from multifd_cli.sink import fsync_dir  # sink loads libc: only now, and only here
+
+    fsync_dir(os.path.dirname(final))
+
+
+def discard_image(tmp: str) -> None:
+    """Remove the hidden file of an image that was never completed."""
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
 
 
 def check_complete(layout: ImageLayout, path: str) -> None:

@@ -101,6 +101,7 @@ class Orchestrator:
         self.uri = parse_uri(cfg.to) if not (self.ssh_target or self.image_path) else None
         self.image_layout: ImageLayout | None = None
         self.image_fd = -1
+        self.image_tmp = ""  # the hidden name the image is written under until complete
         self.present: list[SharedTable] = []  # file: transport, u8 per page
         self.remote: RemoteRecv | None = None
         self.auto = cfg.compression.strip().lower() == "auto"
@@ -214,6 +215,10 @@ class Orchestrator:
                 p.close()
             if self.image_fd >= 0:
                 os.close(self.image_fd)
+            if self.image_tmp:
+                from multifd_cli.image import discard_image
+
+                discard_image(self.image_tmp)
             for s in self.sources:
                 os.close(s.fd)
             for b in self.blobs:
@@ -312,7 +317,7 @@ class Orchestrator:
         self.image_layout = ImageLayout.plan(
             cfg.page_size, [(s.name, s.size, P.KIND_PAGES) for s in self.sources]
         )
-        self.image_fd = create_image(self.image_path, self.image_layout)
+        self.image_fd, self.image_tmp = create_image(self.image_path, self.image_layout)
         self.tables = [
             SourceTables.create(f"send{i}", s.size, cfg.page_size) for i, s in enumerate(self.sources)
         ]
@@ -324,7 +329,7 @@ class Orchestrator:
     def _start_channels(self) -> None:
         image = None
         if self.image_layout is not None:
-            image = (self.image_path, self.image_layout, tuple(self.present))
+            image = (self.image_tmp, self.image_layout, tuple(self.present))
         args = SendChannelArgs(
             self.uri,
             self.session,
@@ -759,7 +764,9 @@ class Orchestrator:
             digest = table_digest(
                 (size, t.page_hash, self.cfg.page_size) for size, t in zip(self.sizes, self.tables)
             )
-            complete_image(self.image_fd, self.image_layout, self.sizes, self.present, digest)
+            complete_image(self.image_fd, self.image_tmp, self.image_path, self.image_layout,
+                           self.sizes, self.present, digest)
+            self.image_tmp = ""  # renamed to the image: nothing to discard
             self.stats.finished = time.monotonic()
             workers.stop(self.workers)
             self.workers = []

@@ -30,7 +30,10 @@ RANGE_PAGES = 2048  # a multiple of 8, so a range owns whole bitmap bytes
 def _restore_channel(index: int, pipe: Connection, image: str, layout: ImageLayout,
                      fds: tuple[int, ...], tables: tuple[DestTables, ...]) -> None:
     ps = layout.page_size
-    src = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        src = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise IOFailure(f"cannot open image {image}: {e.strerror}") from None
     try:
         while True:
             cmd = pipe.recv()
@@ -39,7 +42,7 @@ def _restore_channel(index: int, pipe: Connection, image: str, layout: ImageLayo
             _, bi, start, end = cmd
             b = layout.blocks[bi]
             size = b.size
-            bitmap = os.pread(src, -(-(end - start) // 8), b.bitmap_offset + start // 8)
+            bitmap = _pread_exact(src, -(-(end - start) // 8), b.bitmap_offset + start // 8, b.name)
             view = tables[bi].page_hash.view
             written = normal = 0
             for p in range(start, end):
@@ -47,15 +50,34 @@ def _restore_channel(index: int, pipe: Connection, image: str, layout: ImageLayo
                     continue  # absent: a zero page, a hole in the new file
                 normal += 1
                 n = min(ps, size - p * ps)
-                data = os.pread(src, n, b.data_offset + p * ps)
-                if len(data) != n:
-                    raise IOFailure(f"image is shorter than its header says (block {b.name})")
+                data = _pread_exact(src, n, b.data_offset + p * ps, b.name)
                 view[p] = page_hash(data)
-                os.pwrite(fds[bi], data, p * ps)
+                _pwrite_all(fds[bi], memoryview(data), p * ps)
                 written += n
             pipe.send(("restored", bi, start, end, written, normal))
     finally:
         os.close(src)
+
+
+def _pread_exact(fd: int, n: int, offset: int, block: str) -> bytes:
+    """n bytes of the image; a short read means a truncated image, not a bug."""
+    try:
+        data = os.pread(fd, n, offset)
+    except OSError as e:
+        raise IOFailure(f"reading the image at offset {offset}: {e.strerror}") from None
+    if len(data) != n:
+        raise IOFailure(f"image is shorter than its header says (block {block})")
+    return data
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of data: pwrite may write less (a full disk, a signal)."""
+    while len(data):
+        try:
+            n = os.pwrite(fd, data, offset)
+        except OSError as e:
+            raise IOFailure(f"writing the destination at offset {offset}: {e.strerror}") from None
+        data, offset = data[n:], offset + n
 
 
 def run(cfg: RecvConfig, events: Events, image: str) -> dict[str, Any]:

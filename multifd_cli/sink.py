@@ -421,14 +421,7 @@ class Destination:
 
     @staticmethod
     def _fsync_dir(path: str) -> None:
-        try:
-            dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError as e:
-            raise IOFailure(f"fsync of directory {path} failed: {e.strerror}") from None
+        fsync_dir(path)
 
     def _publish(self, block: int, target: str, *, replace: bool) -> _Naming:
         """Name block's file `target`; the caller commits or undoes."""
@@ -610,6 +603,18 @@ class _Naming:
         """Drop what the exchange swapped out."""
         if os.path.lexists(self.aside) and not self._ours(self.aside):
             _remove(self.aside)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or link in `path` durable."""
+    try:
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        raise IOFailure(f"fsync of directory {path} failed: {e.strerror}") from None
 
 
 def _remove(path: str) -> None:
