@@ -90,6 +90,9 @@ def _setup_child(parent_pid: int) -> None:
         pass  # not glibc: its allocator makes its own choices
 
 
+_FORK_BLOCKED = {signal.SIGINT, signal.SIGTERM}
+
+
 def _child(
     parent_pid: int,
     index: int,
@@ -101,6 +104,8 @@ def _child(
     # The terminal sends SIGINT to the whole group; main decides, channels follow.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # start() forked us with both blocked, so main's handler never ran here.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
     _setup_child(parent_pid)
     # The data path allocates a few lists per chunk and makes no cycles: walks
     # of everything inherited from main, every 700 allocations, were pure cost.
@@ -156,7 +161,13 @@ def start(
             args=(os.getpid(), i, child, close, target, args_for(i)),
             daemon=True,
         )
-        p.start()
+        # Until the child has its own handlers, a SIGINT/SIGTERM would run main's
+        # (which raises) inside multiprocessing's bootstrap: a traceback on stderr.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
+        try:
+            p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         child.close()
         workers.append(Worker(i, p, parent))
     return workers
