@@ -58,6 +58,7 @@ class SendChannelArgs:
     security: Security
     direct_io: bool = False
     image: tuple[str, ImageLayout, tuple[SharedTable, ...]] | None = None  # file: transport
+    identities: tuple[tuple[int, int], ...] = ()  # (st_dev, st_ino) main opened, per source
 
 
 class ChannelSender:
@@ -217,17 +218,23 @@ def channel_main(index: int, pipe: Connection, args: SendChannelArgs) -> None:
         sock.close()
 
 
-def _open_sources(paths: Sequence[str], direct: bool) -> list[int]:
+def _open_sources(paths: Sequence[str], direct: bool,
+                  identities: Sequence[tuple[int, int]] = ()) -> list[int]:
     """Each channel opens the sources itself; --direct-io bypasses the page cache,
-    for writers that do too."""
+    for writers that do too. Each must be the file main opened: a file renamed
+    over SRC in between would mix two files in one copy."""
     flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
     fds = []
-    for p in paths:
+    for i, p in enumerate(paths):
         try:
             fds.append(os.open(p, flags))
         except OSError as e:
             hint = " (--direct-io is not supported there)" if direct and e.errno == errno.EINVAL else ""
             raise IOFailure(f"cannot open source {p}: {e.strerror}{hint}") from None
+        st = os.fstat(fds[-1])
+        if i < len(identities) and (st.st_dev, st.st_ino) != identities[i]:
+            raise IOFailure(f"source {p} was replaced during the migration (a file was renamed "
+                            "over it): start again to copy the new file")
     return fds
 
 
@@ -237,7 +244,7 @@ def _serve(index: int, pipe: Connection, sender: ChannelSender | ImageSink,
     client = PagedClient(sender, cfg.page_size, cfg.pages_per_packet)
     blobs = BlobClient(sender, cfg.packet_size)
     tracker = HashTracker(cfg.page_size, lambda: sender.heartbeat_if_idle(args.heartbeat))
-    fds = _open_sources(args.sources, args.direct_io)
+    fds = _open_sources(args.sources, args.direct_io, args.identities)
     tracker.direct = args.direct_io
     block_device = [stat.S_ISBLK(os.fstat(fd).st_mode) for fd in fds]
     pipe.send(("ready",))

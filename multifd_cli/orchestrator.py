@@ -343,6 +343,7 @@ class Orchestrator:
             self.cfg.security,
             self.cfg.direct_io,
             image,
+            identities=tuple(s.identity for s in self.sources),
         )
         self.workers = workers.start(
             self.cfg.channels, "send", channel_main, args_for=lambda i: (args,),
@@ -552,6 +553,8 @@ class Orchestrator:
     def _pass(self, epoch: int, full: bool, final: bool = False) -> PassResult:
         """One epoch: announce it, scan and send, flush, sync, report."""
         cfg = self.cfg
+        for src in self.sources:
+            src.check_identity()
         sizes = [s.current_size() for s in self.sources] + [b.size for b in self.blobs]
         pass_start = time.monotonic()
         self.pass_no = epoch
@@ -758,6 +761,8 @@ class Orchestrator:
     # -- completion -------------------------------------------------------------------------------
     def _complete(self, epoch: int) -> None:
         self.phase = "completing"
+        for src in self.sources:
+            src.check_identity()  # what the last pass read is still what SRC names
         if self.image_layout is not None:
             from multifd_cli.image import complete_image
 

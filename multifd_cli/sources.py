@@ -39,6 +39,28 @@ class Source:
     def current_size(self) -> int:
         return self.stat_key()[0]
 
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(st_dev, st_ino) of the file we read."""
+        st = os.fstat(self.fd)
+        return (st.st_dev, st.st_ino)
+
+    def check_identity(self) -> None:
+        """The path must still name the file we read. A file renamed over SRC, or
+        SRC deleted, would otherwise be copied and verified as it was: a copy of
+        something nobody sees any more."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            raise IOFailure(f"source {self.path} was deleted during the migration") from None
+        except OSError as e:
+            raise IOFailure(f"source {self.path}: {e.strerror}") from None
+        if (now.st_dev, now.st_ino) != self.identity:
+            raise IOFailure(
+                f"source {self.path} was replaced during the migration (a file was renamed "
+                "over it): start again to copy the new file"
+            )
+
 
 def source_names(args: Sequence[str]) -> list[tuple[str, str]]:
     """(path, block name) per SOURCE argument: `PATH=NAME`, or the path relative

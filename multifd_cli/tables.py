@@ -80,6 +80,7 @@ class SharedTable:
             self._map()
 
     def fill(self, start: int, stop: int, value: int) -> None:
+        stop = min(stop, self.capacity)
         if stop <= start:
             return
         item = value.to_bytes(self.itemsize, "little")

@@ -142,7 +142,7 @@ class HashTracker:
                 res.short_read = True
                 usable = n // ps * ps
                 first_bad = (pos + usable) // cb
-                tables.chunk_valid.fill(first_bad, pages_of(end, ps) // self.cpages + 1, 0)
+                tables.chunk_valid.fill(first_bad, pages_of(pages_of(end, ps), self.cpages), 0)
             if full:
                 self._scan_full(block, tables, pos, usable, client, res, partial_tail=n < want)
             else:
