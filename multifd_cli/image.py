@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import struct
 import uuid
 from dataclasses import dataclass
@@ -228,6 +229,8 @@ def create_image(path: str, layout: ImageLayout) -> tuple[int, str]:
     try:
         if os.path.isdir(final):  # or the rename at the very end would fail
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if os.path.exists(final) and not stat.S_ISREG(os.stat(final).st_mode):
+            raise UsageError(f"image {path} exists and is not a regular file; not replacing it")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise IOFailure(f"cannot create image {path}: {e.strerror}") from None

@@ -13,6 +13,7 @@ The orchestrator owns that one sync per epoch; no client ever syncs.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -163,6 +164,10 @@ class Orchestrator:
             for b in self.blobs:
                 if b.name in taken:
                     raise UsageError(f"the state {b.name!r} has the name of a source")
+                try:
+                    P.check_block_name(b.name)
+                except ProtocolError as e:
+                    raise UsageError(f"--state-name {b.name!r}: {e.message}") from None
             self._warn_unpaused_writers()
             if self.cfg.control:
                 self.control = ControlServer(control_path(self.cfg.control), self._on_control)
@@ -311,6 +316,10 @@ class Orchestrator:
             raise UsageError("--state-cmd/--state-file cannot go into a file: image")
         if cfg.preserve:
             raise UsageError("--preserve is not kept in file: images")
+        for src in self.sources:
+            with contextlib.suppress(OSError):
+                if os.path.samefile(self.image_path, src.path):
+                    raise UsageError(f"the image {self.image_path} is the source {src.path}")
         self.config = P.Config(cfg.channels, 0, 0, cfg.page_size, cfg.packet_size)
         self.sizes = [s.size for s in self.sources]
         self.covered = [0] * len(self.sizes)

@@ -85,6 +85,26 @@ def pids_in_cgroup(path: str) -> set[int]:
         return set()
 
 
+def _holds_us(cgroup: str) -> bool:
+    """True if freezing `cgroup` would freeze this process: it is our cgroup v2
+    or an ancestor of it."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            rel = next((ln.strip()[3:] for ln in f if ln.startswith("0::")), None)
+        with open("/proc/self/mounts") as f:
+            mounts = [ln.split()[1] for ln in f if ln.split()[2:3] == ["cgroup2"]]
+    except OSError:
+        return False
+    if rel is None:
+        return False
+    target = os.path.realpath(cgroup)
+    for m in mounts:
+        ours = os.path.realpath(os.path.join(m, rel.lstrip("/")))
+        if ours == target or ours.startswith(target.rstrip("/") + "/"):
+            return True
+    return False
+
+
 # -- mechanisms ----------------------------------------------------------------------------
 @dataclass
 class PauseSpec:
@@ -105,9 +125,16 @@ class PauseSpec:
                 raise UsageError(f"--pause-pid {pid}: expected a process id above 0")
             if not os.path.exists(f"/proc/{pid}"):
                 raise UsageError(f"--pause-pid {pid}: no such process")
+            if pid == os.getpid():
+                raise UsageError(f"--pause-pid {pid} is multifd send itself: it would stop for good")
         if self.cgroup and not os.path.exists(os.path.join(self.cgroup, "cgroup.freeze")):
             raise UsageError(
                 f"--pause-cgroup {self.cgroup}: not a cgroup v2 directory with cgroup.freeze"
+            )
+        if self.cgroup and _holds_us(self.cgroup):
+            raise UsageError(
+                f"--pause-cgroup {self.cgroup} holds multifd send itself: freezing it would "
+                "freeze send too; run send outside it"
             )
 
 

@@ -219,7 +219,7 @@ class Destination:
         """
         lock_dir = os.path.join(tempfile.gettempdir(), f"multifd-locks-{os.getuid()}")
         os.makedirs(lock_dir, mode=0o700, exist_ok=True)
-        key = hashlib.sha256(os.path.realpath(self.path).encode()).hexdigest()[:32]
+        key = hashlib.sha256(os.fsencode(os.path.realpath(self.path))).hexdigest()[:32]
         fd = os.open(os.path.join(lock_dir, key + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -332,8 +332,11 @@ class Destination:
                     raise IOFailure(f"cannot create a file in {self.dir}: {e.strerror}") from None
                 # No O_TMPFILE here: a hidden name, removed on failure. Only SIGKILL
                 # can leave it behind, and never under DEST's name.
-                name = os.path.join(self.dir, f".{self.name}.multifd-{uuid.uuid4().hex[:8]}")
-                b.fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600)
+                name = self._hidden()
+                try:
+                    b.fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600)
+                except OSError as e2:
+                    raise IOFailure(f"cannot create a file in {self.dir}: {e2.strerror}") from None
                 self._tmp_names[i] = name
             self.resize(i, b.size)
         return self.fds

@@ -78,6 +78,12 @@ def source_names(args: Sequence[str]) -> list[tuple[str, str]]:
     for path, name in pairs:
         name = name or os.path.relpath(os.path.abspath(path), root)
         try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(
+                f"source {path!r}: its name is not UTF-8; give it one with SOURCE=NAME"
+            ) from None
+        try:
             P.check_block_name(name)
         except ProtocolError as e:
             raise UsageError(f"source {path}: {e.message}") from None
@@ -96,7 +102,8 @@ def source_names(args: Sequence[str]) -> list[tuple[str, str]]:
 def open_source(path: str, name: str = "") -> Source:
     """Open and stat one source; refuse what cannot be migrated, with the reason."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer before it is refused.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise UsageError(f"source {path} does not exist") from None
     except IsADirectoryError:
@@ -112,6 +119,10 @@ def open_source(path: str, name: str = "") -> Source:
         os.close(fd)
         raise UsageError(f"source {path} is neither a regular file nor a block device")
     size = os.lseek(fd, 0, os.SEEK_END) if blk else st.st_size
+    if not blk and size == 0 and os.pread(fd, 1, 0):
+        os.close(fd)
+        raise UsageError(f"source {path} says it is empty but has data (a /proc or /sys file?): "
+                         "copy it to a regular file first")
     allocated = size if blk else min(size, st.st_blocks * 512)
     return Source(path, name or os.path.basename(path), fd, size, allocated, blk)
 

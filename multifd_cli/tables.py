@@ -16,6 +16,8 @@ from typing import Iterable, Literal
 
 import xxhash
 
+from multifd_cli.errors import IOFailure
+
 TypeCode = Literal["Q", "I", "B"]
 
 # Page hashes: xxh3-64 of exactly the bytes sent (or, for a zero page, of that
@@ -59,7 +61,13 @@ class SharedTable:
         self.view.release()
         if self._mm is not None:
             self._mm.close()
-        self._mm = mmap.mmap(self.fd, size)
+        try:
+            self._mm = mmap.mmap(self.fd, size)
+        except OSError as e:
+            raise IOFailure(
+                f"cannot map a table of {size} bytes: {e.strerror} "
+                "(a larger --page-size makes it smaller)"
+            ) from None
         self.view = memoryview(self._mm).cast(self.typecode)
         self.capacity = size // self.itemsize
 
