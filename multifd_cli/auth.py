@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -38,13 +39,38 @@ class Security:
 MIN_KEY_BYTES = 16
 
 
+#: A key file is a few dozen bytes; anything this big is not a key file.
+MAX_KEY_FILE = 64 << 10
+
+
 def load_psk(path: str) -> bytes:
-    """Read a key file; surrounding whitespace (a trailing newline) is not key."""
+    """Read a key file; surrounding whitespace (a trailing newline) is not key.
+
+    Only a regular file, and at most MAX_KEY_FILE bytes of it: a FIFO would block
+    open() forever and /dev/zero would read without end. O_NONBLOCK keeps the
+    open() of a FIFO from waiting for a writer; fstat then refuses it.
+    """
     try:
-        with open(path, "rb") as f:
-            key = f.read().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise UsageError(f"cannot read --psk-file {path}: {e.strerror}") from None
+        raise UsageError(f"cannot read --psk-file {path}: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"--psk-file {path}: not a regular file")
+        os.set_blocking(fd, True)
+        data = b""
+        while len(data) <= MAX_KEY_FILE:
+            chunk = os.read(fd, MAX_KEY_FILE + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError as e:
+        raise UsageError(f"cannot read --psk-file {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KEY_FILE:
+        raise UsageError(f"--psk-file {path}: larger than {MAX_KEY_FILE} bytes, not a key file")
+    key = data.strip()
     if len(key) < MIN_KEY_BYTES:
         raise UsageError(
             f"--psk-file {path}: the key has {len(key)} bytes, expected at least {MIN_KEY_BYTES}"

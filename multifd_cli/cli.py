@@ -8,6 +8,7 @@ a traceback appears only with --debug.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -69,13 +70,38 @@ class RateType(click.ParamType):  # type: ignore[type-arg]  # generic only in ne
 
 RATE = RateType()
 
+#: The longest --timeout: the selectors' poll() takes an int32 of milliseconds.
+MAX_TIMEOUT = 2_147_483.0
+
+
+class FiniteFloat(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
+    """A float in [lo, hi]. Unlike click.FloatRange it refuses nan and inf, which
+    pass every comparison test and then hang or crash the code that uses them."""
+
+    name = "float"
+
+    def __init__(self, lo: float, hi: float) -> None:
+        self.lo = lo
+        self.hi = hi
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            rv = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        if not self.lo <= rv <= self.hi:
+            self.fail(f"{rv:g} is not in the range {self.lo:g} to {self.hi:g}", param, ctx)
+        return rv
+
 
 def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options both commands share, composed once."""
     options = [
         click.option("--json", "json_events", is_flag=True, envvar="MULTIFD_JSON",
                      show_envvar=True, help="Print one JSON event per line on stdout."),
-        click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0,
+        click.option("--timeout", type=FiniteFloat(0.1, MAX_TIMEOUT), default=60.0,
                      show_default=True, envvar="MULTIFD_TIMEOUT", show_envvar=True,
                      help="Seconds to wait for the peer, and the longest silence tolerated."),
         click.option("--log-level", default="info", show_default=True,
@@ -88,7 +114,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--progress/--no-progress", "progress", default=None,
                      help="Force the progress line on or off (default: on when stderr is a TTY)."),
         click.option("--quiet", "-q", is_flag=True, help="No progress line and no summary."),
-        click.option("--json-interval", type=click.FloatRange(min=0.05), default=1.0,
+        click.option("--json-interval", type=FiniteFloat(0.05, MAX_TIMEOUT), default=1.0,
                      show_default=True, metavar="SECONDS",
                      help="Seconds between JSON progress events (with --json)."),
     ]
@@ -222,6 +248,8 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, from_: str, ch
         raise UsageError("--from file:IMAGE needs a path")
     if from_ and resume:
         raise UsageError("--from and --resume do not combine")
+    if log_file and _same_file(log_file, dest):
+        raise UsageError(f"--log-file {log_file} is DEST: give the log another path")
     security = _load_security("recv", psk_file, tls_cert, tls_key, tls_ca, None, None)
     cfg = RecvConfig(dest=dest, listen=listen, timeout=timeout, force=force,
                      keep_partial=keep_partial, resume=resume, json=json_events,
@@ -270,7 +298,7 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, from_: str, ch
 @click.option("--max-passes", type=click.IntRange(1), default=30, show_default=True,
               envvar="MULTIFD_MAX_PASSES", show_envvar=True,
               help="Give up (exit 9) if the source still changes after this many passes.")
-@click.option("--downtime-limit", type=click.FloatRange(min=1), default=300, show_default=True,
+@click.option("--downtime-limit", type=FiniteFloat(1, MAX_TIMEOUT * 1000), default=300, show_default=True,
               envvar="MULTIFD_DOWNTIME_LIMIT", show_envvar=True, metavar="MS",
               help="Switch over once the rest fits in this many milliseconds.")
 @click.option("--pause-pid", type=int, multiple=True, metavar="PID",
@@ -340,6 +368,15 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
             raise UsageError("--compress is rejected for file: (every page has a fixed offset)")
     else:
         host = parse_uri(to).host or None
+    if ssh_cmd:
+        _check_ssh_command(ssh_cmd)
+    if log_file:
+        from multifd_cli.sources import source_names
+
+        for path, _ in source_names(sources):
+            if _same_file(log_file, path):
+                raise UsageError(f"--log-file {log_file} is the source {path}: logging into it "
+                                 "would change what is migrated")
     security = _load_security("send", psk_file, tls_cert, tls_key, tls_ca, tls_hostname, host)
     if compress.strip().lower() != "auto":
         get_compressor(parse_spec(compress))
@@ -385,6 +422,26 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
         return orchestrator.run(cfg, events, hooks)
 
     _run("send", json_events, body, quiet)
+
+
+def _check_ssh_command(ssh_cmd: str) -> None:
+    """--ssh is split like a shell would; refuse it now rather than when ssh starts."""
+    import shlex
+
+    try:
+        words = shlex.split(ssh_cmd)
+    except ValueError as e:
+        raise UsageError(f"--ssh {ssh_cmd!r}: {e}") from None
+    if not words:
+        raise UsageError(f"--ssh {ssh_cmd!r}: expected a command, e.g. 'ssh -i KEY'")
+
+
+def _same_file(a: str, b: str) -> bool:
+    """True when paths a and b name one file (or would, once created)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): compare where they lead
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _control_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -456,6 +513,7 @@ def _one_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point: run the CLI and turn every failure into one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _fill_closed_std_fds()
     try:
         cli.main(args=args, prog_name="multifd", standalone_mode=False)
     except click.exceptions.Exit as e:  # --version, --help
@@ -492,6 +550,28 @@ def main(argv: list[str] | None = None) -> NoReturn:
     sys.exit(0)
 
 
+def _fill_closed_std_fds() -> None:
+    """Point a closed fd 0, 1 or 2 (`>&-`) at /dev/null.
+
+    Otherwise the next file or socket opened takes that number, and a child that
+    inherits it (--pause-cmd, --state-cmd, ssh) would write into it as its stdout.
+    sys.stdout stays None: Events then write nothing.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                null = os.open(os.devnull, os.O_RDWR)
+            except OSError:
+                return
+            if null == fd:
+                os.set_inheritable(fd, True)  # like the fd it stands in for
+            else:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def _leave_now(code: int) -> NoReturn:
     """Exit a finished run without the interpreter's teardown.
 
@@ -501,6 +581,8 @@ def _leave_now(code: int) -> NoReturn:
     """
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with it closed
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):

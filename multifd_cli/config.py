@@ -5,27 +5,46 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from multifd_cli.auth import Security
 from multifd_cli.errors import UsageError
 from multifd_cli.pause import PauseSpec
 
+#: Sizes and rates above this are absurd; it keeps every value a safe int64.
+MAX_SIZE = 1 << 62
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(B?)\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str, *, what: str = "size") -> int:
-    """Parse '4096', '4K', '512KiB'-less forms: K/M/G/T are powers of 1024, KB/MB/GB/TB of 1000."""
+    """Parse '4096', '4K', '512KiB'-less forms: K/M/G/T are powers of 1024, KB/MB/GB/TB of 1000.
+
+    Exact arithmetic (Fraction), not float: a 400-digit number must be refused
+    as a usage error, not become inf (and an OverflowError) on the way.
+    """
     m = _SIZE.match(str(text))
     if not m:
-        raise UsageError(f"bad {what} {text!r}: expected a number with an optional K, M, G, KB, MB or GB")
+        raise UsageError(f"bad {what} {_short(text)}: expected a number with an optional K, M, G, KB, MB or GB")
     number, unit, b = m.groups()
+    if len(number.partition(".")[0].lstrip("0")) > 20 or len(number) > 64:
+        # far beyond MAX_SIZE; also keeps int() under Python's digit limit
+        raise UsageError(f"bad {what} {_short(text)}: too large (at most {MAX_SIZE})")
     unit = unit.upper()
     base = 1000 if (b and unit) else 1024
     power = "KMGT".find(unit) + 1 if unit else 0
-    value = float(number) * base**power
-    if value != int(value):
-        raise UsageError(f"bad {what} {text!r}: not a whole number of bytes")
+    value = Fraction(number) * base**power
+    if value.denominator != 1:
+        raise UsageError(f"bad {what} {_short(text)}: not a whole number of bytes")
+    if value > MAX_SIZE:
+        raise UsageError(f"bad {what} {_short(text)}: too large (at most {MAX_SIZE})")
     return int(value)
+
+
+def _short(text: str) -> str:
+    """repr() of a user's value, cut so that one error line stays one readable line."""
+    t = str(text).strip()
+    return repr(t) if len(t) <= 40 else repr(t[:20] + "..." + t[-8:])
 
 
 def parse_rate(text: str) -> int:

@@ -19,7 +19,7 @@ import os
 import socket
 from typing import Any, Callable
 
-from multifd_cli.errors import ConnectionFailed, UsageError
+from multifd_cli.errors import ConnectionFailed, MultifdError, UsageError
 from multifd_cli.transport import _remove_stale_unix_socket
 
 log = logging.getLogger("multifd")
@@ -48,7 +48,10 @@ class ControlServer:
             self.sock.listen(8)
         except OSError as e:
             self.sock.close()
-            raise ConnectionFailed(f"cannot listen on control socket {path}: {e.strerror}") from None
+            # Python's own OSErrors ("AF_UNIX path too long") have no strerror
+            raise ConnectionFailed(
+                f"cannot listen on control socket {path}: {e.strerror or e}"
+            ) from None
         self.sock.setblocking(False)
 
     def fileno(self) -> int:
@@ -74,10 +77,14 @@ class ControlServer:
                     if not isinstance(request, dict):
                         raise ValueError("expected a JSON object")
                     reply = self.handler(request)
-                except (ValueError, UnicodeDecodeError) as e:
-                    reply = {"ok": False, "error": f"bad request: {e}"}
-                except UsageError as e:
+                except MultifdError as e:
+                    # the handler's refusal (a UsageError) or any of its failures:
+                    # the client hears why, the migration goes on
                     reply = {"ok": False, "error": e.message}
+                except (ValueError, ArithmeticError) as e:
+                    # bad JSON or undecodable bytes, or a value the handler could not
+                    # take (e.g. an OverflowError): refused, never fatal
+                    reply = {"ok": False, "error": f"bad request: {e}"}
                 except OSError:
                     continue
                 with contextlib.suppress(OSError):

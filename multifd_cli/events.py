@@ -8,11 +8,19 @@ compression, digest.
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, cast
+
+
+class _Discard(io.TextIOBase):
+    """Where events go when there is no stdout: nowhere."""
+
+    def write(self, s: str) -> int:
+        return len(s)
 
 
 class Events:
@@ -20,8 +28,10 @@ class Events:
 
     def __init__(self, side: str, enabled: bool, stream: IO[str] | None = None) -> None:
         self.side = side
+        # sys.stdout is None when the process started with stdout closed (`>&-`):
+        # the events then go nowhere, and the exit code and stderr still tell.
+        self.stream: IO[str] = stream or sys.stdout or cast("IO[str]", _Discard())
         self.enabled = enabled
-        self.stream = stream or sys.stdout
         self.t0 = time.monotonic()
 
     def emit(self, event: str, **fields: Any) -> None:

@@ -15,6 +15,8 @@ from typing import Any, Iterator
 
 from multiprocessing_logging import MultiProcessingHandler
 
+from multifd_cli.errors import UsageError
+
 FORMAT = "%(asctime)s %(processName)s %(levelname)s %(message)s"
 _root = logging.getLogger("multifd")
 
@@ -103,11 +105,21 @@ class _ChannelLogHandler(MultiProcessingHandler):  # type: ignore[misc]
 
 
 def configure(level: str = "INFO", log_file: str | None = None) -> None:
-    """Send records to stderr, or to a file; stdout is reserved for --json events."""
+    """Send records to stderr, or to a file; stdout is reserved for --json events.
+
+    A log file that cannot be opened (missing directory, /proc, /sys, ...) is the
+    user's error: a UsageError, not a traceback.
+    """
+    handler: logging.Handler
+    if log_file:
+        try:
+            handler = logging.FileHandler(log_file)
+        except OSError as e:
+            raise UsageError(f"cannot open log file {log_file}: {e.strerror or e}") from None
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     for h in list(_root.handlers):
         _root.removeHandler(h)
-    handler: logging.Handler
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
     _root.addHandler(handler)
     _root.setLevel(level.upper())
