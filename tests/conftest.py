@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +207,20 @@ def start_writer(path: Path, rate: str = "16M", hot: str = "16M") -> int:
     """Start examples/writer.py on `path` in its own session; return its pid once it wrote.
     The caller releases it (see `release`); the `writers` fixture does that itself."""
     return Writer(path, rate, hot).pid
+
+
+def read_event(popen: subprocess.Popen[str], timeout: float = 20.0) -> tuple[str, dict[str, Any]]:
+    """The next JSON event line of a process started with text pipes, and its parse;
+    fails if none comes within `timeout` (a thread reads, so a silent process
+    cannot hang the test)."""
+    assert popen.stdout is not None
+    out = popen.stdout
+    result: list[str] = []
+    t = threading.Thread(target=lambda: result.append(out.readline()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert result and result[0], f"no event within {timeout} s; exit {popen.poll()}"
+    return result[0], json.loads(result[0])
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.002) -> float | None:

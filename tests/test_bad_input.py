@@ -19,14 +19,13 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import write_random
+from conftest import read_event, write_random
 
 MULTIFD = [sys.executable, "-m", "multifd_cli"]
 MiB = 1 << 20
@@ -71,15 +70,9 @@ class Proc:
         self.head = ""
 
     def readline(self, timeout: float = 20.0) -> dict[str, Any]:
-        assert self.popen.stdout is not None
-        result: list[str] = []
-        t = threading.Thread(target=lambda: result.append(self.popen.stdout.readline()),  # type: ignore[union-attr]
-                             daemon=True)
-        t.start()
-        t.join(timeout)
-        assert result and result[0], f"no event within {timeout} s; exit {self.popen.poll()}"
-        self.head += result[0]
-        return json.loads(result[0])  # type: ignore[no-any-return]
+        line, event = read_event(self.popen, timeout)
+        self.head += line
+        return event
 
     def done(self, timeout: float = 30.0, on_hang: Callable[[], None] | None = None) -> Done:
         """Wait up to `timeout`; a process still running then is killed, code None.

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from conftest import reap, spawn, start_writer, write_random
+from conftest import read_event, reap, spawn, start_writer, write_random
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -65,15 +65,9 @@ class Proc:
 
     def readline(self, timeout: float = 20.0) -> dict[str, Any]:
         """The next event (the process must print one within `timeout`)."""
-        assert self.popen.stdout is not None
-        result: list[str] = []
-        t = threading.Thread(target=lambda: result.append(self.popen.stdout.readline()),  # type: ignore[union-attr]
-                             daemon=True)
-        t.start()
-        t.join(timeout)
-        assert result and result[0], f"no event within {timeout} s; exit {self.popen.poll()}"
-        self.head += result[0]
-        return json.loads(result[0])  # type: ignore[no-any-return]
+        line, event = read_event(self.popen, timeout)
+        self.head += line
+        return event
 
     def done(self, timeout: float = 60.0) -> Done:
         out, err = self.popen.communicate(timeout=timeout)
