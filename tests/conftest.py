@@ -131,11 +131,7 @@ class Runner:
     def cleanup(self) -> None:
         for p in self.procs:
             if p.popen.poll() is None:
-                try:
-                    os.killpg(p.popen.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.popen.wait(5)
+                kill_group(p.popen)
 
 
 @pytest.fixture
@@ -326,6 +322,16 @@ def writers() -> Iterator[Callable[..., Writer]]:
     yield start
     for w in started:
         w.kill()
+
+
+def kill_group(popen: subprocess.Popen[Any]) -> None:
+    """SIGKILL a process started with start_new_session and its whole group
+    (channels, commands it ran), then reap it."""
+    try:
+        os.killpg(popen.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    popen.wait(10)
 
 
 def reap(pid: int) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import read_event, write_random
+from conftest import kill_group, read_event, write_random
 
 MULTIFD = [sys.executable, "-m", "multifd_cli"]
 MiB = 1 << 20
@@ -94,11 +94,7 @@ class Proc:
 
     def kill(self) -> None:
         if self.popen.poll() is None:
-            try:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.popen.wait(5)
+            kill_group(self.popen)
 
 
 class Procs:

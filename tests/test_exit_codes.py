@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from conftest import read_event, reap, spawn, start_writer, write_random
+from conftest import kill_group, read_event, reap, spawn, start_writer, write_random
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -75,11 +75,7 @@ class Proc:
 
     def kill(self) -> None:
         if self.popen.poll() is None:
-            try:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.popen.wait(5)
+            kill_group(self.popen)
 
 
 class Procs:

@@ -30,6 +30,7 @@ from conftest import (
     Runner,
     is_running,
     is_stopped,
+    kill_group,
     thread_states,
     wait_until,
     write_random,
@@ -46,14 +47,6 @@ def finish(p: Proc, timeout: float = 60.0) -> int:
     return p.popen.returncode
 
 
-def kill_group(p: Proc) -> None:
-    """Channels, or commands main started, may linger in main's process group."""
-    try:
-        os.killpg(p.popen.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def run_patched(script: str, *args: str) -> tuple[int, str, str]:
     """Run multifd through `script` (python -c, which patches something first and
     then calls cli.main on the remaining arguments); kill its group afterwards."""
@@ -63,11 +56,7 @@ def run_patched(script: str, *args: str) -> tuple[int, str, str]:
     try:
         out, err = p.communicate(timeout=60)
     finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait(10)
+        kill_group(p)
     return p.returncode, out, err
 
 
@@ -114,7 +103,7 @@ def test_signal_during_resume_cmd_after_a_failure(runner: Runner, tmp_path: Path
             "the watchdog did not run the interrupted --resume-cmd again"
         )
     finally:
-        kill_group(send)
+        kill_group(send.popen)
 
 
 @pytest.mark.parametrize("how", list(SIGNALS))
@@ -135,7 +124,7 @@ def test_signal_during_resume_cmd_after_success(runner: Runner, tmp_path: Path, 
         assert finish(send, 30) == 0, send.stderr
         assert is_running(sleeper), thread_states(sleeper)
     finally:
-        kill_group(send)
+        kill_group(send.popen)
 
 
 # -- 2. a signal right after the final pause's SIGSTOP -------------------------------------------
@@ -206,7 +195,7 @@ def test_sigkill_of_main_while_pause_cmd_runs(runner: Runner, tmp_path: Path,
             f"stays stopped after SIGKILL of send: {thread_states(sleeper)}"
         )
     finally:
-        kill_group(send)
+        kill_group(send.popen)
 
 
 # -- 4. a signal after success ---------------------------------------------------------------------
