@@ -20,12 +20,12 @@ import socket
 import statistics
 import time
 
-from multifd_cli.channel_send import ChannelSender
-from multifd_cli.clients import PagedClient
 from multifd_cli.compression import get_compressor
-from multifd_cli.ratelimit import SharedRateLimit
-from multifd_cli.tracker import HashTracker, SourceTables
-from multifd_cli.workers import _setup_child
+from multifd_cli.proc.workers import _setup_child
+from multifd_cli.send.channel import ChannelSender
+from multifd_cli.send.clients import PagedClient
+from multifd_cli.send.ratelimit import SharedRateLimit
+from multifd_cli.send.tracker import HashTracker, SourceTables
 
 PS = 4096
 GiB = 1 << 30

@@ -17,8 +17,8 @@ import os
 import time
 from pathlib import Path
 
-from multifd_cli.clients import PagedClient
-from multifd_cli.tracker import READ_BYTES, HashTracker, SourceTables
+from multifd_cli.send.clients import PagedClient
+from multifd_cli.send.tracker import READ_BYTES, HashTracker, SourceTables
 
 PS = 4096
 GiB = 1 << 30

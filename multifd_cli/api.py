@@ -23,9 +23,9 @@ from typing import Any, Callable
 
 from multifd_cli.config import SendConfig, TestHooks
 from multifd_cli.events import Events
-from multifd_cli.orchestrator import Orchestrator
-from multifd_cli.pause import Pauser, PauseSpec
-from multifd_cli.tracker import DirtyLog
+from multifd_cli.send.orchestrator import Orchestrator
+from multifd_cli.send.tracker import DirtyLog
+from multifd_cli.writer.pause import Pauser, PauseSpec
 
 
 class LiveMigration:

@@ -148,7 +148,7 @@ def _security(f: Callable[..., Any]) -> Callable[..., Any]:
 def _load_security(side: str, psk_file: str | None, tls_cert: str | None,
                    tls_key: str | None, tls_ca: str | None, tls_hostname: str | None,
                    default_host: str | None) -> Any:
-    from multifd_cli.auth import Security, load_psk
+    from multifd_cli.net.auth import Security, load_psk
 
     psk = load_psk(psk_file) if psk_file else None
     tls = None
@@ -156,11 +156,11 @@ def _load_security(side: str, psk_file: str | None, tls_cert: str | None,
         if (tls_key or tls_ca) and not tls_cert:
             raise UsageError("recv needs --tls-cert to use TLS")
         if tls_cert:
-            from multifd_cli.handshake import tls_server_context
+            from multifd_cli.net.handshake import tls_server_context
 
             tls = tls_server_context(tls_cert, tls_key, tls_ca)
     elif tls_cert or tls_ca or tls_hostname:
-        from multifd_cli.handshake import tls_client_context
+        from multifd_cli.net.handshake import tls_client_context
 
         tls = tls_client_context(tls_ca, tls_cert, tls_key)
     return Security(psk, tls, tls_hostname or default_host)
@@ -179,7 +179,7 @@ def cli() -> None:
 def _setup(debug: bool, log_level: str, log_file: str | None) -> None:
     global _debug
     _debug = debug
-    from multifd_cli import logsetup
+    from multifd_cli.proc import logsetup
 
     logsetup.configure("debug" if debug else log_level, log_file)
 
@@ -196,8 +196,8 @@ def _setup(debug: bool, log_level: str, log_file: str | None) -> None:
 
 def _run(side: str, json_events: bool, body: Callable[[Any], dict[str, Any]],
          quiet: bool = False) -> None:
-    from multifd_cli import logsetup
     from multifd_cli.events import Events, human_summary
+    from multifd_cli.proc import logsetup
 
     global _failed_emitted
     events = Events(side, json_events)
@@ -239,7 +239,7 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, from_: str, ch
          tls_cert: str | None, tls_key: str | None, tls_ca: str | None) -> None:
     """Receive one migration into DEST, then exit."""
     _note_json("recv", json_events)
-    from multifd_cli.transport import parse_uri
+    from multifd_cli.net.transport import parse_uri
 
     parse_uri(listen)
     if from_ and not from_.startswith("file:"):
@@ -261,10 +261,10 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, from_: str, ch
 
     def body(events: Any) -> dict[str, Any]:
         if cfg.source:
-            from multifd_cli import restore
+            from multifd_cli.recv import restore
 
             return restore.run(cfg, events, cfg.source)
-        from multifd_cli import receiver
+        from multifd_cli.recv import receiver
 
         return receiver.run(cfg, events, hooks)
 
@@ -352,12 +352,12 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
          tls_cert: str | None, tls_key: str | None, tls_ca: str | None) -> None:
     """Migrate SOURCE to the recv listening at --to."""
     _note_json("send", json_events)
-    from multifd_cli import protocol as P
+    from multifd_cli import wire as P
     from multifd_cli.compression import get_compressor, parse_spec
-    from multifd_cli.transport import is_ssh_target, parse_uri
+    from multifd_cli.net.transport import is_ssh_target, parse_uri
 
     if is_ssh_target(to):
-        from multifd_cli.ssh import parse_ssh_target
+        from multifd_cli.net.ssh import parse_ssh_target
 
         host: str | None = parse_ssh_target(to).host
     elif to.startswith("file:"):
@@ -371,7 +371,7 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
     if ssh_cmd:
         _check_ssh_command(ssh_cmd)
     if log_file:
-        from multifd_cli.sources import source_names
+        from multifd_cli.send.sources import source_names
 
         for path, _ in source_names(sources):
             if _same_file(log_file, path):
@@ -389,7 +389,7 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
             f"--packet-size {packet_size}: expected a multiple of --page-size ({page_size}) "
             f"up to {P.MAX_PACKET_SIZE}"
         )
-    from multifd_cli.pause import PauseSpec
+    from multifd_cli.writer.pause import PauseSpec
 
     pause = PauseSpec(pause_pid, pause_cgroup, pause_cmd, resume_cmd)
     pause.validate()
@@ -417,7 +417,7 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
     hooks = TestHooks.from_env()
 
     def body(events: Any) -> dict[str, Any]:
-        from multifd_cli import orchestrator
+        from multifd_cli.send import orchestrator
 
         return orchestrator.run(cfg, events, hooks)
 
@@ -451,7 +451,7 @@ def _control_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _ask(control: str, req: dict[str, Any]) -> dict[str, Any]:
-    from multifd_cli.control import control_path, request
+    from multifd_cli.net.control import control_path, request
 
     reply = request(control_path(control), req)
     if not reply.get("ok"):

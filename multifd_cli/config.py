@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from multifd_cli.auth import Security
 from multifd_cli.errors import UsageError
-from multifd_cli.pause import PauseSpec
+from multifd_cli.net.auth import Security
+from multifd_cli.writer.pause import PauseSpec
 
 #: Sizes and rates above this are absurd; it keeps every value a safe int64.
 MAX_SIZE = 1 << 62

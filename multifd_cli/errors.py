@@ -141,3 +141,21 @@ def expect(what: str, got: object, expected: object) -> None:
     """Raise the codec's standard "got X, expected Y" error unless they match."""
     if got != expected:
         raise ProtocolError(f"{what}: got {got!r}, expected {expected!r}")
+
+
+class WorkerFailed(MultifdError):
+    """A channel reported an error; carries the channel's exit code."""
+
+    def __init__(self, message: str, exit_code: int, channel: int) -> None:
+        super().__init__(message, channel=channel)
+        self.exit_code = exit_code
+
+
+class RemoteRecvFailed(MultifdError):
+    """The remote recv failed; send relays its exit code."""
+
+    remote = True
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -195,7 +195,7 @@ def write_mixed(path: Path, size: int, seed: int = 1) -> Path:
     return path
 
 
-# -- process states: read /proc directly, independently of multifd_cli.pause -----------------
+# -- process states: read /proc directly, independently of multifd_cli.writer.pause -----------------
 WRITER = Path(__file__).resolve().parents[1] / "examples" / "writer.py"
 
 

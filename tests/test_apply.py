@@ -18,12 +18,12 @@ from typing import Iterator, Sequence
 
 import pytest
 
-from multifd_cli import protocol as P
-from multifd_cli.channel_recv import ChannelReceiver, RecvChannelArgs
+from multifd_cli import wire as P
+from multifd_cli.common.tables import page_hash
 from multifd_cli.config import TestHooks as Hooks
 from multifd_cli.errors import ProtocolError, VerifyError
-from multifd_cli.sink import DestTables
-from multifd_cli.tables import page_hash
+from multifd_cli.recv.channel import ChannelReceiver, RecvChannelArgs
+from multifd_cli.recv.sink import DestTables
 
 PS = 4096
 SIZE = 40 * PS + 1234  # a short last page at offset 40 * PS

@@ -594,10 +594,10 @@ def test_channel_sends_incompressible_segments_raw_and_the_rest_compressed(
     import socket
     import threading
 
-    from multifd_cli import protocol as P
-    from multifd_cli.channel_send import ChannelSender
+    from multifd_cli import wire as P
     from multifd_cli.compression.probe import PROBE_PAGES
-    from multifd_cli.ratelimit import SharedRateLimit
+    from multifd_cli.send.channel import ChannelSender
+    from multifd_cli.send.ratelimit import SharedRateLimit
 
     ps, seg = 4096, 4096 * PROBE_PAGES
     data = b"".join(_text_corpus(seg) if k == "text" else os.urandom(seg) for k in kinds)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from multifd_cli.convergence import Estimator, PassSample
+from multifd_cli.send.convergence import Estimator, PassSample
 
 MiB = 1 << 20
 

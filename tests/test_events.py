@@ -366,8 +366,8 @@ def test_doc_documents_every_event_and_the_contract(doc: Spec) -> None:
 
 def test_doc_matches_the_code_that_builds_the_events(doc: Spec) -> None:
     """Cheap cross-checks without processes: the dicts behind completed and progress."""
+    from multifd_cli.common.progress import Snapshot
     from multifd_cli.events import Stats
-    from multifd_cli.progress import Snapshot
 
     summary = Stats(channels=2).summary()
     assert set(summary) == {n for n, f in doc["completed"].items() if "send" in f.sides} - {"status"}

@@ -222,7 +222,7 @@ def test_exit_3_connection_refused(procs: Procs, tmp_path: Path) -> None:
 
 
 def _welcome_with(kind: str) -> bytes:
-    from multifd_cli import protocol as P
+    from multifd_cli import wire as P
 
     if kind == "garbage":
         return b"this is not multifd, it is garbage!!\r\n\x00\x01" * 2
@@ -247,7 +247,7 @@ class FakeRecv:
         self.thread.start()
 
     def _serve(self) -> None:
-        from multifd_cli import protocol as P
+        from multifd_cli import wire as P
 
         self.sock.settimeout(20)
         conn, _ = self.sock.accept()
@@ -272,7 +272,7 @@ class FakeRecv:
 
 @pytest.mark.parametrize("kind", ["garbage", "wrong-magic", "unexpected-message"])
 def test_exit_4_protocol_error(procs: Procs, tmp_path: Path, kind: str) -> None:
-    from multifd_cli import protocol as P
+    from multifd_cli import wire as P
 
     src = write_random(tmp_path / "src", 4096, seed=4)
     fake = FakeRecv(_welcome_with(kind))

@@ -12,7 +12,7 @@ import pytest
 from conftest import MULTIFD, sha256
 
 from multifd_cli.errors import EXIT_PROTOCOL, EXIT_USAGE, EXIT_VERIFY
-from multifd_cli.image import IMAGE_ALIGN, IMAGE_COMPLETE, ImageLayout, read_layout
+from multifd_cli.image.layout import IMAGE_ALIGN, IMAGE_COMPLETE, ImageLayout, read_layout
 
 GOLDEN = Path(__file__).parent / "golden" / "image" / "header.bin"
 GOLDEN_SHA = Path(__file__).parent / "golden" / "image" / "image.sha256"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import MULTIFD, sha256, spawn, write_random
 
-from multifd_cli.image import IMAGE_ALIGN, IMAGE_BLOCK, IMAGE_HEADER, read_layout
+from multifd_cli.image.layout import IMAGE_ALIGN, IMAGE_BLOCK, IMAGE_HEADER, read_layout
 
 MiB = 1 << 20
 EXIT_USAGE, EXIT_PROTOCOL, EXIT_VERIFY, EXIT_IO, EXIT_PAUSE = 2, 4, 6, 7, 8

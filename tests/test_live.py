@@ -680,17 +680,17 @@ def test_sigkill_of_send_while_throttling(runner: Runner, tmp_path: Path,
 # strand the writer. The CI once caught the end-to-end test above in that window.
 _DIE_AFTER_FIRST_STOP = r"""
 import os, signal, sys
-from multifd_cli import pause
+from multifd_cli.writer import pause, throttle, watchdog as wd
 target = int(sys.argv[1])
 spec = pause.PauseSpec(pids=(target,))
-watchdog = pause.Watchdog(spec)
+watchdog = wd.Watchdog(spec)
 real_kill = os.kill
 def kill(pid, sig):
     real_kill(pid, sig)
     if pid == target and sig == signal.SIGSTOP:
         real_kill(os.getpid(), signal.SIGKILL)
 os.kill = kill
-pause.Throttle(spec, watchdog).step()
+throttle.Throttle(spec, watchdog).step()
 signal.pause()
 """
 

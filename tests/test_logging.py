@@ -34,7 +34,8 @@ def test_channel_records_are_merged_once_with_their_channel(runner: Runner, tmp_
 
 SIGNAL_INSIDE_A_LOG_CALL = """
 import logging, os, signal
-from multifd_cli import cli, logsetup
+from multifd_cli import cli
+from multifd_cli.proc import logsetup
 from multifd_cli.errors import Interrupted
 
 cli._setup(False, "info", None)

@@ -3,7 +3,7 @@
 Real `multifd send` and `multifd recv` processes on loopback (the fixtures of
 conftest.py), real files, real loop devices (as root), a real writer
 (examples/writer.py) paused with --pause-pid, and, for the hostile names, a
-fake send that speaks the wire protocol through multifd_cli.protocol's encode
+fake send that speaks the wire protocol through multifd_cli.wire's encode
 functions.
 
 What the README ("Several sources, device state, block devices, metadata") and
@@ -49,7 +49,7 @@ from conftest import (
     write_random,
 )
 
-from multifd_cli import protocol as P
+from multifd_cli import wire as P
 
 KiB = 1 << 10
 MiB = 1 << 20

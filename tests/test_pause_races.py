@@ -208,7 +208,8 @@ def test_sigkill_of_main_while_pause_cmd_runs(runner: Runner, tmp_path: Path,
 
 _SIGTERM_AFTER_SUCCESS = r"""
 import os, signal, sys
-from multifd_cli import cli, orchestrator
+from multifd_cli import cli
+from multifd_cli.send import orchestrator
 real = orchestrator.Orchestrator._release_writer
 def release(self):
     if self.succeeded:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from multifd_cli import protocol as P
+from multifd_cli import wire as P
 from multifd_cli.errors import ProtocolError
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
@@ -152,7 +152,7 @@ def test_golden_packet_passes_check_packet():
 
 def test_golden_digest_is_the_page_hash_table_digest() -> None:
     """The golden DIGEST is what the real table code computes for that layout."""
-    from multifd_cli.tables import SharedTable, table_digest
+    from multifd_cli.common.tables import SharedTable, table_digest
 
     zero = xxhash.xxh3_64_intdigest(bytes(G.PAGE_SIZE))
     hashes0 = [xxhash.xxh3_64_intdigest(G.PAGE0), zero, xxhash.xxh3_64_intdigest(G.TAIL)]

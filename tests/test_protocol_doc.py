@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from multifd_cli import protocol as P
+from multifd_cli import wire as P
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 
@@ -113,7 +113,7 @@ def test_constants_are_written_as_python_int_literals():
 
 def test_every_documented_constant_equals_the_module():
     for name, text in doc_constants().items():
-        assert hasattr(P, name), f"{name} is documented but not in multifd_cli.protocol"
+        assert hasattr(P, name), f"{name} is documented but not in multifd_cli.wire"
         assert ast.literal_eval(text) == getattr(P, name), (
             f"{name}: doc says {text}, module has {getattr(P, name)!r}"
         )

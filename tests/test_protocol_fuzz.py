@@ -15,7 +15,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from multifd_cli import protocol as P
+from multifd_cli import wire as P
 from multifd_cli.errors import ProtocolError
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"

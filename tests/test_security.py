@@ -39,7 +39,7 @@ from helpers.mfdkit import (
     wait_until,
 )
 
-from multifd_cli import protocol as P
+from multifd_cli import wire as P
 
 MiB = 1 << 20
 MARKER = b"PLAINTEXT-MARKER-7a3f9c:the quick brown fox jumps over the lazy dog;"

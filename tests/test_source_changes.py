@@ -314,8 +314,8 @@ class _Sink:
 def test_tracker_short_read_in_the_last_chunk(tmp_path: Path, full: bool) -> None:
     """The cause of the two crashes above, without processes: a scan of the last range of
     a chunk-aligned source that finds the file shorter than the pass's size."""
-    from multifd_cli.clients import PagedClient
-    from multifd_cli.tracker import HashTracker, SourceTables
+    from multifd_cli.send.clients import PagedClient
+    from multifd_cli.send.tracker import HashTracker, SourceTables
 
     size = 1 * MiB  # 16 chunks of 64 KiB: the chunk table holds exactly 16 entries
     src = write_random(tmp_path / "src", size, seed=10)

@@ -20,16 +20,22 @@ import pytest
 from conftest import sha256, spawn, write_random
 from helpers.sshd import INSTALL_HINT, Sshd, find_sshd
 
-from multifd_cli.errors import EXIT_CONNECTION, EXIT_USAGE, ConnectionFailed, Timeout, UsageError
-from multifd_cli.ssh import (
-    RemoteRecv,
+from multifd_cli.errors import (
+    EXIT_CONNECTION,
+    EXIT_USAGE,
+    ConnectionFailed,
     RemoteRecvFailed,
+    Timeout,
+    UsageError,
+)
+from multifd_cli.net.ssh import (
+    RemoteRecv,
     SshTarget,
     connect_uri,
     parse_ssh_target,
     remote_command_line,
 )
-from multifd_cli.transport import Uri, is_ssh_target
+from multifd_cli.net.transport import Uri, is_ssh_target
 
 ROOT = Path(__file__).resolve().parents[1]
 # The remote side must run THIS checkout, whatever the remote shell's cwd is.

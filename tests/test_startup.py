@@ -16,13 +16,13 @@ import pytest
 LAZY = {
     "ssl": "only --tls-* sessions (~10 ms)",
     "importlib.metadata": "only a codec name that is not built in (~17 ms)",
-    "multifd_cli.ssh": "only --to ssh: targets",
-    "multifd_cli.image": "only file: images",
+    "multifd_cli.net.ssh": "only --to ssh: targets",
+    "multifd_cli.image.layout": "only file: images",
     "ctypes.util": "find_library() runs ldconfig (~13 ms); libc is in the process already",
 }
 
 
-@pytest.mark.parametrize("entry", ["multifd_cli.cli", "multifd_cli.orchestrator", "multifd_cli.receiver"])
+@pytest.mark.parametrize("entry", ["multifd_cli.cli", "multifd_cli.send.orchestrator", "multifd_cli.recv.receiver"])
 def test_a_plain_session_does_not_import_what_it_does_not_use(entry: str) -> None:
     code = (
         f"import sys, {entry}\n"

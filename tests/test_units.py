@@ -10,12 +10,12 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from multifd_cli.clients import PagedClient
+from multifd_cli.common.tables import SharedTable, chunk_pages, table_digest, zero_hash
 from multifd_cli.config import parse_rate, parse_size
 from multifd_cli.errors import UsageError
-from multifd_cli.tables import SharedTable, chunk_pages, table_digest, zero_hash
-from multifd_cli.tracker import DirtyLog, HashTracker, SourceTables
-from multifd_cli.transport import Uri, parse_uri
+from multifd_cli.net.transport import Uri, parse_uri
+from multifd_cli.send.clients import PagedClient
+from multifd_cli.send.tracker import DirtyLog, HashTracker, SourceTables
 
 PS = 4096
 

@@ -46,10 +46,10 @@ except ImportError:
 if atheris is not None:
     with atheris.instrument_imports():
         from multifd_cli import errors as E
-        from multifd_cli import protocol as P
+        from multifd_cli import wire as P
 else:
     from multifd_cli import errors as E
-    from multifd_cli import protocol as P
+    from multifd_cli import wire as P
 
 KINDS = sorted(P.START)
 SMALL = P.Limits(max_pages=64, max_payload=4096, max_control=4096)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import xxhash
 
-from multifd_cli import protocol as P
+from multifd_cli import wire as P
 
 HERE = Path(__file__).resolve().parent
 

@@ -20,7 +20,7 @@ import socket
 from typing import Any, Callable
 
 from multifd_cli.errors import ConnectionFailed, MultifdError, UsageError
-from multifd_cli.transport import _remove_stale_unix_socket
+from multifd_cli.net.transport import remove_stale_unix_socket
 
 log = logging.getLogger("multifd")
 MAX_REQUEST = 64 << 10
@@ -40,7 +40,7 @@ class ControlServer:
     def __init__(self, path: str, handler: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
         self.path = path
         self.handler = handler
-        _remove_stale_unix_socket(path)
+        remove_stale_unix_socket(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.bind(path)

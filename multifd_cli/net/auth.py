@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from multifd_cli.errors import UsageError
-from multifd_cli.protocol import NONCE_LEN
+from multifd_cli.wire import NONCE_LEN
 
 if TYPE_CHECKING:
     import ssl  # only for TLS, imported where a context is made

@@ -106,7 +106,7 @@ def listen(uri: Uri, backlog: int = 128) -> tuple[socket.socket, Uri]:
             # recv serves one session; the next recv must be able to bind at once.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         else:
-            _remove_stale_unix_socket(uri.path)
+            remove_stale_unix_socket(uri.path)
         sock.bind(uri.address)
         sock.listen(backlog)
     except OSError as e:
@@ -118,7 +118,7 @@ def listen(uri: Uri, backlog: int = 128) -> tuple[socket.socket, Uri]:
     return sock, uri
 
 
-def _remove_stale_unix_socket(path: str) -> None:
+def remove_stale_unix_socket(path: str) -> None:
     """Remove a socket file nobody listens on any more; refuse anything else."""
     try:
         st = os.lstat(path)
@@ -208,3 +208,24 @@ def send_all(sock: socket.socket, buffers: Sequence[Buffer]) -> int:
         if sent:
             views[0] = views[0][sent:]
     return total
+
+
+def recv_exact_deadline(sock: socket.socket, n: int, deadline: float) -> bytes:
+    """Read n bytes before the deadline (handshakes, before a session exists)."""
+    buf = bytearray()
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Timeout("handshake timed out")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(n - len(buf))
+        except socket.timeout:
+            raise Timeout("handshake timed out") from None
+        except OSError as e:
+            raise ConnectionFailed(f"connection lost during handshake: {e.strerror or e}") from None
+        if not chunk:
+            raise ConnectionFailed("connection closed during handshake")
+        buf += chunk
+    sock.settimeout(None)
+    return bytes(buf)

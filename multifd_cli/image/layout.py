@@ -1,4 +1,4 @@
-"""The `file:` transport: a self-describing image with a fixed offset for every
+"""The `file:` transport's image format: a self-describing image with a fixed offset for every
 page, written by the channels in parallel with pwrite (like QEMU's mapped-ram).
 
 Layout (docs/file-format.md is the reference, pinned by a golden-file test):
@@ -18,19 +18,14 @@ name beside IMAGE and renamed to IMAGE only after that.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import stat
 import struct
-import uuid
 from dataclasses import dataclass
 from typing import Sequence
 
-from multifd_cli import protocol as P
+from multifd_cli import wire as P
+from multifd_cli.common.tables import pages_of
 from multifd_cli.errors import IOFailure, ProtocolError, UsageError, VerifyError
-from multifd_cli.sink import punch_hole
-from multifd_cli.tables import SharedTable, pages_of
 
 IMAGE_MAGIC = b"MFDIMG\x00\x01"
 IMAGE_VERSION = 1
@@ -152,133 +147,6 @@ def read_layout(path: str) -> ImageLayout:
         raise IOFailure(f"image {path} is shorter than its header says: "
                         f"got {length} bytes, expected {layout.end}")
     return layout
-
-
-class ImageSink:
-    """A channel's PacketSink for `file:`: pages go to their fixed offsets.
-
-    Presence is tracked in a shared u8-per-page table (one writer per page per
-    epoch, like every table), and becomes the bitmap at completion.
-    """
-
-    def __init__(self, fd: int, layout: ImageLayout, present: Sequence[SharedTable]) -> None:
-        self.fd = fd
-        self.layout = layout
-        self.present = present
-        self.epoch = 0
-        self.epoch_counts = P.Counts()
-        self.wire_bytes = 0
-        self.payload_bytes = 0
-
-    def send_pages(self, block: int, normal_offsets: list[int], zero_offsets: list[int],
-                   hashes: list[int], payload: list[memoryview | bytes]) -> None:
-        b = self.layout.blocks[block]
-        ps = self.layout.page_size
-        bits = self.present[block].view
-        data = memoryview(payload[0] if len(payload) == 1 else b"".join(payload))
-        pos = 0
-        for off in normal_offsets:
-            if off // ps >= b.capacity:
-                raise IOFailure(f"{b.name} grew past its size at the start; file: images have a fixed layout")
-            n = min(ps, len(data) - pos)
-            self._pwrite(data[pos : pos + n], b.data_offset + off)
-            bits[off // ps] = 1
-            pos += n
-        for off in zero_offsets:
-            if off // ps >= b.capacity:
-                raise IOFailure(f"{b.name} grew past its size at the start; file: images have a fixed layout")
-            if bits[off // ps]:
-                if not punch_hole(self.fd, b.data_offset + off, ps):
-                    self._pwrite(memoryview(bytes(ps)), b.data_offset + off)
-                bits[off // ps] = 0
-        self.wire_bytes += pos
-        self.payload_bytes += pos
-        self.epoch_counts += P.Counts(1, len(normal_offsets), len(zero_offsets))
-
-    def _pwrite(self, data: memoryview, offset: int) -> None:
-        while len(data):
-            try:
-                n = os.pwrite(self.fd, data, offset)
-            except OSError as e:
-                raise IOFailure(f"writing the image at offset {offset}: {e.strerror}") from None
-            data, offset = data[n:], offset + n
-
-    def send_sync(self, epoch: int) -> P.Counts:
-        counts, self.epoch_counts = self.epoch_counts, P.Counts()
-        return counts
-
-    def heartbeat_if_idle(self, interval: float) -> None:
-        """Nothing listens to a file: no heartbeats."""
-
-
-def _final_path(path: str) -> str:
-    """Where the image gets its name: through a symlink, as opening it did."""
-    return os.path.realpath(path)
-
-
-def create_image(path: str, layout: ImageLayout) -> tuple[int, str]:
-    """Write the incomplete header into a hidden file beside IMAGE and size it
-    (sparsely); return its fd and hidden name.
-
-    IMAGE itself is left alone until complete_image() renames the new image over
-    it, so a send that fails keeps an existing, complete image intact.
-    """
-    final = _final_path(path)
-    tmp = os.path.join(os.path.dirname(final),
-                       f".{os.path.basename(final)}.multifd-{uuid.uuid4().hex[:8]}")
-    try:
-        if os.path.isdir(final):  # or the rename at the very end would fail
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
-        if os.path.exists(final) and not stat.S_ISREG(os.stat(final).st_mode):
-            raise UsageError(f"image {path} exists and is not a regular file; not replacing it")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise IOFailure(f"cannot create image {path}: {e.strerror}") from None
-    try:
-        os.ftruncate(fd, layout.end)
-        os.pwrite(fd, layout.encode(), 0)
-    except OSError as e:
-        os.close(fd)
-        discard_image(tmp)
-        raise IOFailure(f"cannot create image {path}: {e.strerror}") from None
-    return fd, tmp
-
-
-def complete_image(fd: int, tmp: str, path: str, layout: ImageLayout, sizes: Sequence[int],
-                   present: Sequence[SharedTable], digest: bytes) -> None:
-    """Bitmaps, fsync, then the header that says COMPLETE, fsync again; only then
-    rename the hidden file to IMAGE, replacing an old image, and fsync the directory."""
-    try:
-        for b, size, table in zip(layout.blocks, sizes, present):
-            n = pages_of(size, layout.page_size)
-            flags = table.view[:n].tolist()
-            bitmap = bytearray(-(-n // 8))
-            for i, bit in enumerate(flags):
-                if bit:
-                    bitmap[i >> 3] |= 1 << (i & 7)
-            os.pwrite(fd, bytes(bitmap), b.bitmap_offset)
-            b.size = size
-        os.fsync(fd)
-        layout.flags = IMAGE_COMPLETE
-        layout.digest = digest
-        os.pwrite(fd, layout.encode(), 0)
-        os.fsync(fd)
-    except OSError as e:
-        raise IOFailure(f"completing the image failed: {e.strerror}") from None
-    final = _final_path(path)
-    try:
-        os.replace(tmp, final)
-    except OSError as e:
-        raise IOFailure(f"cannot name the image {path}: {e.strerror}") from None
-    from multifd_cli.sink import fsync_dir  # sink loads libc: only now, and only here
-
-    fsync_dir(os.path.dirname(final))
-
-
-def discard_image(tmp: str) -> None:
-    """Remove the hidden file of an image that was never completed."""
-    with contextlib.suppress(OSError):
-        os.unlink(tmp)
 
 
 def check_complete(layout: ImageLayout, path: str) -> None:

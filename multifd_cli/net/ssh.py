@@ -38,11 +38,12 @@ from multifd_cli.errors import (
     EXIT_PROTOCOL,
     ConnectionFailed,
     MultifdError,
+    RemoteRecvFailed,
     Timeout,
     UsageError,
 )
-from multifd_cli.transport import SSH_SCHEME as SCHEME
-from multifd_cli.transport import Uri, parse_uri
+from multifd_cli.net.transport import SSH_SCHEME as SCHEME
+from multifd_cli.net.transport import Uri, parse_uri
 
 log = logging.getLogger("multifd")
 
@@ -169,16 +170,6 @@ def remote_command_line(target: SshTarget, recv_args: Sequence[str], *,
         listen = "tcp:[::]:0" if ":" in target.host else "tcp:0.0.0.0:0"
     args = ["recv", "--listen", listen, "--json", *recv_args, "--", target.dest]
     return " ".join([program, *(shlex.quote(a) for a in args)])
-
-
-class RemoteRecvFailed(MultifdError):
-    """The remote recv failed; send relays its exit code."""
-
-    remote = True
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def _one_line(text: str, limit: int = 300) -> str:

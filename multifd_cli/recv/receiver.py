@@ -16,12 +16,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
-from multifd_cli import handshake, logsetup, workers
-from multifd_cli import protocol as P
-from multifd_cli.channel_recv import RecvChannelArgs, channel_main
+from multifd_cli import wire as P
+from multifd_cli.common.progress import Progress, Snapshot
+from multifd_cli.common.tables import pages_of, table_digest
 from multifd_cli.compression import by_wire_id
 from multifd_cli.config import RecvConfig, TestHooks
-from multifd_cli.connection import MainConnection
 from multifd_cli.errors import (
     EXIT_CONNECTION,
     ConnectionFailed,
@@ -29,14 +28,17 @@ from multifd_cli.errors import (
     ProtocolError,
     Timeout,
     VerifyError,
+    WorkerFailed,
     exit_code_of,
     expect,
 )
 from multifd_cli.events import Events, Stats
-from multifd_cli.progress import Progress, Snapshot
-from multifd_cli.sink import HOLE_BIT, Destination, DestTables
-from multifd_cli.tables import pages_of, table_digest
-from multifd_cli.transport import Uri, listen, parse_uri, tune
+from multifd_cli.net import handshake
+from multifd_cli.net.connection import MainConnection
+from multifd_cli.net.transport import Uri, listen, parse_uri, tune
+from multifd_cli.proc import logsetup, workers
+from multifd_cli.recv.channel import RecvChannelArgs, channel_main
+from multifd_cli.recv.sink import HOLE_BIT, Destination, DestTables
 
 log = logging.getLogger("multifd")
 
@@ -95,7 +97,7 @@ class Receiver:
             self.stats.setup_done = time.monotonic()
             try:
                 self._serve()
-            except workers.WorkerFailed as e:
+            except WorkerFailed as e:
                 if e.exit_code == EXIT_CONNECTION and self.main is not None:
                     self.main.raise_pending_abort(0.5)
                 raise

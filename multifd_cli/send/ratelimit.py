@@ -8,9 +8,8 @@ the rate at any time (lifted to unlimited for the downtime, or by `multifd set`)
 from __future__ import annotations
 
 import mmap
+import multiprocessing
 import time
-
-from multifd_cli.workers import CTX
 
 BURST_S = 0.05  # a full bucket holds this many seconds of the rate
 
@@ -19,7 +18,7 @@ class SharedRateLimit:
     def __init__(self, rate: float = 0.0) -> None:
         self._mm = mmap.mmap(-1, 3 * 8)  # shared across fork: rate, tokens, last refill
         self._v = memoryview(self._mm).cast("d")
-        self._lock = CTX.Lock()
+        self._lock = multiprocessing.get_context("fork").Lock()  # shared with forked channels
         self._v[1] = 0.0
         self._v[2] = time.monotonic()
         self.set_rate(rate)

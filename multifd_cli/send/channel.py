@@ -25,21 +25,23 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Sequence
 
-from multifd_cli import handshake
-from multifd_cli import protocol as P
-from multifd_cli.auth import Security
-from multifd_cli.clients import BlobClient, PagedClient
+from multifd_cli import wire as P
+from multifd_cli.common.tables import SharedTable
 from multifd_cli.compression import Compressor, get_compressor
 from multifd_cli.compression.adaptive import AdaptivePolicy, CodecOption
 from multifd_cli.compression.probe import PROBE_PAGES, incompressible_segments
 from multifd_cli.errors import ConnectionFailed, IOFailure, ProtocolError, expect
-from multifd_cli.ratelimit import SharedRateLimit
-from multifd_cli.tables import SharedTable
-from multifd_cli.tracker import HashTracker, SourceTables
-from multifd_cli.transport import Uri, connect, send_all
+from multifd_cli.net import handshake
+from multifd_cli.net.auth import Security
+from multifd_cli.net.transport import Uri, connect, send_all
+from multifd_cli.proc.messages import Quit
+from multifd_cli.send.clients import BlobClient, PagedClient
+from multifd_cli.send.ratelimit import SharedRateLimit
+from multifd_cli.send.tracker import HashTracker, SourceTables
 
 if TYPE_CHECKING:
-    from multifd_cli.image import ImageLayout, ImageSink
+    from multifd_cli.image.layout import ImageLayout
+    from multifd_cli.image.writer import ImageSink
 
 log = logging.getLogger("multifd")
 
@@ -186,7 +188,7 @@ class ChannelSender:
 def channel_main(index: int, pipe: Connection, args: SendChannelArgs) -> None:
     """Process entry point of a send channel."""
     if args.image is not None:
-        from multifd_cli.image import ImageSink
+        from multifd_cli.image.writer import ImageSink
 
         path, layout, present = args.image
         try:
@@ -256,6 +258,8 @@ def _serve(index: int, pipe: Connection, sender: ChannelSender | ImageSink,
             cmd = pipe.recv()
         except EOFError:
             raise ConnectionFailed("main process went away") from None
+        if isinstance(cmd, Quit):
+            return
         op = cmd[0]
         if op == "work":
             _, item, epoch, block, start, end, size, full, seeded = cmd
@@ -304,7 +308,5 @@ def _serve(index: int, pipe: Connection, sender: ChannelSender | ImageSink,
                 ("synced", epoch, (counts.packets, counts.normal, counts.zero), sender.wire_bytes,
                  sender.payload_bytes)
             )
-        elif op == "quit":
-            return
         else:
             raise ProtocolError(f"channel command: got {op!r}")

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
+from multifd_cli.common.tables import page_hash
 from multifd_cli.errors import IOFailure
-from multifd_cli.tables import page_hash
 
 
 class PacketSink(Protocol):

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from itertools import compress
 from typing import Callable
 
-from multifd_cli.clients import PagedClient
-from multifd_cli.errors import IOFailure
-from multifd_cli.tables import (
+from multifd_cli.common.tables import (
     SharedTable,
     chunk_pages,
     page_hash,
@@ -28,6 +26,8 @@ from multifd_cli.tables import (
     zero_bytes,
     zero_hash,
 )
+from multifd_cli.errors import IOFailure
+from multifd_cli.send.clients import PagedClient
 
 READ_BYTES = 1 << 20  # one pread per MiB; a multiple of every chunk size
 DIRECT_ALIGN = 4096  # O_DIRECT offsets, lengths and buffers are multiples of this

@@ -7,9 +7,9 @@ import socket
 import time
 from multiprocessing.connection import wait
 
-from multifd_cli import protocol as P
+from multifd_cli import wire as P
 from multifd_cli.errors import ConnectionFailed, PeerAborted, Timeout
-from multifd_cli.transport import send_all
+from multifd_cli.net.transport import send_all
 
 
 class MainConnection:

@@ -27,14 +27,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from multifd_cli import handshake, logsetup, workers
-from multifd_cli import protocol as P
-from multifd_cli.channel_send import SendChannelArgs, channel_main
+from multifd_cli import wire as P
+from multifd_cli.common.progress import Progress, Snapshot
+from multifd_cli.common.tables import SharedTable, chunk_pages, pages_of, table_digest
 from multifd_cli.compression import get_compressor, parse_spec
 from multifd_cli.config import SendConfig, TestHooks, parse_rate
-from multifd_cli.connection import MainConnection
-from multifd_cli.control import ControlServer, control_path
-from multifd_cli.convergence import Estimator, PassSample
 from multifd_cli.errors import (
     EXIT_CONNECTION,
     EXIT_SIGINT,
@@ -45,21 +42,28 @@ from multifd_cli.errors import (
     ProtocolError,
     UsageError,
     VerifyError,
+    WorkerFailed,
     exit_code_of,
     expect,
 )
 from multifd_cli.events import Events, Stats
-from multifd_cli.pause import Pauser, Throttle, Watchdog, pids_in_cgroup, writers_of
-from multifd_cli.progress import Progress, Snapshot
-from multifd_cli.ratelimit import SharedRateLimit
-from multifd_cli.sources import Blob, Source, open_source, read_metadata, source_names
-from multifd_cli.tables import SharedTable, chunk_pages, pages_of, table_digest
-from multifd_cli.tracker import DirtyLog, SourceTables
-from multifd_cli.transport import connect, is_ssh_target, parse_uri
+from multifd_cli.net import handshake
+from multifd_cli.net.connection import MainConnection
+from multifd_cli.net.control import ControlServer, control_path
+from multifd_cli.net.transport import connect, is_ssh_target, parse_uri
+from multifd_cli.proc import logsetup, workers
+from multifd_cli.send.channel import SendChannelArgs, channel_main
+from multifd_cli.send.convergence import Estimator, PassSample
+from multifd_cli.send.ratelimit import SharedRateLimit
+from multifd_cli.send.sources import Blob, Source, open_source, read_metadata, source_names
+from multifd_cli.send.tracker import DirtyLog, SourceTables
+from multifd_cli.writer.pause import Pauser, pids_in_cgroup, writers_of
+from multifd_cli.writer.throttle import Throttle
+from multifd_cli.writer.watchdog import Watchdog
 
 if TYPE_CHECKING:  # both are imported where used: most sessions need neither
-    from multifd_cli.image import ImageLayout
-    from multifd_cli.ssh import RemoteRecv, SshTarget
+    from multifd_cli.image.layout import ImageLayout
+    from multifd_cli.net.ssh import RemoteRecv, SshTarget
 
 log = logging.getLogger("multifd")
 
@@ -96,7 +100,7 @@ class Orchestrator:
         self.image_path = cfg.to[len("file:"):] if cfg.to.startswith("file:") else ""
         self.ssh_target: SshTarget | None = None
         if is_ssh_target(cfg.to):
-            from multifd_cli.ssh import parse_ssh_target
+            from multifd_cli.net.ssh import parse_ssh_target
 
             self.ssh_target = parse_ssh_target(cfg.to)
         self.uri = parse_uri(cfg.to) if not (self.ssh_target or self.image_path) else None
@@ -188,7 +192,7 @@ class Orchestrator:
             self.stats.setup_done = time.monotonic()
             try:
                 self._migrate()
-            except workers.WorkerFailed as e:
+            except WorkerFailed as e:
                 # A channel's socket may close before the peer's ABORT is read.
                 if e.exit_code == EXIT_CONNECTION and self.main is not None:
                     self.main.raise_pending_abort(0.5)
@@ -221,7 +225,7 @@ class Orchestrator:
             if self.image_fd >= 0:
                 os.close(self.image_fd)
             if self.image_tmp:
-                from multifd_cli.image import discard_image
+                from multifd_cli.image.writer import discard_image
 
                 discard_image(self.image_tmp)
             for s in self.sources:
@@ -231,7 +235,7 @@ class Orchestrator:
 
     def _start_remote(self, target: SshTarget) -> None:
         """Start recv on the far side over ssh, then connect to it directly (rsync -e ssh)."""
-        from multifd_cli.ssh import RemoteRecv
+        from multifd_cli.net.ssh import RemoteRecv
 
         cfg = self.cfg
         recv_args = ["--timeout", f"{cfg.timeout:g}", *cfg.remote_recv_args]
@@ -309,7 +313,8 @@ class Orchestrator:
 
     def _open_image(self) -> None:
         """The file: transport: a fixed-offset image instead of a peer."""
-        from multifd_cli.image import ImageLayout, create_image
+        from multifd_cli.image.layout import ImageLayout
+        from multifd_cli.image.writer import create_image
 
         cfg = self.cfg
         if self.blobs:
@@ -365,7 +370,7 @@ class Orchestrator:
         deadline = time.monotonic() + self.cfg.timeout
         while len(ready) < len(self.workers):
             if time.monotonic() > deadline:
-                raise workers.WorkerFailed("channels did not connect in time", 3, -1)
+                raise WorkerFailed("channels did not connect in time", 3, -1)
             for w, msg in self._poll():
                 expect("channel report", msg[0], "ready")
                 ready.add(w.index)
@@ -773,7 +778,7 @@ class Orchestrator:
         for src in self.sources:
             src.check_identity()  # what the last pass read is still what SRC names
         if self.image_layout is not None:
-            from multifd_cli.image import complete_image
+            from multifd_cli.image.writer import complete_image
 
             digest = table_digest(
                 (size, t.page_hash, self.cfg.page_size) for size, t in zip(self.sizes, self.tables)

@@ -15,13 +15,14 @@ from collections import deque
 from multiprocessing.connection import Connection
 from typing import Any
 
-from multifd_cli import workers
+from multifd_cli.common.tables import page_hash, pages_of, table_digest
 from multifd_cli.config import RecvConfig
 from multifd_cli.errors import IOFailure, VerifyError
 from multifd_cli.events import Events, Stats
-from multifd_cli.image import ImageLayout, check_complete, read_layout
-from multifd_cli.sink import Destination, DestTables
-from multifd_cli.tables import page_hash, pages_of, table_digest
+from multifd_cli.image.layout import ImageLayout, check_complete, read_layout
+from multifd_cli.proc import workers
+from multifd_cli.proc.messages import Quit
+from multifd_cli.recv.sink import Destination, DestTables
 
 log = logging.getLogger("multifd")
 RANGE_PAGES = 2048  # a multiple of 8, so a range owns whole bitmap bytes
@@ -37,7 +38,7 @@ def _restore_channel(index: int, pipe: Connection, image: str, layout: ImageLayo
     try:
         while True:
             cmd = pipe.recv()
-            if cmd[0] == "quit":
+            if isinstance(cmd, Quit):
                 return
             _, bi, start, end = cmd
             b = layout.blocks[bi]

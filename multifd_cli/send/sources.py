@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Sequence
 
-from multifd_cli import protocol as P
+from multifd_cli import wire as P
 from multifd_cli.errors import IOFailure, ProtocolError, UsageError
 
 log = logging.getLogger("multifd")

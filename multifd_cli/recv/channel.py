@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Callable, Sequence
 
-from multifd_cli import protocol as P
+from multifd_cli import wire as P
+from multifd_cli.common.fsutil import punch_hole, start_writeback
+from multifd_cli.common.tables import page_hash, zero_bytes, zero_hash
 from multifd_cli.compression import Compressor, by_wire_id
 from multifd_cli.config import TestHooks
 from multifd_cli.errors import (
@@ -34,9 +36,9 @@ from multifd_cli.errors import (
     VerifyError,
     expect,
 )
-from multifd_cli.sink import HEADER_GUARD, HOLE_BIT, DestTables, punch_hole, start_writeback
-from multifd_cli.tables import page_hash, zero_bytes, zero_hash
-from multifd_cli.transport import recv_exact
+from multifd_cli.net.transport import recv_exact
+from multifd_cli.proc.messages import Quit
+from multifd_cli.recv.sink import HEADER_GUARD, HOLE_BIT, DestTables
 
 log = logging.getLogger("multifd")
 WRITEBACK_BYTES = 32 << 20  # each channel starts writeback after this much
@@ -292,7 +294,7 @@ def channel_main(index: int, pipe: Connection, sock: socket.socket, args: RecvCh
                 cmd = pipe.recv()
             except EOFError:
                 raise ConnectionFailed("main process went away") from None
-            if cmd[0] == "quit":
+            if isinstance(cmd, Quit):
                 return
             if cmd[0] == "hash":
                 _, block, start, end, size = cmd

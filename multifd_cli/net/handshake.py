@@ -8,9 +8,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from multifd_cli import auth
-from multifd_cli import protocol as P
-from multifd_cli.auth import Security
+from multifd_cli import wire as P
 from multifd_cli.errors import (
     AuthError,
     ConnectionFailed,
@@ -19,8 +17,9 @@ from multifd_cli.errors import (
     UsageError,
     expect,
 )
-from multifd_cli.transport import send_all
-from multifd_cli.workers import recv_exact_deadline
+from multifd_cli.net import auth
+from multifd_cli.net.auth import Security
+from multifd_cli.net.transport import recv_exact_deadline, send_all
 
 if TYPE_CHECKING:
     import ssl

@@ -13,32 +13,23 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterable, Sequence
 
-from multifd_cli import logsetup
 from multifd_cli.errors import (
     EXIT_INTERNAL,
-    ConnectionFailed,
     InternalError,
     MultifdError,
-    Timeout,
+    WorkerFailed,
 )
+from multifd_cli.proc import logsetup
+from multifd_cli.proc.messages import ChannelError, Quit
 
 log = logging.getLogger("multifd")
 CTX = multiprocessing.get_context("fork")
-
-
-class WorkerFailed(MultifdError):
-    """A channel reported an error; carries the channel's exit code."""
-
-    def __init__(self, message: str, exit_code: int, channel: int) -> None:
-        super().__init__(message, channel=channel)
-        self.exit_code = exit_code
 
 
 @dataclass
@@ -122,11 +113,11 @@ def _child(
         target(index, pipe, *args)
     except MultifdError as e:
         code = e.exit_code
-        _report(pipe, ("error", e.exit_code, e.message))
+        _report(pipe, ChannelError(e.exit_code, e.message))
     except BaseException as e:  # noqa: BLE001 - the channel must always report
         code = EXIT_INTERNAL
         log.debug("channel %d crashed:\n%s", index, traceback.format_exc())
-        _report(pipe, ("error", EXIT_INTERNAL, f"internal error: {type(e).__name__}: {e}"))
+        _report(pipe, ChannelError(EXIT_INTERNAL, f"internal error: {type(e).__name__}: {e}"))
     finally:
         logsetup.flush_child()
         # Skip interpreter teardown: the fork inherited main's atexit hooks and
@@ -134,7 +125,7 @@ def _child(
         os._exit(code)
 
 
-def _report(pipe: Connection, msg: tuple[Any, ...]) -> None:
+def _report(pipe: Connection, msg: ChannelError) -> None:
     try:
         pipe.send(msg)
     except OSError:
@@ -177,7 +168,7 @@ def stop(workers: Sequence[Worker], grace: float = 1.0) -> None:
     """Ask, then terminate, then kill; reap every child so none is left behind."""
     for w in workers:
         try:
-            w.pipe.send(("quit",))
+            w.pipe.send(Quit())
         except OSError:
             pass
     deadline = time.monotonic() + grace
@@ -206,13 +197,13 @@ def terminate(workers: Sequence[Worker]) -> None:
 def _drain(w: Worker, reports: list[tuple[Worker, tuple[Any, ...]]]) -> bool:
     """Move what `w` has sent into `reports`; False once its pipe is closed.
 
-    A channel's ("error", code, message) report raises WorkerFailed at once.
+    A channel's ChannelError report raises WorkerFailed at once.
     """
     try:
         while w.pipe.poll():
             msg = w.pipe.recv()
-            if msg[0] == "error":
-                raise WorkerFailed(msg[2], msg[1], w.index)
+            if isinstance(msg, ChannelError):
+                raise WorkerFailed(msg.message, msg.exit_code, w.index)
             reports.append((w, msg))
     except (EOFError, OSError):
         return False
@@ -252,24 +243,3 @@ def poll(
             how = f"killed by signal {-code}" if code and code < 0 else f"exit status {code}"
             raise WorkerFailed(f"channel process died ({how})", EXIT_INTERNAL, w.index)
     return reports, extras
-
-
-def recv_exact_deadline(sock: socket.socket, n: int, deadline: float) -> bytes:
-    """Read n bytes before the deadline (handshakes, before a session exists)."""
-    buf = bytearray()
-    while len(buf) < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise Timeout("handshake timed out")
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(n - len(buf))
-        except socket.timeout:
-            raise Timeout("handshake timed out") from None
-        except OSError as e:
-            raise ConnectionFailed(f"connection lost during handshake: {e.strerror or e}") from None
-        if not chunk:
-            raise ConnectionFailed("connection closed during handshake")
-        buf += chunk
-    sock.settimeout(None)
-    return bytes(buf)

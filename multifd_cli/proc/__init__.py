@@ -1,0 +1,1 @@
+"""Process plumbing: forking channel processes and logging across them."""
