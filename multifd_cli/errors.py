@@ -17,6 +17,7 @@ EXIT_VERIFY = 6
 EXIT_IO = 7
 EXIT_PAUSE = 8
 EXIT_CONVERGE = 9
+EXIT_CHANNEL_KILLED = 10
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -31,6 +32,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_IO: "source or destination I/O error, such as a full disk",
     EXIT_PAUSE: "pause or resume action failed",
     EXIT_CONVERGE: "did not converge, or the downtime limit was exceeded under --strict-downtime",
+    EXIT_CHANNEL_KILLED: "a channel process was killed by a signal from outside",
     EXIT_SIGINT: "interrupted by SIGINT",
     EXIT_SIGTERM: "terminated by SIGTERM",
 }

@@ -20,6 +20,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterable, Sequence
 
 from multifd_cli.errors import (
+    EXIT_CHANNEL_KILLED,
     EXIT_INTERNAL,
     InternalError,
     MultifdError,
@@ -240,6 +241,17 @@ def poll(
         if not any(r[0] is w for r in reports) or w.process.exitcode not in (0, None):
             w.process.join(0.5)
             code = w.process.exitcode
-            how = f"killed by signal {-code}" if code and code < 0 else f"exit status {code}"
-            raise WorkerFailed(f"channel process died ({how})", EXIT_INTERNAL, w.index)
+            if code is not None and code < 0:
+                # Channels die by a signal only when something outside sent it (an
+                # OOM kill, a stray kill): not one of our bugs, so not exit 1.
+                raise WorkerFailed(f"the channel process was killed by {_signal_name(-code)}",
+                                   EXIT_CHANNEL_KILLED, w.index)
+            raise WorkerFailed(f"channel process died (exit status {code})", EXIT_INTERNAL, w.index)
     return reports, extras
+
+
+def _signal_name(signo: int) -> str:
+    try:
+        return signal.Signals(signo).name
+    except ValueError:
+        return f"signal {signo}"
