@@ -190,6 +190,10 @@ def test_a_copy_that_paused_nothing_reports_no_downtime(runner: Runner, tmp_path
 
 # -- 6. a killed send --to file: leaves nothing behind for long ------------------------------
 
+# --max-bandwidth does not slow a file: send; a slow pause command holds it open.
+_SLOW_SWITCHOVER = ("--pause-cmd", "sleep 4", "--resume-cmd", "true")
+
+
 def _hidden(d: Path, name: str) -> list[str]:
     return [n for n in os.listdir(d) if n.startswith(f".{name}.multifd-")]
 
@@ -197,7 +201,7 @@ def _hidden(d: Path, name: str) -> list[str]:
 def test_the_next_send_to_an_image_removes_what_a_killed_send_left(tmp_path: Path) -> None:
     src = write_random(tmp_path / "src", 32 * MiB)
     img = tmp_path / "disk.mfd"
-    p = spawn(["send", "--json", str(src), "--to", f"file:{img}", "--max-bandwidth", "4M"])
+    p = spawn(["send", "--json", str(src), "--to", f"file:{img}", *_SLOW_SWITCHOVER])
     deadline = time.monotonic() + 20
     while not _hidden(tmp_path, "disk.mfd") and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -215,7 +219,7 @@ def test_the_next_send_to_an_image_removes_what_a_killed_send_left(tmp_path: Pat
 def test_cleanup_never_removes_the_image_of_a_running_send(tmp_path: Path) -> None:
     src = write_random(tmp_path / "src", 32 * MiB)
     img = tmp_path / "disk.mfd"
-    first = spawn(["send", "--json", str(src), "--to", f"file:{img}", "--max-bandwidth", "8M"])
+    first = spawn(["send", "--json", str(src), "--to", f"file:{img}", *_SLOW_SWITCHOVER])
     try:
         deadline = time.monotonic() + 20
         while not _hidden(tmp_path, "disk.mfd") and time.monotonic() < deadline:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import logging
 import os
 import stat
 import uuid
@@ -17,6 +19,8 @@ from multifd_cli import wire as P
 from multifd_cli.common.tables import SharedTable, pages_of
 from multifd_cli.errors import IOFailure, UsageError
 from multifd_cli.image.layout import IMAGE_COMPLETE, ImageLayout
+
+log = logging.getLogger("multifd")
 
 
 class ImageSink:
@@ -88,17 +92,20 @@ def create_image(path: str, layout: ImageLayout) -> tuple[int, str]:
     (sparsely); return its fd and hidden name.
 
     IMAGE itself is left alone until complete_image() renames the new image over
-    it, so a send that fails keeps an existing, complete image intact.
+    it, so a send that fails keeps an existing, complete image intact. The hidden
+    file is flocked for as long as its fd is open, so the next send can tell what
+    a killed send left (unlocked: removed) from the image of one still running
+    (locked: refused).
     """
     final = _final_path(path)
-    tmp = os.path.join(os.path.dirname(final),
-                       f".{os.path.basename(final)}.multifd-{uuid.uuid4().hex[:8]}")
+    directory, base = os.path.split(final)
     try:
         if os.path.isdir(final):  # or the rename at the very end would fail
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
         if os.path.exists(final) and not stat.S_ISREG(os.stat(final).st_mode):
             raise UsageError(f"image {path} exists and is not a regular file; not replacing it")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        _remove_strays(directory, base, path)
+        fd, tmp = _create_locked(directory, base)
     except OSError as e:
         raise IOFailure(f"cannot create image {path}: {e.strerror}") from None
     try:
@@ -109,6 +116,61 @@ def create_image(path: str, layout: ImageLayout) -> tuple[int, str]:
         discard_image(tmp)
         raise IOFailure(f"cannot create image {path}: {e.strerror}") from None
     return fd, tmp
+
+
+def _stray_names(directory: str, base: str) -> list[str]:
+    prefix = f".{base}.multifd-"
+    return [n for n in os.listdir(directory) if n.startswith(prefix) and len(n) == len(prefix) + 8]
+
+
+def _remove_strays(directory: str, base: str, path: str) -> None:
+    """Remove hidden images that killed sends left; refuse if a live send holds one."""
+    for name in _stray_names(directory, base):
+        stray = os.path.join(directory, name)
+        try:
+            fd = os.open(stray, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"another multifd send is writing the image {path}") from None
+            log.info("removing %s, left by an earlier send to %s", name, path)
+            with contextlib.suppress(OSError):
+                os.unlink(stray)
+        finally:
+            os.close(fd)
+
+
+def _create_locked(directory: str, base: str) -> tuple[int, str]:
+    """A new hidden file that is locked before it has a name, where O_TMPFILE
+    allows; elsewhere it is locked right after O_EXCL created it."""
+    tmp = os.path.join(directory, f".{base}.multifd-{uuid.uuid4().hex[:8]}")
+    try:
+        fd = os.open(directory, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+            raise
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd, tmp
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.fchmod(fd, 0o644 & ~_umask())
+        from multifd_cli.common.fsutil import link_fd  # loads libc: only now, and only here
+
+        link_fd(fd, tmp)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def complete_image(fd: int, tmp: str, path: str, layout: ImageLayout, sizes: Sequence[int],
