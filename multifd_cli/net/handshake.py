@@ -16,7 +16,6 @@ from multifd_cli.errors import (
     ConnectionFailed,
     InternalError,
     PeerAborted,
-    ProtocolError,
     UsageError,
     expect,
 )
@@ -85,12 +84,10 @@ def _send(sock: socket.socket, conv: P.Conversation, msg: P.Message) -> None:
 
 def _read(sock: socket.socket, deadline: float, conv: P.Conversation) -> P.Message:
     header = P.parse_header(recv_exact_deadline(sock, P.HEADER_SIZE, deadline))
-    if header.type == P.MsgType.PACKET:
-        # refused before its body is read: a handshake never carries page data
-        raise ProtocolError(f"{conv.kind} in state {conv.state.name}: got PACKET, "
-                            f"expected one of {', '.join(conv.legal(P.RECV))}")
+    # Checked on the header, so the body of a message out of order (a PACKET's
+    # page data, say) is never read.
+    conv.receive(header)
     msg = P.parse_control(header, recv_exact_deadline(sock, header.body_len, deadline))
-    conv.receive(msg)
     if isinstance(msg, P.Abort):
         raise PeerAborted(msg.message, msg.exit_code)
     return msg
