@@ -221,6 +221,23 @@ def test_heartbeat_states_are_the_documented_ones():
     assert {P.State[s] for s in named} == P.HEARTBEAT_STATES
 
 
+def test_message_directions_match_the_order_table():
+    """The message-type table's "send → recv" / "recv → send" is what ORDER says each
+    side does with that message: send-* roles say what send says, recv-* hear it."""
+    rows = table(["name", "id", "direction", "payload"])
+    for r in rows:
+        speaker = r["direction"].split(",")[0].strip()
+        if speaker.startswith("either way"):
+            continue
+        who = {"send → recv": "send", "recv → send": "recv"}[speaker]
+        events = ["SYNC", "PACKET"] if r["name"] == "PACKET" else [r["name"]]
+        found = [(k, d) for (k, _, d, e) in P.ORDER if e in events]
+        assert found, f"{r['name']} appears in no row of ORDER"
+        for role, direction in found:
+            said = role.startswith(who + "-")
+            assert direction == (P.SEND if said else P.RECV), (r["name"], role, direction)
+
+
 def test_directions_are_the_modules():
     rows = table(["role", "state", "direction", "event", "next state"])
     assert {r["direction"] for r in rows} == {P.SEND, P.RECV}
