@@ -6,9 +6,12 @@ tests/golden/make_golden.py --write (only on a deliberate format change).
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import re
 import struct
+import subprocess
+import sys
 import zlib
 from collections import deque
 from pathlib import Path
@@ -17,7 +20,7 @@ import pytest
 import xxhash
 
 from multifd_cli import wire as P
-from multifd_cli.errors import ProtocolError
+from multifd_cli.errors import InternalError, ProtocolError
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 
@@ -108,6 +111,15 @@ def test_one_vector_per_message_type_plus_sync():
 def test_encoding_matches_golden_bytes(name):
     _, encoded = G.VECTORS[name]
     assert encoded == golden(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_generic_encode_inverts_the_decoder(name):
+    """encode(message) gives back the golden bytes the message was decoded from."""
+    data = golden(name)
+    (msg,) = _fed(data).messages()
+    packet_num = P.parse_header(data[: P.HEADER_SIZE]).packet_num
+    assert P.encode(msg, packet_num=packet_num) == data
 
 
 def test_golden_bytes_spot_checks():
@@ -667,80 +679,129 @@ def test_config_pages_per_packet():
 
 # --- (h) Conversation ------------------------------------------------------------------------
 KINDS = sorted(P.START)
-EVENTS = sorted({e for (_, _, e) in P.TRANSITIONS} | set(P.ALWAYS))
+EVENTS = sorted({e for (_, _, _, e) in P.TRANSITIONS})
+DIRECTIONS = (P.SEND, P.RECV)
 LIVE_END = {P.State.DONE, P.State.ABORTED}
+S, R = P.SEND, P.RECV
 
+# (direction, event) sequences that walk each role through every row of ORDER
 LEGAL = {
     "recv-main": [
-        "HELLO", "HEARTBEAT", "CONFIG", "LAYOUT", "HEARTBEAT", "EPOCH_START", "HEARTBEAT",
-        "EPOCH_END", "EPOCH_START", "EPOCH_END", "HEARTBEAT", "METADATA", "DIGEST", "HEARTBEAT",
-    ],
-    "recv-channel": [
-        "HELLO", "HEARTBEAT", "RELEASE", "PACKET", "HEARTBEAT", "PACKET", "SYNC", "RELEASE",
-        "SYNC", "RELEASE", "PACKET", "SYNC",
+        [(R, "HELLO"), (S, "AUTH_CHALLENGE"), (R, "AUTH_RESPONSE"), (S, "AUTH_OK"),
+         (S, "WELCOME"), (R, "CONFIG"), (S, "HEARTBEAT"), (R, "LAYOUT"), (S, "ACCEPT"),
+         (S, "RESUME_HASHES"), (R, "EPOCH_START"), (S, "RESUME_HASHES"), (R, "HEARTBEAT"),
+         (R, "EPOCH_END"), (R, "EPOCH_START"), (R, "EPOCH_END"), (R, "METADATA"),
+         (R, "DIGEST"), (S, "COMPLETE")],
+        [(R, "HELLO"), (S, "WELCOME")],
     ],
     "send-main": [
-        "HEARTBEAT", "WELCOME", "HEARTBEAT", "ACCEPT", "RESUME_HASHES", "HEARTBEAT",
-        "RESUME_HASHES", "COMPLETE",
+        [(S, "HELLO"), (R, "AUTH_CHALLENGE"), (S, "AUTH_RESPONSE"), (R, "AUTH_OK"),
+         (R, "WELCOME"), (S, "CONFIG"), (S, "LAYOUT"), (R, "ACCEPT"), (R, "RESUME_HASHES"),
+         (S, "EPOCH_START"), (R, "RESUME_HASHES"), (S, "EPOCH_END"), (S, "METADATA"),
+         (S, "HEARTBEAT"), (S, "DIGEST"), (R, "COMPLETE")],
+        [(S, "HELLO"), (R, "WELCOME")],
     ],
-    "send-channel": ["WELCOME", "HEARTBEAT"],
+    "recv-channel": [
+        [(R, "HELLO"), (S, "AUTH_CHALLENGE"), (R, "AUTH_RESPONSE"), (S, "AUTH_OK"),
+         (S, "WELCOME"), (R, "RELEASE"), (R, "PACKET"), (R, "HEARTBEAT"), (R, "PACKET"),
+         (R, "SYNC"), (R, "RELEASE"), (R, "SYNC")],
+        [(R, "HELLO"), (S, "WELCOME")],
+    ],
+    "send-channel": [
+        [(S, "HELLO"), (R, "AUTH_CHALLENGE"), (S, "AUTH_RESPONSE"), (R, "AUTH_OK"),
+         (R, "WELCOME"), (S, "PACKET"), (S, "PACKET"), (S, "SYNC"), (S, "HEARTBEAT"),
+         (S, "SYNC"), (S, "PACKET"), (S, "SYNC")],
+        [(S, "HELLO"), (R, "WELCOME")],
+    ],
 }
 FINAL = {
-    "recv-main": P.State.COMPLETING,
+    "recv-main": P.State.DONE,
     "recv-channel": P.State.SYNCED,
     "send-main": P.State.DONE,
-    "send-channel": P.State.RUNNING,
+    "send-channel": P.State.SYNCED,
 }
 
 
-def reachable(kind: str) -> dict[P.State, list[str]]:
+def move(c: P.Conversation, direction: str, ev: str) -> P.State:
+    return c.send(ev) if direction == P.SEND else c.receive(ev)
+
+
+def reachable(kind: str) -> dict[P.State, list[tuple[str, str]]]:
     """Every state of `kind` reachable through TRANSITIONS, with a shortest path to it."""
-    paths = {P.START[kind]: []}
+    paths: dict[P.State, list[tuple[str, str]]] = {P.START[kind]: []}
     todo = deque([P.START[kind]])
     while todo:
         s = todo.popleft()
-        for (k, st, ev), nxt in P.TRANSITIONS.items():
+        for (k, st, d, ev), nxt in P.TRANSITIONS.items():
             if k == kind and st == s and nxt not in paths:
-                paths[nxt] = paths[s] + [ev]
+                paths[nxt] = paths[s] + [(d, ev)]
                 todo.append(nxt)
     return paths
 
 
-def at(kind: str, path: list[str]) -> P.Conversation:
+def at(kind: str, path: list[tuple[str, str]]) -> P.Conversation:
     c = P.Conversation(kind)
-    for ev in path:
-        c.advance(ev)
+    for d, ev in path:
+        move(c, d, ev)
     return c
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_legal_sequence(kind):
-    c = P.Conversation(kind)
-    assert c.state == P.START[kind]
-    for ev in LEGAL[kind]:
-        assert c.advance(ev) == c.state
+    for seq in LEGAL[kind]:
+        c = P.Conversation(kind)
+        assert c.state == P.START[kind]
+        for d, ev in seq:
+            assert move(c, d, ev) == c.state
+    assert c.state == P.Conversation.handed_over(kind).state
+    c = at(kind, LEGAL[kind][0])
     assert c.state == FINAL[kind]
 
 
-def test_legal_sequences_cover_every_transition():
+def test_legal_sequences_cover_every_row():
     used = set()
-    for kind, events in LEGAL.items():
-        c = P.Conversation(kind)
-        for ev in events:
-            before = c.state
-            c.advance(ev)
-            if ev not in P.ALWAYS:
-                used.add((kind, before, ev))
-    assert used == set(P.TRANSITIONS)
+    for kind, seqs in LEGAL.items():
+        for seq in seqs:
+            c = P.Conversation(kind)
+            for d, ev in seq:
+                before = c.state
+                move(c, d, ev)
+                used.add((kind, before, d, ev))
+    assert used >= set(P.ORDER)
+
+
+def test_main_roles_mirror_each_other():
+    """Both ends of the main connection pass the same states, directions swapped."""
+    flip = {P.SEND: P.RECV, P.RECV: P.SEND}
+    send = {(s, d, e): n for (k, s, d, e), n in P.ORDER.items() if k == "send-main"}
+    recv = {(s, flip[d], e): n for (k, s, d, e), n in P.ORDER.items() if k == "recv-main"}
+    assert send == recv
+
+
+def test_every_message_type_is_spoken_by_one_side_only():
+    """Apart from HEARTBEAT and ABORT, each event has one direction per role."""
+    for kind in KINDS:
+        seen: dict[str, set[str]] = {}
+        for (k, _, d, e) in P.ORDER:
+            if k == kind:
+                seen.setdefault(e, set()).add(d)
+        assert all(len(ds) == 1 for ds in seen.values()), (kind, seen)
 
 
 def test_recv_main_driven_by_decoded_golden_messages():
     c = P.Conversation("recv-main")
     d = P.Decoder()
-    d.feed(b"".join(golden(n) for n in ["hello", "config", "layout", "epoch_start", "epoch_end",
-                                        "heartbeat", "digest"]))
+    d.feed(golden("hello"))
     for msg in d.messages():
-        c.advance(P.event_name(msg))
+        c.receive(msg)
+    c.send(P.Welcome(P.VERSION, bytes(16)))
+    d.feed(b"".join(golden(n) for n in ["config", "layout"]))
+    for msg in d.messages():
+        c.receive(msg)
+    c.send(P.Accept())
+    d.feed(b"".join(golden(n) for n in ["epoch_start", "epoch_end", "heartbeat", "digest"]))
+    for msg in d.messages():
+        c.receive(msg)
     assert c.state == P.State.COMPLETING
 
 
@@ -750,67 +811,94 @@ def test_event_name(name):
     assert P.event_name(msg) == name.upper().removesuffix("_RESUME")
 
 
+@pytest.mark.parametrize("name", ["packet", "sync", "heartbeat", "config"])
+def test_event_name_of_a_bare_header(name):
+    h = P.parse_header(golden(name)[: P.HEADER_SIZE])
+    assert P.event_name(h) == name.upper()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_illegal_move_names_the_state(kind):
     for state, path in reachable(kind).items():
-        for ev in EVENTS:
-            c = at(kind, path)
-            key = (kind, state, ev)
-            if key in P.TRANSITIONS:
-                assert c.advance(ev) == P.TRANSITIONS[key]
-            elif ev == "ABORT" or (ev == "HEARTBEAT" and state not in LIVE_END):
-                c.advance(ev)
-            else:
-                with pytest.raises(ProtocolError) as ei:
-                    c.advance(ev)
+        for d in DIRECTIONS:
+            for ev in EVENTS:
+                c = at(kind, path)
+                key = (kind, state, d, ev)
+                if key in P.TRANSITIONS:
+                    assert move(c, d, ev) == P.TRANSITIONS[key]
+                    continue
+                error = InternalError if d == P.SEND else ProtocolError
+                with pytest.raises(error) as ei:
+                    move(c, d, ev)
                 text = str(ei.value)
-                assert f"{kind} in state {state.name}: got {ev}, expected one of" in text
-                assert c.state == state  # a rejected move changes nothing
+                if d == P.RECV:
+                    assert f"{kind} in state {state.name}: got {ev}, expected one of" in text
+                else:
+                    assert f"{kind} in state {state.name}: about to send {ev}, expected" in text
+                assert c.state == state  # a refused move changes nothing
 
 
 def test_illegal_move_message():
     c = P.Conversation("recv-main")
     with pytest.raises(ProtocolError) as ei:
-        c.advance("CONFIG")
-    assert str(ei.value) == (
-        "recv-main in state AWAIT_HELLO: got CONFIG, expected one of HELLO, HEARTBEAT, ABORT"
-    )
-    c = at("recv-channel", ["HELLO"])
+        c.receive("CONFIG")
+    assert str(ei.value) == "recv-main in state AWAIT_HELLO: got CONFIG, expected one of HELLO, ABORT"
+    c = at("recv-channel", [(R, "HELLO"), (S, "WELCOME")])
     with pytest.raises(ProtocolError) as ei:
-        c.advance("PACKET")
+        c.receive("PACKET")
     assert str(ei.value) == (
         "recv-channel in state SYNCED: got PACKET, expected one of RELEASE, HEARTBEAT, ABORT"
+    )
+    c = at("send-main", [(S, "HELLO"), (R, "WELCOME")])
+    with pytest.raises(InternalError) as ei2:
+        c.send(P.EpochStart(1, (4096,)))
+    assert str(ei2.value) == (
+        "send-main in state AWAIT_CONFIG: about to send EPOCH_START, "
+        "expected to send one of CONFIG, HEARTBEAT, ABORT"
     )
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_heartbeat_is_accepted_in_every_live_state(kind):
+def test_heartbeat_is_legal_exactly_in_the_live_states(kind):
     for state, path in reachable(kind).items():
-        c = at(kind, path)
-        if state in LIVE_END:
-            with pytest.raises(ProtocolError):
-                c.advance("HEARTBEAT")
-        else:
-            assert c.advance("HEARTBEAT") == state
-            assert c.advance("HEARTBEAT") == state
+        for d in DIRECTIONS:
+            c = at(kind, path)
+            if state in P.HEARTBEAT_STATES:
+                assert move(c, d, "HEARTBEAT") == state
+                assert move(c, d, "HEARTBEAT") == state
+            else:
+                with pytest.raises(InternalError if d == P.SEND else ProtocolError):
+                    move(c, d, "HEARTBEAT")
+    assert not P.HEARTBEAT_STATES & (LIVE_END | {P.State.AWAIT_HELLO, P.State.AWAIT_WELCOME})
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_abort_moves_to_aborted_from_every_state(kind):
     for path in reachable(kind).values():
-        c = at(kind, path)
-        assert c.advance("ABORT") == P.State.ABORTED
-        assert c.state == P.State.ABORTED
-        with pytest.raises(ProtocolError, match="in state ABORTED"):
-            c.advance("HEARTBEAT")
-        with pytest.raises(ProtocolError, match="in state ABORTED"):
-            c.advance(next(e for (k, _, e) in P.TRANSITIONS if k == kind))
+        for d in DIRECTIONS:
+            c = at(kind, path)
+            assert move(c, d, "ABORT") == P.State.ABORTED
+            assert move(c, d, "ABORT") == P.State.ABORTED  # saying why twice is harmless
+            with pytest.raises(ProtocolError, match="in state ABORTED"):
+                c.receive("HEARTBEAT")
+            with pytest.raises(InternalError, match="in state ABORTED"):
+                c.send("HEARTBEAT")
 
 
-def test_unknown_event_is_a_protocol_error():
+def test_unknown_event_is_refused_both_ways():
     c = P.Conversation("send-channel")
     with pytest.raises(ProtocolError, match="got BOGUS"):
-        c.advance("BOGUS")
+        c.receive("BOGUS")
+    with pytest.raises(InternalError, match="about to send BOGUS"):
+        c.send("BOGUS")
+
+
+def test_handed_over_is_just_past_welcome():
+    assert P.Conversation.handed_over("recv-channel").state == P.State.SYNCED
+    assert P.Conversation.handed_over("send-channel").state == P.State.SYNCED
+    assert P.Conversation.handed_over("send-main").state == P.State.AWAIT_CONFIG
+    with pytest.raises(InternalError):
+        P.Conversation("sideways")
 
 
 @pytest.mark.parametrize(
@@ -840,3 +928,36 @@ def test_messages_compare_by_type_and_fields_like_dataclasses() -> None:
     assert P.AuthOk(b"x" * 32) != P.AuthChallenge(b"x" * 32)
     assert c + P.Counts(1, 1, 1) == P.Counts(2, 3, 4)
     assert len({P.Digest(1, b"d"), P.Digest(1, b"d"), P.Complete(b"d", 1)}) == 2
+
+
+# --- (i) sans-IO ----------------------------------------------------------------------------
+FORBIDDEN = {"socket", "select", "selectors", "ssl", "multiprocessing", "threading", "subprocess"}
+WIRE_DIR = Path(P.__file__).resolve().parent
+
+
+@pytest.mark.parametrize("path", sorted(WIRE_DIR.glob("*.py")), ids=lambda p: p.name)
+def test_wire_imports_no_io(path):
+    """wire/ names no socket, select, ssl, process or thread module, not even lazily."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            assert name.split(".")[0] not in FORBIDDEN, f"{path.name} imports {name}"
+            if name.startswith("multifd_cli"):
+                assert name == "multifd_cli.errors" or name.startswith("multifd_cli.wire"), (
+                    f"{path.name} imports {name}: wire/ stands on errors alone"
+                )
+
+
+def test_importing_wire_loads_no_io_module():
+    code = (
+        "import sys; import multifd_cli.wire; "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(FORBIDDEN)!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

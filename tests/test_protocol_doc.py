@@ -1,4 +1,4 @@
-"""docs/protocol.md and multifd_cli/protocol.py must say the same thing.
+"""docs/protocol.md and multifd_cli/wire/ must say the same thing.
 
 The tables of the doc are parsed and compared, both ways, with the module:
 constants, message types, struct formats, the header layout and the state
@@ -171,34 +171,76 @@ def test_header_layout_matches_the_header_struct():
 
 # --- states ---------------------------------------------------------------------------------
 def _state(name: str) -> P.State:
-    assert name in P.State.__members__, f"{name} is not a protocol.State"
+    assert name in P.State.__members__, f"{name} is not a wire.State"
     return P.State[name]
 
 
+def _states_section() -> str:
+    return DOC.read_text().split("## States", 1)[1].split("\n## ", 1)[0]
+
+
 def test_transitions_match_both_ways():
-    rows = table(["conversation", "state", "event", "next state"])
-    keys = [(r["conversation"], _state(r["state"]), r["event"]) for r in rows]
+    """The doc's table is ORDER, row for row; HEARTBEAT and ABORT are the prose's."""
+    rows = table(["role", "state", "direction", "event", "next state"])
+    keys = [(r["role"], _state(r["state"]), r["direction"], r["event"]) for r in rows]
     unique(keys)
     doc = {k: _state(r["next state"]) for k, r in zip(keys, rows)}
-    extra = set(doc) - set(P.TRANSITIONS)
-    missing = set(P.TRANSITIONS) - set(doc)
-    assert not extra, f"documented but not in TRANSITIONS: {extra}"
-    assert not missing, f"in TRANSITIONS but not documented: {missing}"
-    wrong = {k: (doc[k], P.TRANSITIONS[k]) for k in doc if doc[k] != P.TRANSITIONS[k]}
+    extra = set(doc) - set(P.ORDER)
+    missing = set(P.ORDER) - set(doc)
+    assert not extra, f"documented but not in ORDER: {extra}"
+    assert not missing, f"in ORDER but not documented: {missing}"
+    wrong = {k: (doc[k], P.ORDER[k]) for k in doc if doc[k] != P.ORDER[k]}
     assert not wrong, f"doc vs module next state: {wrong}"
-    assert doc == P.TRANSITIONS
+    assert list(doc) == list(P.ORDER), "the doc lists the rows in another order than ORDER"
+
+
+def test_the_table_is_order_plus_the_always_legal_events():
+    always = {k: n for k, n in P.TRANSITIONS.items() if k[3] in P.ALWAYS}
+    assert {k: n for k, n in P.TRANSITIONS.items() if k[3] not in P.ALWAYS} == P.ORDER
+    for (_, state, _, event), nxt in always.items():
+        assert nxt == (state if event == "HEARTBEAT" else P.State.ABORTED)
 
 
 def test_start_states_match_both_ways():
-    rows = table(["conversation", "start state"])
-    unique([r["conversation"] for r in rows])
-    assert {r["conversation"]: _state(r["start state"]) for r in rows} == P.START
+    rows = table(["role", "start state"])
+    unique([r["role"] for r in rows])
+    assert {r["role"]: _state(r["start state"]) for r in rows} == P.START
 
 
 def test_always_legal_events_are_documented():
-    states = DOC.read_text().split("## States", 1)[1]
+    states = _states_section()
     for event in P.ALWAYS:
         assert f"`{event}`" in states
+
+
+def test_heartbeat_states_are_the_documented_ones():
+    """The prose names the states where HEARTBEAT is legal; they are HEARTBEAT_STATES."""
+    text = " ".join(_states_section().split())
+    listed = text.split("`HEARTBEAT` leaves the state unchanged", 1)[1].split(".", 1)[0]
+    named = {s for s in P.State.__members__ if re.search(rf"\b{s}\b", listed)}
+    assert {P.State[s] for s in named} == P.HEARTBEAT_STATES
+
+
+def test_message_directions_match_the_order_table():
+    """The message-type table's "send → recv" / "recv → send" is what ORDER says each
+    side does with that message: send-* roles say what send says, recv-* hear it."""
+    rows = table(["name", "id", "direction", "payload"])
+    for r in rows:
+        speaker = r["direction"].split(",")[0].strip()
+        if speaker.startswith("either way"):
+            continue
+        who = {"send → recv": "send", "recv → send": "recv"}[speaker]
+        events = ["SYNC", "PACKET"] if r["name"] == "PACKET" else [r["name"]]
+        found = [(k, d) for (k, _, d, e) in P.ORDER if e in events]
+        assert found, f"{r['name']} appears in no row of ORDER"
+        for role, direction in found:
+            said = role.startswith(who + "-")
+            assert direction == (P.SEND if said else P.RECV), (r["name"], role, direction)
+
+
+def test_directions_are_the_modules():
+    rows = table(["role", "state", "direction", "event", "next state"])
+    assert {r["direction"] for r in rows} == {P.SEND, P.RECV}
 
 
 def test_doc_mentions_every_enum_member():

@@ -1,5 +1,6 @@
-"""The main connection: control messages in both directions, checked against
-the state table, with heartbeats and a silence limit."""
+"""The main connection: control messages in both directions, each checked
+against the state table as it is sent or received, with heartbeats and a
+silence limit."""
 
 from __future__ import annotations
 
@@ -13,27 +14,32 @@ from multifd_cli.net.transport import send_all
 
 
 class MainConnection:
-    def __init__(self, sock: socket.socket, kind: str, timeout: float) -> None:
+    def __init__(self, sock: socket.socket, conv: P.Conversation, timeout: float) -> None:
+        """`conv` comes from the handshake, which already moved it up to WELCOME."""
         self.sock = sock
         self.timeout = timeout
-        self.decoder = P.Decoder()
-        self.conv = P.Conversation(kind)
+        self.end = P.Endpoint(conv)
         self.last_rx = time.monotonic()
         self.last_tx = time.monotonic()
         self.closed = False
         self._pending: list[P.Message] = []
         sock.settimeout(timeout)
 
+    @property
+    def conv(self) -> P.Conversation:
+        return self.end.conv
+
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, data: bytes) -> None:
-        send_all(self.sock, [data])
+    def send(self, *msgs: P.Message) -> None:
+        """Check each message against the table, then send them all in one write."""
+        send_all(self.sock, [self.end.send(*msgs)])
         self.last_tx = time.monotonic()
 
     def heartbeat_if_idle(self, interval: float) -> None:
         if time.monotonic() - self.last_tx >= interval:
-            self.send(P.encode_heartbeat())
+            self.send(P.Heartbeat())
 
     def check_silence(self) -> None:
         if time.monotonic() - self.last_rx > self.timeout:
@@ -54,10 +60,8 @@ class MainConnection:
             self.closed = True
             raise ConnectionFailed("main connection closed by peer")
         self.last_rx = time.monotonic()
-        self.decoder.feed(data)
         out: list[P.Message] = []
-        for msg in self.decoder.messages():
-            self.conv.advance(P.event_name(msg))
+        for msg in self.end.receive_data(data):
             if isinstance(msg, P.Abort):
                 raise PeerAborted(msg.message, msg.exit_code)
             if not isinstance(msg, P.Heartbeat):
@@ -101,9 +105,10 @@ class MainConnection:
         """Best effort: tell the peer why we stop. Never raises."""
         if self.closed:
             return
+        data = self.end.send(P.Abort(exit_code, message))  # legal in every state
         try:
             self.sock.settimeout(1.0)
-            self.sock.sendall(P.encode_abort(exit_code, message))
+            self.sock.sendall(data)
         except OSError:
             pass
 

@@ -1,19 +1,21 @@
 """The start of every connection: TLS (optional), HELLO, the key proof
-(optional), WELCOME. Both sides' halves live here so they cannot drift apart.
+(optional), WELCOME. Both sides' halves live here so they cannot drift apart,
+and every message of both goes through the connection's Conversation, whose
+table decides what may come next.
 """
 
 from __future__ import annotations
 
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from multifd_cli import wire as P
 from multifd_cli.errors import (
     AuthError,
     ConnectionFailed,
+    InternalError,
     PeerAborted,
-    ProtocolError,
     UsageError,
     expect,
 )
@@ -75,27 +77,45 @@ def _tls_wrap(
     return tls
 
 
-def _read(sock: socket.socket, deadline: float) -> P.Message:
+def _send(sock: socket.socket, conv: P.Conversation, msg: P.Message) -> None:
+    conv.send(msg)
+    send_all(sock, [P.encode(msg)])
+
+
+def _read(sock: socket.socket, deadline: float, conv: P.Conversation) -> P.Message:
     header = P.parse_header(recv_exact_deadline(sock, P.HEADER_SIZE, deadline))
-    if header.type == P.MsgType.PACKET:
-        raise ProtocolError("handshake: got PACKET, expected a control message")
+    # Checked on the header, so the body of a message out of order (a PACKET's
+    # page data, say) is never read.
+    conv.receive(header)
     msg = P.parse_control(header, recv_exact_deadline(sock, header.body_len, deadline))
     if isinstance(msg, P.Abort):
         raise PeerAborted(msg.message, msg.exit_code)
     return msg
 
 
+_M = TypeVar("_M")
+
+
+def _narrow(msg: P.Message, cls: type[_M]) -> _M:
+    """The table already allowed only `cls` here; this tells the type checker."""
+    if not isinstance(msg, cls):
+        raise InternalError(f"handshake: the state table let {P.event_name(msg)} through")
+    return msg
+
+
 def client(
     sock: socket.socket, role: int, session: bytes, timeout: float, sec: Security
-) -> socket.socket:
-    """send's side: returns the socket to use (TLS-wrapped when configured)."""
+) -> tuple[socket.socket, P.Conversation]:
+    """send's side: returns the socket to use (TLS-wrapped when configured) and
+    its conversation, just past WELCOME."""
     deadline = time.monotonic() + timeout
+    conv = P.Conversation("send-main" if role == P.ROLE_MAIN else "send-channel")
     if sec.tls is not None:
         sock = _tls_wrap(sock, sec.tls, deadline, server=False, hostname=sec.tls_hostname)
     features = P.FEATURE_PSK if sec.psk else 0
     try:
-        send_all(sock, [P.encode_hello(role, session, features)])
-        msg = _read(sock, deadline)
+        _send(sock, conv, P.Hello(P.VERSION, role, session, features))
+        msg = _read(sock, deadline, conv)
     except ConnectionFailed as e:
         if sec.tls is None:
             raise
@@ -109,49 +129,57 @@ def client(
             raise AuthError("the destination requires a pre-shared key: give --psk-file")
         mine = auth.nonce()
         mac = auth.client_mac(sec.psk, session, role, msg.nonce, mine)
-        send_all(sock, [P.encode_auth_response(mine, mac)])
-        ok = _read(sock, deadline)
-        if not isinstance(ok, P.AuthOk):
-            raise ProtocolError(f"handshake: got {P.event_name(ok)}, expected AUTH_OK")
+        _send(sock, conv, P.AuthResponse(mine, mac))
+        ok = _narrow(_read(sock, deadline, conv), P.AuthOk)
         if not auth.check(auth.server_mac(sec.psk, session, role, msg.nonce, mine), ok.mac):
             raise AuthError("the destination does not know the pre-shared key")
-        msg = _read(sock, deadline)
+        msg = _read(sock, deadline, conv)
     elif sec.psk is not None:
-        _refuse(sock, "the destination did not ask for the pre-shared key (no --psk-file there?)")
-    if not isinstance(msg, P.Welcome):
-        raise ProtocolError(f"handshake: got {P.event_name(msg)}, expected WELCOME")
-    expect("protocol version", msg.version, P.VERSION)
-    expect("session UUID", msg.session.hex(), session.hex())
-    return sock
+        _refuse(sock, conv, "the destination did not ask for the pre-shared key (no --psk-file there?)")
+    welcome = _narrow(msg, P.Welcome)
+    expect("protocol version", welcome.version, P.VERSION)
+    expect("session UUID", welcome.session.hex(), session.hex())
+    return sock, conv
 
 
-def server(sock: socket.socket, deadline: float, sec: Security) -> tuple[socket.socket, P.Hello]:
-    """recv's side, up to but not including WELCOME (the caller checks the role)."""
+def server(
+    sock: socket.socket, deadline: float, sec: Security
+) -> tuple[socket.socket, P.Hello, P.Conversation]:
+    """recv's side, up to but not including WELCOME: the caller checks the role
+    first, then says WELCOME through the conversation (see `welcome()`)."""
     if sec.tls is not None:
         sock = _tls_wrap(sock, sec.tls, deadline, server=True, hostname=None)
-    msg = _read(sock, deadline)
-    if not isinstance(msg, P.Hello):
-        raise ProtocolError(f"first message: got {P.event_name(msg)}, expected HELLO")
+    # Until HELLO names the role, every connection may be the main one; the two
+    # recv conversations agree up to WELCOME.
+    conv = P.Conversation("recv-main")
+    msg = _narrow(_read(sock, deadline, conv), P.Hello)
+    if msg.role != P.ROLE_MAIN:
+        conv = P.Conversation("recv-channel", conv.state)
     expect("protocol version", msg.version, P.VERSION)
     if sec.psk is not None:
         if not msg.features & P.FEATURE_PSK:
-            _refuse(sock, "authentication required: the source has no --psk-file")
+            _refuse(sock, conv, "authentication required: the source has no --psk-file")
         challenge = auth.nonce()
-        send_all(sock, [P.encode_auth_challenge(challenge)])
-        reply = _read(sock, deadline)
-        if not isinstance(reply, P.AuthResponse):
-            raise ProtocolError(f"handshake: got {P.event_name(reply)}, expected AUTH_RESPONSE")
+        _send(sock, conv, P.AuthChallenge(challenge))
+        reply = _narrow(_read(sock, deadline, conv), P.AuthResponse)
         want = auth.client_mac(sec.psk, msg.session, msg.role, challenge, reply.nonce)
         if not auth.check(want, reply.mac):
-            _refuse(sock, "wrong pre-shared key")
+            _refuse(sock, conv, "wrong pre-shared key")
         mac = auth.server_mac(sec.psk, msg.session, msg.role, challenge, reply.nonce)
-        send_all(sock, [P.encode_auth_ok(mac)])
-    return sock, msg
+        _send(sock, conv, P.AuthOk(mac))
+    return sock, msg, conv
 
 
-def _refuse(sock: socket.socket, why: str) -> None:
+def welcome(sock: socket.socket, conv: P.Conversation, session: bytes) -> None:
+    """recv's last handshake step, once the caller accepted the HELLO's role."""
+    _send(sock, conv, P.Welcome(P.VERSION, session))
+
+
+def _refuse(sock: socket.socket, conv: P.Conversation, why: str) -> NoReturn:
+    msg = P.Abort(AuthError.exit_code, why)
+    conv.send(msg)
     try:
-        sock.sendall(P.encode_abort(AuthError.exit_code, why))
+        sock.sendall(P.encode(msg))
     except OSError:
         pass
     raise AuthError(why)

@@ -75,6 +75,7 @@ class ChannelReceiver:
         self._hdr = bytearray(P.HEADER_SIZE)
         self._body = bytearray(16 * cfg.pages_per_packet + cfg.packet_size)
         self._decompressors: dict[int, Compressor] = {}
+        self.conv = P.Conversation.handed_over("recv-channel")
         self.packet_num = 0
         self.epoch = 0
         self.sizes: Sequence[int] = ()
@@ -99,6 +100,7 @@ class ChannelReceiver:
         self.epoch = epoch
         self.sizes = sizes
         self.counts = P.Counts()
+        self.conv.receive("RELEASE")
         hv = memoryview(self._hdr)
         bv = memoryview(self._body)
         while True:
@@ -108,14 +110,13 @@ class ChannelReceiver:
             if h.body_len:
                 recv_exact(self.sock, body)
             self.wire_bytes += P.HEADER_SIZE + h.body_len
+            self.conv.receive(h)
             if h.type == P.MsgType.HEARTBEAT:
                 continue
             if h.type == P.MsgType.ABORT:
                 msg = P.parse_control(h, body)
                 assert isinstance(msg, P.Abort)
                 raise PeerAborted(msg.message, msg.exit_code)
-            if h.type != P.MsgType.PACKET:
-                raise ProtocolError(f"on a channel: got {h.type.name}, expected PACKET")
             expect("packet number", h.packet_num, self.packet_num)
             self.packet_num += 1
             expect("packet epoch", h.epoch, epoch)

@@ -70,7 +70,7 @@ class Receiver:
         self.sizes: tuple[int, ...] = ()
         self.progress = Progress(events, tty=cfg.progress, json_interval=cfg.json_interval)
         self._early: list[P.Message] = []  # main-connection messages read while hashing
-        self._greeted: list[tuple[socket.socket, P.Hello]] = []  # from handshake threads
+        self._greeted: list[tuple[socket.socket, P.Hello, P.Conversation]] = []  # from handshake threads
         self._wake_r, self._wake_w = os.pipe()  # handshake threads wake the accept loop
         self.tables: list[DestTables] = []
         self.page_sizes: tuple[int, ...] = ()
@@ -140,7 +140,7 @@ class Receiver:
     # -- handshake ------------------------------------------------------------------------
     def _accept(
         self, deadline: float, watch: MainConnection | None = None
-    ) -> tuple[socket.socket, P.Hello]:
+    ) -> tuple[socket.socket, P.Hello, P.Conversation]:
         """Accept the next connection that says HELLO; drop anything else.
 
         Each handshake runs in its own thread, so a peer that connects and then
@@ -189,16 +189,15 @@ class Receiver:
 
     def _accept_session(self, deadline: float) -> None:
         while True:
-            conn, hello = self._accept(deadline)
+            conn, hello, conv = self._accept(deadline)
             if hello.role != P.ROLE_MAIN:
                 log.warning("dropped channel %d: it arrived before any session", hello.role)
                 conn.close()
                 continue
-            main = MainConnection(conn, "recv-main", self.cfg.timeout)
+            main = MainConnection(conn, conv, self.cfg.timeout)
             self.main = main  # so a protocol error in CONFIG or LAYOUT is answered with ABORT
             try:
-                main.conv.advance("HELLO")
-                main.send(P.encode_welcome(hello.session))
+                main.send(P.Welcome(P.VERSION, hello.session))
                 setup_deadline = min(deadline, time.monotonic() + min(10.0, self.cfg.timeout))
                 cfg = main.receive(setup_deadline)
                 layout = main.receive(setup_deadline)
@@ -236,7 +235,7 @@ class Receiver:
         else:
             method = by_wire_id(cfg.compression, cfg.level).name
             self.stats.compression = method if method == "none" else f"{method}:{cfg.level}"
-        main.send(P.encode_accept(P.ACCEPT_RESUME if self.dest.in_place else 0))
+        main.send(P.Accept(P.ACCEPT_RESUME if self.dest.in_place else 0))
         log.info(
             "session %s: %d channels, %d-byte pages, %d block(s), %d bytes",
             self.session.hex()[:8], cfg.channels, cfg.page_size, len(layout.blocks),
@@ -247,7 +246,7 @@ class Receiver:
         assert self.config is not None
         socks: dict[int, socket.socket] = {}
         while len(socks) < self.config.channels:
-            conn, hello = self._accept(deadline, watch=self.main)
+            conn, hello, conv = self._accept(deadline, watch=self.main)
             problem = ""
             if hello.session != self.session:
                 problem = f"session {hello.session.hex()[:8]}, expected {self.session.hex()[:8]}"
@@ -259,7 +258,7 @@ class Receiver:
                 log.warning("dropped a connection: %s", problem)
                 conn.close()
                 continue
-            conn.sendall(P.encode_welcome(self.session))
+            handshake.welcome(conn, conv, self.session)
             socks[hello.role] = conn
         return socks
 
@@ -312,7 +311,7 @@ class Receiver:
             while sent_upto in done:
                 end = done.pop(sent_upto)
                 view = self.tables[0].page_hash.view
-                main.send(P.encode_resume_hashes(0, sent_upto, view[sent_upto:end].tolist()))
+                main.send(P.ResumeHashes(0, sent_upto, tuple(view[sent_upto:end])))
                 sent_upto = end
             if ready:
                 self._early.extend(main.read_available())
@@ -430,7 +429,7 @@ class Receiver:
         self._check_blobs(digest.epoch)
         self.dest.finalize(self.metadata)
         logsetup.hold_signals_from_now()  # DEST is complete and named: this run succeeded
-        self.main.send(P.encode_complete(ours, written))
+        self.main.send(P.Complete(ours, written))
         workers.stop(self.workers)
         self.workers = []
         self.stats.digest = ours.hex()

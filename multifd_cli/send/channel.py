@@ -68,9 +68,10 @@ class ChannelSender:
 
     def __init__(
         self, sock: socket.socket, compressor: Compressor | None, limit: SharedRateLimit,
-        policy: AdaptivePolicy | None = None,
+        policy: AdaptivePolicy | None = None, conv: P.Conversation | None = None,
     ) -> None:
         self.sock = sock
+        self.conv = conv or P.Conversation.handed_over("send-channel")
         self.limit = limit
         self.policy = policy  # --compress auto: the codec is chosen per packet
         self.comp = compressor
@@ -158,6 +159,7 @@ class ChannelSender:
             compression=comp_id,
             raw=raw and comp is not None,
         )
+        self.conv.send("PACKET")
         t0 = time.perf_counter()
         self.limit.consume(sum(len(b) for b in bufs))
         sent = send_all(self.sock, bufs)
@@ -173,6 +175,7 @@ class ChannelSender:
         """Close this channel's epoch: a SYNC packet with what it sent in it."""
         expect("sync epoch", epoch, self.epoch)
         counts = self.epoch_counts
+        self.conv.send("SYNC")
         self.wire_bytes += send_all(self.sock, [P.encode_sync(epoch, self.packet_num, counts)])
         self.packet_num += 1
         self.epoch_counts = P.Counts()
@@ -181,6 +184,7 @@ class ChannelSender:
 
     def heartbeat_if_idle(self, interval: float) -> None:
         if time.monotonic() - self.last_send >= interval:
+            self.conv.send("HEARTBEAT")
             self.wire_bytes += send_all(self.sock, [P.encode_heartbeat()])
             self.last_send = time.monotonic()
 
@@ -203,7 +207,7 @@ def channel_main(index: int, pipe: Connection, args: SendChannelArgs) -> None:
     assert args.uri is not None
     sock = connect(args.uri, args.timeout)
     try:
-        sock = handshake.client(sock, index, args.session, args.timeout, args.security)
+        sock, conv = handshake.client(sock, index, args.session, args.timeout, args.security)
         log.debug("connected to %s", args.uri)
         policy = None
         comp = None
@@ -215,7 +219,7 @@ def channel_main(index: int, pipe: Connection, args: SendChannelArgs) -> None:
             )
         elif args.compression != "none":
             comp = get_compressor(args.compression)
-        _serve(index, pipe, ChannelSender(sock, comp, args.limit, policy), args)
+        _serve(index, pipe, ChannelSender(sock, comp, args.limit, policy, conv), args)
     finally:
         sock.close()
 

@@ -281,9 +281,8 @@ class Orchestrator:
         cfg = self.cfg
         assert self.uri is not None
         sock = connect(self.uri, cfg.timeout)
-        sock = handshake.client(sock, P.ROLE_MAIN, self.session, cfg.timeout, cfg.security)
-        self.main = main = MainConnection(sock, "send-main", cfg.timeout)
-        main.conv.advance("WELCOME")
+        sock, conv = handshake.client(sock, P.ROLE_MAIN, self.session, cfg.timeout, cfg.security)
+        self.main = main = MainConnection(sock, conv, cfg.timeout)
         self.config = P.Config(
             cfg.channels,
             P.COMPRESSION_AUTO if self.auto else self.compressor.wire_id,
@@ -297,7 +296,7 @@ class Orchestrator:
             tuple(P.BlockInfo(s.name, s.size, s.allocated) for s in self.sources)
             + tuple(P.BlockInfo(b.name, 0, 0, P.KIND_BLOB) for b in self.blobs)
         )
-        main.send(P.encode_config(self.config) + P.encode_layout(layout))
+        main.send(self.config, layout)
         reply = main.receive(time.monotonic() + cfg.timeout)
         if not isinstance(reply, P.Accept):
             raise ProtocolError(f"setup: got {type(reply).__name__}, expected ACCEPT")
@@ -652,7 +651,7 @@ class Orchestrator:
                     self.dirty_log.mark_dirty(old, new - old, block=i)
         self.sizes = sizes
         if self.main is not None:
-            self.main.send(P.encode_epoch_start(epoch, sizes))
+            self.main.send(P.EpochStart(epoch, tuple(sizes)))
 
     def _work_items(self, full: bool) -> deque[tuple[int, int, int]]:
         """Chunk-aligned ranges: at most ITEM_BYTES, and small enough that every
@@ -761,7 +760,7 @@ class Orchestrator:
         self.stats.payload_bytes = sum(self.payload)
         self.stats.transferred_bytes = self.live_wire = sum(self.wire)
         if self.main is not None:
-            self.main.send(P.encode_epoch_end(epoch, total))
+            self.main.send(P.EpochEnd(epoch, total))
         return total
 
     def _gather(self, what: str) -> list[tuple[workers.Worker, tuple[Any, ...]]]:
@@ -794,11 +793,11 @@ class Orchestrator:
         assert self.main is not None
         if self.cfg.preserve:
             for i, src in enumerate(self.sources):
-                self.main.send(P.encode_metadata(read_metadata(i, src)))
+                self.main.send(read_metadata(i, src))
         digest = table_digest(
             (size, t.page_hash, ps) for size, t, ps in zip(self.sizes, self.tables, self.page_sizes)
         )
-        self.main.send(P.encode_digest(epoch, digest))
+        self.main.send(P.Digest(epoch, digest))
         deadline = time.monotonic() + self.cfg.timeout
         while True:
             msg = self.main.receive(deadline)

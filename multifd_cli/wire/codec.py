@@ -1,10 +1,11 @@
-"""The multifd wire format, sans-IO.
+"""The multifd wire codec, sans-IO: messages to bytes and bytes to messages.
 
-Every constant and layout of docs/protocol.md is defined here, once. Encoding is
-plain functions that return bytes; decoding is `Decoder`, fed bytes with
-`feed()`, or the two pure steps `parse_header()` and `parse_packet_body()` that
-the channel's hot path calls on buffers it filled itself. Nothing here touches
-a socket, a process or a file, so every byte can be tested and fuzzed.
+Encoding is plain functions that return bytes: `encode()` takes any control
+message, and `encode_packet()` frames the hot path's page data as a buffer list
+without copying it. Decoding is `Decoder`, fed bytes with `feed()`, or the two
+pure steps `parse_header()` and `parse_packet_body()` that the channel's hot
+path calls on buffers it filled itself. Nothing here touches a socket, a process
+or a file, so every byte can be tested and fuzzed.
 
 Fuzz invariant: any input, whole or split at any points, yields messages or a
 ProtocolError; nothing else escapes.
@@ -15,300 +16,83 @@ from __future__ import annotations
 import struct
 import sys
 import zlib
-from dataclasses import dataclass, field
-from enum import IntEnum
+from dataclasses import dataclass
 from functools import reduce
 from operator import or_
-from typing import Any, Iterable, NamedTuple, Sequence, Union
+from typing import Any, Callable, Iterable, Sequence
 
 from multifd_cli.errors import ProtocolError, expect
-
-Buffer = Union[bytes, bytearray, memoryview]
-
-# --- constants (docs/protocol.md, "Constants") -------------------------------
-MAGIC = 0x4D464431  # b"MFD1" read as a big-endian u32; on the wire it is little-endian
-VERSION = 1
-ROLE_MAIN = 0xFFFF
-
-MAX_CHANNELS = 64
-MIN_PAGE_SIZE = 512
-MAX_PAGE_SIZE = 1 << 20
-MAX_PACKET_SIZE = 64 << 20
-MAX_PAGES_PER_PACKET = MAX_PACKET_SIZE // MIN_PAGE_SIZE
-MAX_CONTROL_PAYLOAD = 16 << 20
-MAX_BLOCKS = 4096
-MAX_NAME_LEN = 4096
-MAX_BLOCK_SIZE = 1 << 50
-MAX_ABORT_MESSAGE = 4096
-DIGEST_LEN = 16
-UUID_LEN = 16
-NONCE_LEN = 32
-MAC_LEN = 32
-FEATURE_PSK = 0x01  # HELLO features: the sender will prove it knows the pre-shared key
-ACCEPT_RESUME = 0x01  # ACCEPT flags: DEST holds an old copy; RESUME_HASHES follow
-MAX_RESUME_HASHES = 65536  # page hashes in one RESUME_HASHES message
-COMPRESSION_AUTO = 127  # CONFIG: each packet's header names its own codec (--compress auto)
-KIND_PAGES = 0  # a block copied page by page, pass after pass (a file or device)
-KIND_BLOB = 1  # a blob sent whole after the pause (device state); packet-size "pages"
-MAX_XATTRS = 256
-MAX_XATTR_VALUE = 65536
-
-
-class MsgType(IntEnum):
-    HELLO = 1
-    WELCOME = 2
-    CONFIG = 3
-    LAYOUT = 4
-    ACCEPT = 5
-    EPOCH_START = 6
-    EPOCH_END = 7
-    PACKET = 8
-    HEARTBEAT = 9
-    DIGEST = 10
-    COMPLETE = 11
-    ABORT = 12
-    AUTH_CHALLENGE = 13
-    AUTH_RESPONSE = 14
-    AUTH_OK = 15
-    RESUME_HASHES = 16
-    METADATA = 17
-
-
-FLAG_SYNC = 0x01  # a PACKET that closes the channel's epoch; carries SYNC_COUNTS
-FLAG_RAW = 0x02  # payload is stored uncompressed although the session compresses
-KNOWN_FLAGS = FLAG_SYNC | FLAG_RAW
-
-# magic, type, flags, compression id, reserved, block id, reserved, epoch,
-# packet number, normal pages, zero pages, payload length, header CRC32
-HEADER = struct.Struct("<IBBBBHHIQIIII")
-HEADER_SIZE = HEADER.size  # 40
-HEADER_CRC_SPAN = HEADER_SIZE - 4
-OFFSET = struct.Struct("<Q")
-HASH = struct.Struct("<Q")
-
-HELLO = struct.Struct("<HH16sI")  # version, role, session uuid, features
-WELCOME = struct.Struct("<H16s")  # version, session uuid
-CONFIG = struct.Struct("<HBbIII")  # channels, compression id, level, page size, packet size, features
-LAYOUT_COUNT = struct.Struct("<H")
-LAYOUT_BLOCK = struct.Struct("<QQBH")  # size, allocated bytes, kind, name length; name follows
-EPOCH_START = struct.Struct("<IH")  # epoch, block count; one u64 size per block follows
-BLOCK_SIZE = struct.Struct("<Q")
-EPOCH_END = struct.Struct("<IQQQ")  # epoch, packets, normal pages, zero pages (all channels)
-SYNC_COUNTS = struct.Struct("<QQQ")  # packets, normal pages, zero pages (this channel)
-DIGEST = struct.Struct("<I16s")  # final epoch, digest of the page-hash table
-COMPLETE = struct.Struct("<16sQ")  # digest, bytes written by the destination
-ABORT = struct.Struct("<B")  # exit code; UTF-8 message follows
-AUTH_CHALLENGE = struct.Struct("<32s")  # the receiver's nonce
-AUTH_RESPONSE = struct.Struct("<32s32s")  # the sender's nonce, its HMAC-SHA256
-AUTH_OK = struct.Struct("<32s")  # the receiver's HMAC-SHA256
-ACCEPT = struct.Struct("<I")  # flags
-RESUME_HASHES = struct.Struct("<HQI")  # block id, first page, count; count u64 hashes follow
-METADATA = struct.Struct("<HIIIqH")  # block id, mode, uid, gid, mtime ns, xattr count
-XATTR = struct.Struct("<HI")  # name length, value length; name and value follow
+from multifd_cli.wire.messages import (
+    ABORT,
+    ACCEPT,
+    ACCEPT_RESUME,
+    AUTH_CHALLENGE,
+    AUTH_OK,
+    AUTH_RESPONSE,
+    BLOCK_SIZE,
+    COMPLETE,
+    CONFIG,
+    DIGEST,
+    EPOCH_END,
+    EPOCH_START,
+    FLAG_RAW,
+    FLAG_SYNC,
+    HEADER,
+    HEADER_CRC_SPAN,
+    HEADER_SIZE,
+    HELLO,
+    KIND_BLOB,
+    KIND_PAGES,
+    KNOWN_FLAGS,
+    LAYOUT_BLOCK,
+    LAYOUT_COUNT,
+    MAGIC,
+    MAX_ABORT_MESSAGE,
+    MAX_BLOCK_SIZE,
+    MAX_BLOCKS,
+    MAX_CHANNELS,
+    MAX_CONTROL_PAYLOAD,
+    MAX_NAME_LEN,
+    MAX_PACKET_SIZE,
+    MAX_PAGE_SIZE,
+    MAX_PAGES_PER_PACKET,
+    MAX_RESUME_HASHES,
+    MAX_XATTR_VALUE,
+    MAX_XATTRS,
+    METADATA,
+    MIN_PAGE_SIZE,
+    RESUME_HASHES,
+    SYNC_COUNTS,
+    VERSION,
+    WELCOME,
+    XATTR,
+    Abort,
+    Accept,
+    AuthChallenge,
+    AuthOk,
+    AuthResponse,
+    BlockInfo,
+    Buffer,
+    Complete,
+    Config,
+    Counts,
+    Digest,
+    EpochEnd,
+    EpochStart,
+    Header,
+    Heartbeat,
+    Hello,
+    Layout,
+    Message,
+    Metadata,
+    MsgType,
+    Packet,
+    ResumeHashes,
+    Sync,
+    Welcome,
+)
 
 _NATIVE_LE = sys.byteorder == "little"
-
-
-# --- messages ------------------------------------------------------------------
-class Header(NamedTuple):
-    type: MsgType
-    flags: int = 0
-    compression: int = 0
-    block: int = 0
-    epoch: int = 0
-    packet_num: int = 0
-    normal: int = 0
-    zero: int = 0
-    payload_len: int = 0
-
-    @property
-    def body_len(self) -> int:
-        """Bytes that follow the header: offsets, hashes, then the payload."""
-        return 8 * (self.normal + self.zero) + 8 * self.normal + self.payload_len
-
-    @property
-    def is_sync(self) -> bool:
-        return self.type == MsgType.PACKET and bool(self.flags & FLAG_SYNC)
-
-
-class Packet(NamedTuple):
-    """A PACKET: normal pages with their hashes and payload, and zero pages."""
-
-    header: Header
-    normal_offsets: Sequence[int]
-    zero_offsets: Sequence[int]
-    hashes: Sequence[int]
-    payload: memoryview
-
-
-class Hello(NamedTuple):
-    version: int
-    role: int
-    session: bytes
-    features: int = 0
-
-
-class Welcome(NamedTuple):
-    version: int
-    session: bytes
-
-
-class Config(NamedTuple):
-    channels: int
-    compression: int
-    level: int
-    page_size: int
-    packet_size: int
-    features: int = 0
-
-    @property
-    def pages_per_packet(self) -> int:
-        return self.packet_size // self.page_size
-
-
-class BlockInfo(NamedTuple):
-    name: str
-    size: int
-    allocated: int
-    kind: int = KIND_PAGES
-
-
-class Layout(NamedTuple):
-    blocks: tuple[BlockInfo, ...]
-
-
-class EpochStart(NamedTuple):
-    epoch: int
-    sizes: tuple[int, ...]
-
-
-class Counts(NamedTuple):
-    packets: int = 0
-    normal: int = 0
-    zero: int = 0
-
-    def __add__(self, other: Counts) -> Counts:  # type: ignore[override]
-        return Counts(
-            self.packets + other.packets, self.normal + other.normal, self.zero + other.zero
-        )
-
-
-class EpochEnd(NamedTuple):
-    epoch: int
-    counts: Counts
-
-
-class Sync(NamedTuple):
-    epoch: int
-    counts: Counts
-
-
-class Digest(NamedTuple):
-    epoch: int
-    digest: bytes
-
-
-class Complete(NamedTuple):
-    digest: bytes
-    written: int
-
-
-class Abort(NamedTuple):
-    exit_code: int
-    message: str
-
-
-class Heartbeat(NamedTuple):
-    pass
-
-
-class AuthChallenge(NamedTuple):
-    nonce: bytes
-
-
-class AuthResponse(NamedTuple):
-    nonce: bytes
-    mac: bytes
-
-
-class AuthOk(NamedTuple):
-    mac: bytes
-
-
-class Accept(NamedTuple):
-    flags: int = 0
-
-    @property
-    def resume(self) -> bool:
-        return bool(self.flags & ACCEPT_RESUME)
-
-
-class Metadata(NamedTuple):
-    """What --preserve keeps of one block, applied at completion."""
-
-    block: int
-    mode: int
-    uid: int
-    gid: int
-    mtime_ns: int
-    xattrs: tuple[tuple[bytes, bytes], ...] = ()
-
-
-class ResumeHashes(NamedTuple):
-    """xxh3-64 of the destination's pages [first, first + len(hashes)) of a block."""
-
-    block: int
-    first: int
-    hashes: tuple[int, ...]
-
-
-Message = Union[
-    Packet, Hello, Welcome, Config, Layout, Accept, EpochStart, EpochEnd, Sync, Digest,
-    Complete, Abort, Heartbeat, AuthChallenge, AuthResponse, AuthOk, ResumeHashes, Metadata,
-]
-
-
-# Messages are NamedTuples, not frozen dataclasses: defining 20 dataclasses cost
-# ~11 ms of every start (each one exec()s its methods). Equality stays typed, as a
-# dataclass's is: a Sync is never equal to an EpochEnd with the same fields.
-def _typed_eq(a: tuple[object, ...], b: object) -> bool:
-    return type(a) is type(b) and isinstance(b, tuple) and a[:] == b[:]
-
-
-def _typed_ne(a: tuple[object, ...], b: object) -> bool:
-    return not _typed_eq(a, b)
-
-
-def _typed_equality(*classes: Any) -> None:
-    for cls in classes:
-        cls.__eq__ = _typed_eq
-        cls.__ne__ = _typed_ne
-        cls.__hash__ = tuple.__hash__
-
-
-_typed_equality(
-    Header,
-    Packet,
-    Hello,
-    Welcome,
-    Config,
-    BlockInfo,
-    Layout,
-    EpochStart,
-    Counts,
-    EpochEnd,
-    Sync,
-    Digest,
-    Complete,
-    Abort,
-    Heartbeat,
-    AuthChallenge,
-    AuthResponse,
-    AuthOk,
-    Accept,
-    Metadata,
-    ResumeHashes,
-)
 
 
 # --- encoding ------------------------------------------------------------------
@@ -523,10 +307,6 @@ def parse_packet_body(h: Header, body: Buffer) -> Packet | Sync:
     return Packet(h, offsets[: h.normal], offsets[h.normal :], hashes, payload)
 
 
-def _check_session(session: bytes) -> None:
-    expect("session UUID length", len(session), UUID_LEN)
-
-
 def parse_control(h: Header, payload: Buffer) -> Message:
     """Decode the payload of every message type except PACKET."""
     p = bytes(payload)
@@ -731,97 +511,6 @@ class Decoder:
             yield m
 
 
-# --- conversation state -------------------------------------------------------------
-class State(IntEnum):
-    AWAIT_HELLO = 1
-    AWAIT_CONFIG = 2
-    AWAIT_LAYOUT = 3
-    AWAIT_EPOCH = 4  # between epochs (or before the first)
-    IN_EPOCH = 5
-    COMPLETING = 6
-    AWAIT_WELCOME = 7
-    AWAIT_ACCEPT = 8
-    RUNNING = 9
-    DONE = 10
-    ABORTED = 11
-    SYNCED = 12  # a destination channel held at the barrier
-
-
-# Every legal move, keyed by (conversation, state, event). An event is a message
-# type name, "SYNC" for a PACKET with FLAG_SYNC, or "RELEASE" for the local
-# barrier release. HEARTBEAT and ABORT are legal in every live state (below).
-TRANSITIONS: dict[tuple[str, State, str], State] = {
-    # what recv's main connection accepts from send
-    ("recv-main", State.AWAIT_HELLO, "HELLO"): State.AWAIT_CONFIG,
-    ("recv-main", State.AWAIT_CONFIG, "CONFIG"): State.AWAIT_LAYOUT,
-    ("recv-main", State.AWAIT_LAYOUT, "LAYOUT"): State.AWAIT_EPOCH,
-    ("recv-main", State.AWAIT_EPOCH, "EPOCH_START"): State.IN_EPOCH,
-    ("recv-main", State.IN_EPOCH, "EPOCH_END"): State.AWAIT_EPOCH,
-    ("recv-main", State.AWAIT_EPOCH, "METADATA"): State.AWAIT_EPOCH,
-    ("recv-main", State.AWAIT_EPOCH, "DIGEST"): State.COMPLETING,
-    # what a recv channel accepts from its send channel
-    ("recv-channel", State.AWAIT_HELLO, "HELLO"): State.SYNCED,
-    ("recv-channel", State.SYNCED, "RELEASE"): State.IN_EPOCH,
-    ("recv-channel", State.IN_EPOCH, "PACKET"): State.IN_EPOCH,
-    ("recv-channel", State.IN_EPOCH, "SYNC"): State.SYNCED,
-    # what send's main connection accepts from recv
-    ("send-main", State.AWAIT_WELCOME, "WELCOME"): State.AWAIT_ACCEPT,
-    ("send-main", State.AWAIT_ACCEPT, "ACCEPT"): State.RUNNING,
-    ("send-main", State.RUNNING, "RESUME_HASHES"): State.RUNNING,
-    ("send-main", State.RUNNING, "COMPLETE"): State.DONE,
-    # what a send channel accepts from recv
-    ("send-channel", State.AWAIT_WELCOME, "WELCOME"): State.RUNNING,
-}
-ALWAYS = ("HEARTBEAT", "ABORT")
-START = {
-    "recv-main": State.AWAIT_HELLO,
-    "recv-channel": State.AWAIT_HELLO,
-    "send-main": State.AWAIT_WELCOME,
-    "send-channel": State.AWAIT_WELCOME,
-}
-
-
-_EVENT_NAMES: dict[type, str] = {
-    Hello: "HELLO", Welcome: "WELCOME", Config: "CONFIG", Layout: "LAYOUT", Accept: "ACCEPT",
-    EpochStart: "EPOCH_START", EpochEnd: "EPOCH_END", Packet: "PACKET", Sync: "SYNC",
-    Heartbeat: "HEARTBEAT", Digest: "DIGEST", Complete: "COMPLETE", Abort: "ABORT",
-    AuthChallenge: "AUTH_CHALLENGE", AuthResponse: "AUTH_RESPONSE", AuthOk: "AUTH_OK",
-    ResumeHashes: "RESUME_HASHES", Metadata: "METADATA",
-}
-
-
-def event_name(msg: Message) -> str:
-    """The TRANSITIONS event for a decoded message."""
-    return _EVENT_NAMES[type(msg)]
-
-
-@dataclass
-class Conversation:
-    """Tracks one connection through TRANSITIONS and rejects any other move."""
-
-    kind: str
-    state: State = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.state = START[self.kind]
-
-    def advance(self, event: str) -> State:
-        if event == "ABORT":
-            self.state = State.ABORTED
-            return self.state
-        if event == "HEARTBEAT" and self.state not in (State.DONE, State.ABORTED):
-            return self.state
-        nxt = TRANSITIONS.get((self.kind, self.state, event))
-        if nxt is None:
-            legal = sorted(e for (k, s, e) in TRANSITIONS if k == self.kind and s == self.state)
-            raise ProtocolError(
-                f"{self.kind} in state {self.state.name}: got {event}, "
-                f"expected one of {', '.join(legal + list(ALWAYS)) or 'nothing'}"
-            )
-        self.state = nxt
-        return nxt
-
-
 # --- packet semantics ------------------------------------------------------------------
 def page_length(offset: int, size: int, page_size: int) -> int:
     """Bytes of the page at `offset` in a block of `size` (the tail page is short)."""
@@ -875,3 +564,46 @@ def check_config(c: Config, *, max_channels: int = MAX_CHANNELS) -> None:
         raise ProtocolError(
             f"packet size: got {c.packet_size}, expected a multiple of {ps} up to {MAX_PACKET_SIZE}"
         )
+
+
+# --- one encoder for every message ----------------------------------------------------
+def _encode_packet_msg(p: Packet, packet_num: int) -> bytes:
+    h = p.header
+    parts = encode_packet(
+        epoch=h.epoch, packet_num=h.packet_num, block=h.block,
+        normal_offsets=p.normal_offsets, zero_offsets=p.zero_offsets, hashes=p.hashes,
+        payload=p.payload, compression=h.compression, raw=bool(h.flags & FLAG_RAW),
+    )
+    return b"".join(bytes(b) for b in parts)
+
+
+_ENCODERS: dict[type, Callable[[Any, int], bytes]] = {
+    Hello: lambda m, _: encode_hello(m.role, m.session, m.features, m.version),
+    Welcome: lambda m, _: encode_welcome(m.session, m.version),
+    Config: lambda m, _: encode_config(m),
+    Layout: lambda m, _: encode_layout(m),
+    Accept: lambda m, _: encode_accept(m.flags),
+    Metadata: lambda m, _: encode_metadata(m),
+    ResumeHashes: lambda m, _: encode_resume_hashes(m.block, m.first, m.hashes),
+    EpochStart: lambda m, _: encode_epoch_start(m.epoch, m.sizes),
+    EpochEnd: lambda m, _: encode_epoch_end(m.epoch, m.counts),
+    Heartbeat: lambda m, _: encode_heartbeat(),
+    Digest: lambda m, _: encode_digest(m.epoch, m.digest),
+    Complete: lambda m, _: encode_complete(m.digest, m.written),
+    AuthChallenge: lambda m, _: encode_auth_challenge(m.nonce),
+    AuthResponse: lambda m, _: encode_auth_response(m.nonce, m.mac),
+    AuthOk: lambda m, _: encode_auth_ok(m.mac),
+    Abort: lambda m, _: encode_abort(m.exit_code, m.message),
+    Sync: lambda m, n: encode_sync(m.epoch, n, m.counts),
+    Packet: _encode_packet_msg,
+}
+
+
+def encode(msg: Message, *, packet_num: int = 0) -> bytes:
+    """Any message as the bytes that go on the wire; the inverse of `Decoder`.
+
+    A SYNC's packet number is its channel's count, not part of the message, so
+    it is passed in; a PACKET carries its own in its header. The hot path frames
+    packets with `encode_packet()` instead, which copies no page data.
+    """
+    return _ENCODERS[type(msg)](msg, packet_num)

@@ -2,10 +2,10 @@
 
     python tests/fuzz/fuzz_decoder.py SECONDS [--no-atheris]
 
-The invariant under test (multifd_cli/protocol.py): any bytes, whole or split
+The invariant under test (multifd_cli/wire/codec.py): any bytes, whole or split
 at any points, yield messages or a ProtocolError; nothing else escapes. The
-same goes for check_packet on whatever packets come out and for Conversation
-fed the events of those messages.
+same goes for check_packet on whatever packets come out and for
+Conversation.receive fed those messages.
 
 With atheris importable (an optional extra, `pip install atheris`; not a
 project dependency) this runs libFuzzer with coverage feedback, seeded with the
@@ -89,7 +89,7 @@ def one_input(data: bytes) -> None:
             for msg in decoder.messages():
                 messages.append(msg)
                 try:
-                    conversation.advance(P.event_name(msg))
+                    conversation.receive(msg)
                 except E.ProtocolError:
                     pass
     except E.ProtocolError as e:
