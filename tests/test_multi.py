@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import (
+from helpers.mfdkit import (
     Proc,
     Runner,
     Writer,
@@ -45,6 +45,7 @@ from conftest import (
     sha256,
     spawn,
     thread_states,
+    wait_until,
     write_mixed,
     write_random,
 )
@@ -130,15 +131,6 @@ def killpg(p: Proc) -> None:
         os.killpg(p.popen.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
-    return True
 
 
 # -- 1. several sources ------------------------------------------------------------------------
@@ -374,7 +366,7 @@ def test_failing_state_cmd_exits_7_and_resumes_the_writer(runner: Runner, tmp_pa
     assert r_rc == 7, r.stderr
     assert s.of("switchover"), "the state command runs after the pause"
     assert len(error_lines(s)) == 1 and "state" in error_lines(s)[0], s.stderr
-    assert wait_until(lambda: is_running(w.pid), 2), thread_states(w.pid)
+    assert wait_until(lambda: is_running(w.pid), 2, 0.01) is not None, thread_states(w.pid)
     assert not os.path.lexists(dest)
     assert leftovers(dest) == []
 
