@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from helpers.mfdkit import MULTIFD, free_port, kill_group, read_event, write_random
+from helpers.mfdkit import MULTIFD, child_env, free_port, kill_group, read_event, write_random
 
 MiB = 1 << 20
 HUGE = "1" + "0" * 400  # a whole number, but float() of it is inf
@@ -55,8 +55,7 @@ class Proc:
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, *,
                  shell_wrap: str = "", preexec: Callable[[], None] | None = None) -> None:
-        full_env = {**os.environ, **(env or {})}
-        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        full_env = child_env(env)
         argv = [*MULTIFD, *args]
         if shell_wrap:  # e.g. 'exec {cmd} --pause-pid $$' or 'exec {cmd} >&-'
             argv = ["sh", "-c", shell_wrap.format(cmd=shlex.join(argv))]

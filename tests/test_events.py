@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from helpers.mfdkit import MULTIFD, reap, spawn, write_mixed, write_random
+from helpers.mfdkit import MULTIFD, kill_group, reap, spawn, write_mixed, write_random
 from helpers.mfdkit import start_writer as kit_start_writer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,11 +280,7 @@ class Procs:
     def cleanup(self) -> None:
         for p in self.popens:
             if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait(5)
+                kill_group(p, 5)
         for pid in self.pids:
             reap(pid)
 

@@ -42,6 +42,7 @@ from helpers.mfdkit import (
     Writer,
     is_running,
     is_stopped,
+    read_message,
     sha256,
     spawn,
     thread_states,
@@ -635,22 +636,6 @@ def test_without_preserve_mode_is_0644_less_umask(runner: Runner, tmp_path: Path
 # -- 8. hostile block names --------------------------------------------------------------------
 
 
-def _read_message(sock: socket.socket, dec: P.Decoder, timeout: float = 10.0) -> P.Message | None:
-    """The next message from recv, or None at EOF."""
-    sock.settimeout(timeout)
-    while True:
-        msg = dec.next_message()
-        if msg is not None:
-            return msg
-        try:
-            data = sock.recv(65536)
-        except ConnectionResetError:
-            return None
-        if not data:
-            return None
-        dec.feed(data)
-
-
 def fake_send(uri: str, names: list[str]) -> list[P.Message]:
     """HELLO(main), WELCOME, CONFIG, LAYOUT with these block names; what recv answered."""
     assert uri.startswith("tcp:"), uri
@@ -659,12 +644,12 @@ def fake_send(uri: str, names: list[str]) -> list[P.Message]:
     dec = P.Decoder()
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(P.encode_hello(P.ROLE_MAIN, session))
-        welcome = _read_message(sock, dec)
+        welcome = read_message(sock, dec)
         assert isinstance(welcome, P.Welcome) and welcome.session == session, welcome
         layout = P.Layout(tuple(P.BlockInfo(n, 8192, 8192) for n in names))
         sock.sendall(P.encode_config(P.Config(1, 0, 0, 4096, 64 * KiB)) + P.encode_layout(layout))
         answers: list[P.Message] = []
-        while (msg := _read_message(sock, dec)) is not None:
+        while (msg := read_message(sock, dec)) is not None:
             answers.append(msg)
             if isinstance(msg, (P.Abort, P.Accept)):
                 break
