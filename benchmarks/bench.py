@@ -29,6 +29,11 @@ Rules every case follows:
 
 Results go to benchmarks/results/bench-YYYYmmdd-HHMMSS.{md,json} and latest.{md,json};
 the markdown is printed.
+
+This file is only the command line and the run. Each case is a module of cases/
+(listed in cases/__init__.py); what they share is in harness/: stats (medians and
+per-pair ratios), procs (timed children), runs (one migration, interleaving), data,
+report and snapshot (the copy of multifd_cli/ that is measured).
 """
 
 from __future__ import annotations
