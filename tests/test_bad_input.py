@@ -15,19 +15,16 @@ import os
 import resource
 import shlex
 import signal
-import socket
 import stat
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import kill_group, read_event, write_random
+from helpers.mfdkit import MULTIFD, child_env, free_port, kill_group, read_event, write_random
 
-MULTIFD = [sys.executable, "-m", "multifd_cli"]
 MiB = 1 << 20
 HUGE = "1" + "0" * 400  # a whole number, but float() of it is inf
 DOCUMENTED = {2, 3, 4, 5, 6, 7, 8, 9}
@@ -58,8 +55,7 @@ class Proc:
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, *,
                  shell_wrap: str = "", preexec: Callable[[], None] | None = None) -> None:
-        full_env = {**os.environ, **(env or {})}
-        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        full_env = child_env(env)
         argv = [*MULTIFD, *args]
         if shell_wrap:  # e.g. 'exec {cmd} --pause-pid $$' or 'exec {cmd} >&-'
             argv = ["sh", "-c", shell_wrap.format(cmd=shlex.join(argv))]
@@ -136,12 +132,6 @@ def error_line(d: Done, codes: int | set[int]) -> str:
     assert len(errors) == 1, f"expected one error line on stderr:\n{d.err}"
     assert lines[-1] == errors[0], f"the error line is not the last line:\n{d.err}"
     return errors[0][len("multifd: error: "):]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def closed_uri() -> str:

@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MULTIFD, Migration, Proc, Runner, sha256, spawn, write_mixed, write_random
+from helpers.mfdkit import (
+    MULTIFD,
+    Migration,
+    Proc,
+    Runner,
+    sha256,
+    spawn,
+    write_mixed,
+    write_random,
+)
 
 KiB = 1 << 10
 MiB = 1 << 20

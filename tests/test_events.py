@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from conftest import MULTIFD, reap, spawn, write_mixed, write_random
-from conftest import start_writer as conftest_start_writer
+from helpers.mfdkit import MULTIFD, kill_group, reap, spawn, write_mixed, write_random
+from helpers.mfdkit import start_writer as kit_start_writer
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "events.md"
@@ -280,11 +280,7 @@ class Procs:
     def cleanup(self) -> None:
         for p in self.popens:
             if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait(5)
+                kill_group(p, 5)
         for pid in self.pids:
             reap(pid)
 
@@ -336,7 +332,7 @@ def describe(send: Run, recv: Run) -> str:
 
 
 def start_writer(procs: Procs, path: Path, rate: str = "16M", hot: str = "16M") -> int:
-    pid = conftest_start_writer(path, rate, hot)
+    pid = kit_start_writer(path, rate, hot)
     procs.pids.append(pid)
     return pid
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from conftest import write_mixed, write_random
+from helpers.mfdkit import write_mixed, write_random
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from conftest import kill_group, read_event, reap, spawn, start_writer, write_random
+from helpers.mfdkit import (
+    free_port,
+    kill_group,
+    read_event,
+    reap,
+    spawn,
+    start_writer,
+    write_random,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -143,12 +151,6 @@ def succeeded(d: Done) -> None:
     assert d.code == 0, f"exit {d.code}\nstdout:\n{d.out}\nstderr:\n{d.err}"
     assert "Traceback" not in d.err and "multifd: error" not in d.err, d.err
     assert d.events()[-1]["event"] == "completed"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def hook(script: str, *args: object) -> str:

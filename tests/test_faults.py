@@ -30,21 +30,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-from conftest import sha256, write_random
 from helpers.mfdkit import (
     Done,
     Kit,
     Mfd,
     Proxy,
     assert_no_procs,
+    assert_within,
     children,
     entries,
     free_port,
     proc_state,
-    wait_until,
+    sha256,
+    write_random,
     writer_runs,
 )
 
@@ -54,13 +54,6 @@ MAIN = 0xFFFF  # ROLE_MAIN
 
 #: Documented exit codes a peer may end with when the other side fails.
 RELAYED_OR_CONNECTION = {1, 3}
-
-
-@pytest.fixture
-def kit(tmp_path: Path) -> Iterator[Kit]:
-    k = Kit(tmp_path)
-    yield k
-    k.cleanup()
 
 
 @dataclass
@@ -136,7 +129,7 @@ def channel_pids(main: int, n: int = 2) -> list[int]:
         kids = [c for c in children(main) if session_of(c) == main]
         return kids if len(kids) >= n else []
 
-    return wait_until(found, 20, f"{n} channel processes of {main}")  # type: ignore[no-any-return]
+    return assert_within(found, 20, f"{n} channel processes of {main}")  # type: ignore[no-any-return]
 
 
 # -- SIGKILL of each process ------------------------------------------------------------------------
@@ -191,7 +184,7 @@ def test_sigkill_mid_pass(kit: Kit, tmp_path: Path, target: str) -> None:
 
 
 def _wait_paused(pid: int, timeout: float = 20) -> None:
-    wait_until(lambda: proc_state(pid) == "T", timeout, f"writer {pid} to be paused", 0.005)
+    assert_within(lambda: proc_state(pid) == "T", timeout, f"writer {pid} to be paused", 0.005)
 
 
 @pytest.mark.parametrize("target", [
@@ -265,7 +258,7 @@ def test_stalled_connection_fails_within_the_timeout(kit: Kit, tmp_path: Path,
     run = start(kit, tmp_path, timeout=5, proxy={"stall_role": role, "stall_after": after},
                 send_args=("--max-bandwidth", "8M"))
     px = kit.proxies[0]
-    wait_until(px.fault.is_set, 20, "the stall")
+    assert_within(px.fault.is_set, 20, "the stall")
     t0 = time.monotonic()
     s, r = run.end(30)
     took = time.monotonic() - t0

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MULTIFD, sha256
+from helpers.mfdkit import MULTIFD, sha256
 
 from multifd_cli.errors import EXIT_PROTOCOL, EXIT_USAGE, EXIT_VERIFY
 from multifd_cli.image.layout import IMAGE_ALIGN, IMAGE_COMPLETE, ImageLayout, read_layout

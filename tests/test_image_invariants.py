@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import MULTIFD, sha256, spawn, write_random
+from helpers.mfdkit import MULTIFD, sha256, spawn, write_random
 
 from multifd_cli.image.layout import IMAGE_ALIGN, IMAGE_BLOCK, IMAGE_HEADER, read_layout
 

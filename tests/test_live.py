@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import xxhash
-from conftest import (
+from helpers.mfdkit import (
     Migration,
     Proc,
     Runner,

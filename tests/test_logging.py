@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import Runner, sha256, write_random
+from helpers.mfdkit import Runner, sha256, write_random
 
 
 def test_channel_records_are_merged_once_with_their_channel(runner: Runner, tmp_path: Path) -> None:

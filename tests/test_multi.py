@@ -36,15 +36,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import (
+from helpers.mfdkit import (
     Proc,
     Runner,
     Writer,
     is_running,
     is_stopped,
+    read_message,
     sha256,
     spawn,
     thread_states,
+    wait_until,
     write_mixed,
     write_random,
 )
@@ -130,15 +132,6 @@ def killpg(p: Proc) -> None:
         os.killpg(p.popen.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
-    return True
 
 
 # -- 1. several sources ------------------------------------------------------------------------
@@ -374,7 +367,7 @@ def test_failing_state_cmd_exits_7_and_resumes_the_writer(runner: Runner, tmp_pa
     assert r_rc == 7, r.stderr
     assert s.of("switchover"), "the state command runs after the pause"
     assert len(error_lines(s)) == 1 and "state" in error_lines(s)[0], s.stderr
-    assert wait_until(lambda: is_running(w.pid), 2), thread_states(w.pid)
+    assert wait_until(lambda: is_running(w.pid), 2, 0.01) is not None, thread_states(w.pid)
     assert not os.path.lexists(dest)
     assert leftovers(dest) == []
 
@@ -643,22 +636,6 @@ def test_without_preserve_mode_is_0644_less_umask(runner: Runner, tmp_path: Path
 # -- 8. hostile block names --------------------------------------------------------------------
 
 
-def _read_message(sock: socket.socket, dec: P.Decoder, timeout: float = 10.0) -> P.Message | None:
-    """The next message from recv, or None at EOF."""
-    sock.settimeout(timeout)
-    while True:
-        msg = dec.next_message()
-        if msg is not None:
-            return msg
-        try:
-            data = sock.recv(65536)
-        except ConnectionResetError:
-            return None
-        if not data:
-            return None
-        dec.feed(data)
-
-
 def fake_send(uri: str, names: list[str]) -> list[P.Message]:
     """HELLO(main), WELCOME, CONFIG, LAYOUT with these block names; what recv answered."""
     assert uri.startswith("tcp:"), uri
@@ -667,12 +644,12 @@ def fake_send(uri: str, names: list[str]) -> list[P.Message]:
     dec = P.Decoder()
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(P.encode_hello(P.ROLE_MAIN, session))
-        welcome = _read_message(sock, dec)
+        welcome = read_message(sock, dec)
         assert isinstance(welcome, P.Welcome) and welcome.session == session, welcome
         layout = P.Layout(tuple(P.BlockInfo(n, 8192, 8192) for n in names))
         sock.sendall(P.encode_config(P.Config(1, 0, 0, 4096, 64 * KiB)) + P.encode_layout(layout))
         answers: list[P.Message] = []
-        while (msg := _read_message(sock, dec)) is not None:
+        while (msg := read_message(sock, dec)) is not None:
             answers.append(msg)
             if isinstance(msg, (P.Abort, P.Accept)):
                 break

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers.mfdkit import (
     Proc,
     Runner,
     is_running,

@@ -24,11 +24,9 @@ import select
 import signal
 import subprocess
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-from conftest import MULTIFD, sha256, spawn, write_random
-from helpers.mfdkit import Kit, entries, wait_until
+from helpers.mfdkit import MULTIFD, Kit, assert_within, entries, sha256, spawn, write_random
 
 MiB = 1 << 20
 EXIT_USAGE, EXIT_PROTOCOL, EXIT_VERIFY, EXIT_IO, EXIT_PAUSE, EXIT_SIGTERM = 2, 4, 6, 7, 8, 143
@@ -38,13 +36,6 @@ SYSCALLS = {
     "x86_64": {"link": 86, "linkat": 265, "rename": 82, "renameat": 264, "renameat2": 316},
     "aarch64": {"linkat": 37, "renameat": 38, "renameat2": 276},
 }
-
-
-@pytest.fixture
-def kit(tmp_path: Path) -> Iterator[Kit]:
-    k = Kit(tmp_path)
-    yield k
-    k.cleanup()
 
 
 # -- strace: hold a window open, or make a syscall fail ------------------------------------------
@@ -144,8 +135,8 @@ def test_sigterm_while_naming_the_copy_leaves_no_temp_name(kit: Kit, tmp_path: P
                 "-e", "inject=linkat:delay_enter=5000000")
     try:
         s = kit.start(["send", "--json", "--timeout", "20", *map(str, sources), "--to", uri])
-        wait_until(lambda: in_syscall(r.pid, syscall_numbers("linkat")), 20,
-                   "recv's main thread in the delayed linkat()", 0.005)
+        assert_within(lambda: in_syscall(r.pid, syscall_numbers("linkat")), 20,
+                      "recv's main thread in the delayed linkat()", 0.005)
         r.signal(signal.SIGTERM)
         rd, sd = r.wait(30), s.wait(30)
     finally:
@@ -224,8 +215,8 @@ def test_temp_files_of_a_killed_recv_are_cleaned_by_the_next_one(kit: Kit, tmp_p
         st = Strace(r.pid, log, "-e", f"trace={fam}", "-e", f"inject={fam}:delay_enter=5000000")
         try:
             s = kit.send(src, uri)
-            wait_until(lambda: in_syscall(r.pid, syscall_numbers(*rename_family())), 30,
-                       "recv's main thread in the delayed rename()", 0.005)
+            assert_within(lambda: in_syscall(r.pid, syscall_numbers(*rename_family())), 30,
+                          "recv's main thread in the delayed rename()", 0.005)
             os.kill(r.pid, signal.SIGKILL)
             assert r.wait(20).code == -signal.SIGKILL
             s.wait(30)
@@ -278,14 +269,14 @@ def test_without_o_tmpfile_a_dest_that_appears_meanwhile_is_not_replaced(kit: Ki
                 "-e", "inject=openat:error=EOPNOTSUPP:when=1")
     try:
         s = kit.send(src, uri, "--max-bandwidth", "16M")
-        wait_until(lambda: hidden(d), 20, "the fallback's hidden file", 0.005)
+        assert_within(lambda: hidden(d), 20, "the fallback's hidden file", 0.005)
     finally:
         st.stop()
     st2 = Strace(r.pid, tmp_path / "strace2.log", "-e", f"trace={fam}",
                  "-e", f"inject={fam}:delay_enter=3000000")
     try:
-        wait_until(lambda: in_syscall(r.pid, syscall_numbers(*naming_calls())), 30,
-                   "recv's main thread in a delayed rename() or link()", 0.005)
+        assert_within(lambda: in_syscall(r.pid, syscall_numbers(*naming_calls())), 30,
+                      "recv's main thread in a delayed rename() or link()", 0.005)
         dest.write_bytes(b"someone else's file\n")  # appears while recv names its copy
         rd, sd = r.wait(30), s.wait(30)
     finally:

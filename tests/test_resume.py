@@ -14,21 +14,12 @@ import os
 import random
 import signal
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-from conftest import sha256, spawn, write_random
-from helpers.mfdkit import Done, Kit, Mfd, assert_no_procs, entries
+from helpers.mfdkit import Done, Kit, Mfd, assert_no_procs, entries, sha256, spawn, write_random
 
 MiB = 1 << 20
 PAGE = 4096
-
-
-@pytest.fixture
-def kit(tmp_path: Path) -> Iterator[Kit]:
-    k = Kit(tmp_path)
-    yield k
-    k.cleanup()
 
 
 def same_fraction(a: Path, b: Path) -> float:

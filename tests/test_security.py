@@ -24,32 +24,25 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-from conftest import sha256, write_random
 from helpers.mfdkit import (
     Kit,
     Proxy,
     assert_no_procs,
+    assert_within,
     closed_by_peer,
     entries,
     hostport,
     read_message,
-    wait_until,
+    sha256,
+    write_random,
 )
 
 from multifd_cli import wire as P
 
 MiB = 1 << 20
 MARKER = b"PLAINTEXT-MARKER-7a3f9c:the quick brown fox jumps over the lazy dog;"
-
-
-@pytest.fixture
-def kit(tmp_path: Path) -> Iterator[Kit]:
-    k = Kit(tmp_path)
-    yield k
-    k.cleanup()
 
 
 @dataclass
@@ -591,7 +584,7 @@ def test_foreign_session_and_duplicate_channel_are_rejected(kit: Kit, tmp_path: 
     r, uri = kit.recv(c.dest, "--force", env={"MULTIFD_TEST_DELAY": "0:0.1"})
     px = kit.proxy(uri, hold_role=1)
     s = kit.send(c.src, px.uri)
-    wait_until(lambda: px.welcomed(0), 15, "channel 0 to be welcomed")
+    assert_within(lambda: px.welcomed(0), 15, "channel 0 to be welcomed")
     main = px.leg(P.ROLE_MAIN)
     assert main is not None
     session = bytes(main.c2s[P.HEADER_SIZE + 4: P.HEADER_SIZE + 20])
@@ -615,7 +608,7 @@ def test_foreign_session_and_duplicate_channel_are_rejected(kit: Kit, tmp_path: 
             return True
         return False
 
-    wait_until(refused, 10, "recv to stop listening")
+    assert_within(refused, 10, "recv to stop listening")
     assert s.alive() and r.alive(), "the migration was over before the listener closed"
     s.wait().ok()
     r.wait().ok()
@@ -639,8 +632,8 @@ def test_fake_channels_with_psk_cannot_join(kit: Kit, tmp_path: Path) -> None:
     px = kit.proxy(uri, hold_role=1)
     s = kit.send(c.src, px.uri, "--psk-file", str(k))
     # AUTH_CHALLENGE, AUTH_OK and WELCOME came back on channel 0
-    wait_until(lambda: _got(px, 0) >= 3 * P.HEADER_SIZE + 32 + 32 + 18, 15,
-               "channel 0 to be welcomed")
+    assert_within(lambda: _got(px, 0) >= 3 * P.HEADER_SIZE + 32 + 32 + 18, 15,
+                  "channel 0 to be welcomed")
     main = px.leg(P.ROLE_MAIN)
     assert main is not None
     session = bytes(main.c2s[P.HEADER_SIZE + 4: P.HEADER_SIZE + 20])

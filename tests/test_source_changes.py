@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import Migration, Proc, Runner, sha256, write_random
+from helpers.mfdkit import Migration, Proc, Runner, sha256, write_random
 
 from multifd_cli.errors import EXIT_CODES, EXIT_INTERNAL, EXIT_OK
 

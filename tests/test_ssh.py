@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import sha256, spawn, write_random
+from helpers.mfdkit import sha256, spawn, write_random
 from helpers.sshd import INSTALL_HINT, Sshd, find_sshd
 
 from multifd_cli.errors import (

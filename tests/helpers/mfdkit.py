@@ -1,23 +1,31 @@
-"""Shared harness for tests/test_security.py, test_faults.py and test_resume.py.
+"""The one helper module of the tests: real processes, real files, /proc and faults.
 
-Importable as ``from helpers import mfdkit`` (tests/ is on sys.path through its
-conftest). It provides:
+conftest.py holds only fixtures, built from what is here; tests import the rest as
+``from helpers.mfdkit import ...`` (tests/ is on sys.path through its conftest).
 
-- ``Mfd``: a real ``multifd`` process whose stdout (JSON events) and stderr are read
-  by background threads, so a test can wait for an event without ever blocking on a
-  full pipe, and ``Done``, its end state, with ``error()`` checking the one-line rule;
-- ``Kit``: starts recv/send/writers, and kills everything it started at the end;
-- ``Proxy``: a TCP proxy that records every byte both ways of every connection and
-  can cut or stall one channel connection after N bytes (fault injection);
-- process accounting through /proc (children, cmdline matches, thread states);
-- ``FakeClient``: handshake-level fake connections built with the protocol encoders.
+- data: ``sha256``, ``write_random``, ``write_mixed``;
+- multifd processes, two ways of reading them: ``Proc`` (from ``spawn``, ``Runner``)
+  reads its JSON events in order in the test's own thread, for tests that step
+  through a conversation; ``Mfd`` (from ``Kit``) reads stdout and stderr in background
+  threads, so that a test that injects faults never blocks on a full pipe, and ends
+  as a ``Done`` that checks the one-line error rule;
+- writers and process states: ``Writer``, ``start_writer``, ``is_running``, and the
+  package's own ``thread_states`` and ``is_stopped`` (multifd_cli.writer.pause);
+- /proc accounting: children, cmdline matches, ``assert_no_procs``;
+- waiting: ``wait_until`` says how long a condition took (None if it never held),
+  ``assert_within`` fails the test with what it waited for;
+- the network: ``Proxy``, a TCP proxy that records every byte both ways and can cut or
+  stall one channel connection after N bytes; ``read_message`` and
+  ``closed_by_peer`` for handshake-level fake peers built with the protocol encoders.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import struct
@@ -27,7 +35,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import IO, Any, Callable, Iterable
+
+from multifd_cli.writer.pause import is_stopped, thread_states
 
 ROOT = Path(__file__).resolve().parents[2]
 WRITER = ROOT / "examples" / "writer.py"
@@ -35,7 +45,212 @@ MULTIFD = [sys.executable, "-m", "multifd_cli"]
 MiB = 1 << 20
 
 
+# -- data ------------------------------------------------------------------------------------------
+
+
+def sha256(path: os.PathLike[str] | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_random(path: Path, size: int, seed: int = 1) -> Path:
+    with open(path, "wb") as f:
+        write_random_bytes(f, size, random.Random(seed))
+    return path
+
+
+def write_random_bytes(f: IO[bytes], size: int, rng: random.Random) -> None:
+    """`size` bytes from `rng` at f's position, a MiB at a time."""
+    left = size
+    while left:
+        n = min(left, 1 << 20)
+        f.write(rng.randbytes(n))
+        left -= n
+
+
+def first_time(marker: str | os.PathLike[str]) -> bool:
+    """True once per `marker` (a file it creates): a between-passes hook runs after
+    every pass but must change the source only once."""
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+_TEXT = (
+    b"Live migration copies a changing file in passes; each pass resends the pages "
+    b"that changed since the one before, over several channels at once.\n"
+)
+
+
+def write_mixed(path: Path, size: int, seed: int = 1) -> Path:
+    """Deterministic data that compresses partly: 64 KiB units of random bytes,
+    text, zeros (page aligned, so they become zero pages) and half random/half text."""
+    rng = random.Random(seed)
+    unit = 64 << 10
+    text = (_TEXT * (unit // len(_TEXT) + 1))[:unit]
+    with open(path, "wb") as f:
+        left, k = size, 0
+        while left:
+            n = min(left, unit)
+            kind = k % 4
+            if kind == 0:
+                data = rng.randbytes(n)
+            elif kind == 1:
+                data = text[:n]
+            elif kind == 2:
+                data = bytes(n)
+            else:
+                data = (rng.randbytes(unit // 2) + text[: unit // 2])[:n]
+            f.write(data)
+            left -= n
+            k += 1
+    return path
+
+
 # -- processes -------------------------------------------------------------------------------------
+
+
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a multifd under test: no MULTIFD_* settings from the
+    developer's shell, then the test's own, and unbuffered output so events arrive
+    as they happen."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("MULTIFD_")}
+    full.update(env or {})
+    full.setdefault("PYTHONUNBUFFERED", "1")
+    return full
+
+
+def kill_group(popen: subprocess.Popen[Any], timeout: float = 10) -> None:
+    """SIGKILL a process started with start_new_session and its whole group
+    (channels, commands it ran), then reap it."""
+    try:
+        os.killpg(popen.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    popen.wait(timeout)
+
+
+@dataclass
+class Proc:
+    """A running multifd process whose stdout carries JSON events."""
+
+    popen: subprocess.Popen[str]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    stderr: str = ""
+
+    def next_event(self, timeout: float = 20.0) -> dict[str, Any]:
+        assert self.popen.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = ""
+        while not line:
+            if time.monotonic() > deadline:
+                raise TimeoutError("no event from multifd")
+            line = self.popen.stdout.readline()
+            if not line and self.popen.poll() is not None:
+                raise RuntimeError(f"multifd exited {self.popen.returncode}: {self.read_stderr()}")
+        ev = json.loads(line)
+        self.events.append(ev)
+        return ev
+
+    def wait(self, timeout: float = 120.0) -> int:
+        out, err = self.popen.communicate(timeout=timeout)
+        self.stderr += err
+        for line in out.splitlines():
+            if line.strip():
+                self.events.append(json.loads(line))
+        return self.popen.returncode
+
+    def read_stderr(self) -> str:
+        if self.popen.stderr is not None and self.popen.poll() is not None:
+            self.stderr += self.popen.stderr.read()
+        return self.stderr
+
+    def last(self) -> dict[str, Any]:
+        return self.events[-1]
+
+    def of(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == name]
+
+
+def spawn(args: list[str], env: dict[str, str] | None = None, stdin: IO[str] | None = None) -> Proc:
+    popen = subprocess.Popen(
+        [*MULTIFD, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=child_env(env),
+        start_new_session=True,
+    )
+    return Proc(popen)
+
+
+@dataclass
+class Migration:
+    recv: Proc
+    send: Proc
+    uri: str
+
+    def wait(self, timeout: float = 120.0) -> tuple[int, int]:
+        s = self.send.wait(timeout)
+        r = self.recv.wait(timeout)
+        return s, r
+
+
+class Runner:
+    """Starts recv (reads its listening event), then send, like a user would."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[Proc] = []
+
+    def recv(self, dest: Path, *args: str, listen: str = "tcp:127.0.0.1:0",
+             env: dict[str, str] | None = None) -> tuple[Proc, str]:
+        p = spawn(["recv", "--json", "--listen", listen, "--timeout", "30", *args, str(dest)], env)
+        self.procs.append(p)
+        ev = p.next_event()
+        assert ev["event"] == "listening", ev
+        return p, ev["uri"]
+
+    def send(self, sources: list[Path] | Path, uri: str, *args: str,
+             env: dict[str, str] | None = None) -> Proc:
+        srcs = [sources] if isinstance(sources, Path) else sources
+        p = spawn(["send", "--json", "--timeout", "30", *map(str, srcs), "--to", uri, *args], env)
+        self.procs.append(p)
+        return p
+
+    def migrate(self, source: Path, dest: Path, send_args: tuple[str, ...] = (),
+                recv_args: tuple[str, ...] = (), listen: str = "tcp:127.0.0.1:0",
+                send_env: dict[str, str] | None = None,
+                recv_env: dict[str, str] | None = None) -> Migration:
+        r, uri = self.recv(dest, *recv_args, listen=listen, env=recv_env)
+        s = self.send(source, uri, *send_args, env=send_env)
+        return Migration(r, s, uri)
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.popen.poll() is None:
+                kill_group(p.popen)
+
+
+def read_event(popen: subprocess.Popen[str], timeout: float = 20.0) -> tuple[str, dict[str, Any]]:
+    """The next JSON event line of a process started with text pipes, and its parse;
+    fails if none comes within `timeout` (a thread reads, so a silent process
+    cannot hang the test)."""
+    assert popen.stdout is not None
+    out = popen.stdout
+    result: list[str] = []
+    t = threading.Thread(target=lambda: result.append(out.readline()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert result and result[0], f"no event within {timeout} s; exit {popen.poll()}"
+    return result[0], json.loads(result[0])
 
 
 @dataclass
@@ -84,13 +299,10 @@ class Mfd:
     """One multifd process (new session, so a group kill reaches only it)."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        full = {k: v for k, v in os.environ.items() if not k.startswith("MULTIFD_")}
-        full.update(env or {})
-        full["PYTHONUNBUFFERED"] = "1"
         self.argv = [*MULTIFD, *args]
         self.popen = subprocess.Popen(
             self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-            text=True, env=full, start_new_session=True, cwd=str(ROOT),
+            text=True, env=child_env(env), start_new_session=True, cwd=str(ROOT),
         )
         self.pid = self.popen.pid
         self.started = time.monotonic()
@@ -194,10 +406,8 @@ class Mfd:
 
     def kill(self) -> None:
         if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(5)
+                kill_group(self.popen, 5)
 
 
 class Kit:
@@ -206,7 +416,7 @@ class Kit:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.procs: list[Mfd] = []
-        self.writers: list[subprocess.Popen[bytes]] = []
+        self.writers: list[Writer] = []
         self.proxies: list[Proxy] = []
 
     def start(self, args: list[str], env: dict[str, str] | None = None) -> Mfd:
@@ -227,17 +437,9 @@ class Kit:
                            *args], env)
 
     def writer(self, path: Path, rate: str = "8M", hot: str = "4M") -> int:
-        before = path.stat().st_mtime_ns
-        p = subprocess.Popen([sys.executable, str(WRITER), str(path), "--rate", rate,
-                              "--hot-set", hot], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-        self.writers.append(p)
-        deadline = time.monotonic() + 10
-        while path.stat().st_mtime_ns == before:
-            assert time.monotonic() < deadline, "the writer did not start writing"
-            time.sleep(0.01)
-        return p.pid
+        w = Writer(path, rate, hot)
+        self.writers.append(w)
+        return w.pid
 
     def proxy(self, upstream: str, **kw: Any) -> Proxy:
         p = Proxy(upstream, **kw)
@@ -248,13 +450,84 @@ class Kit:
         for p in self.procs:
             p.kill()
         for w in self.writers:
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(w.pid, sig)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                w.wait(5)
+                w.kill()
         for px in self.proxies:
             px.close()
+
+
+# -- writers and process states ----------------------------------------------------------------------
+
+
+def is_running(pid: int) -> bool:
+    """Alive and no thread stopped (S, R, D are all fine)."""
+    s = thread_states(pid)
+    return bool(s) and not any(c in "TtZX" for c in s)
+
+
+def release(pid: int) -> None:
+    """Continue a possibly stopped process, then kill it: a test writer's end."""
+    for sig in (signal.SIGCONT, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+class Writer:
+    """examples/writer.py in its own session; always continued and killed at the end."""
+
+    def __init__(self, path: Path, rate: str = "16M", hot: str = "16M", threads: int = 1,
+                 seed: int = 1) -> None:
+        self.path = path
+        self.threads = threads
+        before = path.stat().st_mtime_ns
+        self.popen = subprocess.Popen(
+            [sys.executable, str(WRITER), str(path), "--rate", rate, "--hot-set", hot,
+             "--threads", str(threads), "--seed", str(seed)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        # Started only once every writing thread exists and the file has changed.
+        deadline = time.monotonic() + 10
+        while len(thread_states(self.pid)) < threads + 1 or path.stat().st_mtime_ns == before:
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError("the writer did not start writing")
+            time.sleep(0.01)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def states(self) -> list[str]:
+        return thread_states(self.pid)
+
+    def stopped(self) -> bool:
+        return is_stopped(self.pid)
+
+    def running(self) -> bool:
+        return is_running(self.pid)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            release(self.pid)
+        self.popen.wait(10)
+
+
+def start_writer(path: Path, rate: str = "16M", hot: str = "16M") -> int:
+    """Start examples/writer.py on `path` in its own session; return its pid once it wrote.
+    The caller releases it (see `release`); the `writers` fixture does that itself."""
+    return Writer(path, rate, hot).pid
+
+
+def reap(pid: int) -> None:
+    """`release` a child this test started by pid, then wait for it."""
+    release(pid)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 
 
 # -- /proc -------------------------------------------------------------------------------------------
@@ -303,20 +576,6 @@ def proc_state(pid: int) -> str:
         return ""
 
 
-def thread_states(pid: int) -> list[str]:
-    out = []
-    try:
-        for t in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{t}/stat") as f:
-                    out.append(f.read().rsplit(")", 1)[1].split()[0])
-            except (OSError, IndexError):
-                pass
-    except OSError:
-        pass
-    return out
-
-
 def matching(needles: Iterable[str], exclude: Iterable[int] = ()) -> list[tuple[int, str]]:
     """Live (non-zombie) processes whose cmdline contains any needle, except us and
     `exclude` (e.g. a writer that is meant to keep running)."""
@@ -349,24 +608,34 @@ def assert_no_procs(needles: Iterable[str], timeout: float = 10.0,
 
 def writer_runs(pid: int, timeout: float = 5.0) -> None:
     """The writer is running again: no thread stopped (T), within `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        states = thread_states(pid)
-        assert states, f"writer {pid} is gone"
-        if "T" not in states and "t" not in states:
-            return
-        assert time.monotonic() < deadline, f"writer {pid} still stopped: {states}"
-        time.sleep(0.02)
+    assert thread_states(pid), f"writer {pid} is gone"
+    assert_within(lambda: is_running(pid), timeout, f"writer {pid} to run again")
 
 
-def wait_until(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
+# -- waiting -----------------------------------------------------------------------------------------
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, step: float = 0.002) -> float | None:
+    """Poll `pred` until true; the seconds it took, or None on timeout."""
+    t0 = time.monotonic()
     while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if pred():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            return None
         time.sleep(step)
+
+
+def assert_within(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.02) -> Any:
+    """The first true value of `cond` within `timeout`; fails the test naming `what`."""
+    seen: list[Any] = [None]
+
+    def holds() -> bool:
+        seen[0] = cond()
+        return bool(seen[0])
+
+    assert wait_until(holds, timeout, step) is not None, f"timed out waiting for {what}"
+    return seen[0]
 
 
 def entries(d: Path) -> list[str]:

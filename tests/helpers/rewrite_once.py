@@ -11,22 +11,17 @@ import os
 import random
 import sys
 
+from mfdkit import first_time, write_random_bytes
+
 
 def main() -> None:
     path, marker, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    try:
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return  # already done once
-    os.close(fd)
+    if not first_time(marker):
+        return
     rng = random.Random(seed)
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
-        left = size
-        while left:
-            n = min(left, 1 << 20)
-            f.write(rng.randbytes(n))
-            left -= n
+        write_random_bytes(f, size, rng)
         f.flush()
         os.fsync(f.fileno())
 

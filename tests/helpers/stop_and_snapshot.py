@@ -14,17 +14,7 @@ import signal
 import sys
 import time
 
-
-def stopped(pid: int) -> bool:
-    states = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        states.append(stat[stat.rindex(")") + 2])
-    return bool(states) and all(s in "Tt" for s in states)
+from multifd_cli.writer.pause import is_stopped
 
 
 def main() -> None:
@@ -32,7 +22,7 @@ def main() -> None:
     print(f"stop_and_snapshot: stopping {pid}", flush=True)
     os.kill(pid, signal.SIGSTOP)
     deadline = time.monotonic() + 5
-    while not stopped(pid):
+    while not is_stopped(pid):
         if time.monotonic() > deadline:
             sys.exit(f"process {pid} did not stop")
         time.sleep(0.001)

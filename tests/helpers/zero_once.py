@@ -8,14 +8,13 @@ from __future__ import annotations
 import os
 import sys
 
+from mfdkit import first_time
+
 
 def main() -> None:
     path, marker, offset, length = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    try:
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return  # already done once
-    os.close(fd)
+    if not first_time(marker):
+        return
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(bytes(length))
