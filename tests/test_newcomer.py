@@ -17,19 +17,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import Runner, kill_group, spawn, write_random
+from helpers.mfdkit import Runner, free_port, kill_group, spawn, write_random
 
 from multifd_cli import wire as P
 
 MULTIFD = [sys.executable, "-m", "multifd_cli"]
 MiB = 1 << 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _run(args: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
@@ -122,7 +115,7 @@ def test_a_refused_config_gets_an_abort_with_the_reason_and_recv_keeps_listening
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
 def test_nobody_listening_fails_fast(tmp_path: Path, kind: str) -> None:
     src = write_random(tmp_path / "src", MiB)
-    to = f"tcp:127.0.0.1:{_free_port()}" if kind == "tcp" else f"unix:{tmp_path}/none.sock"
+    to = f"tcp:127.0.0.1:{free_port()}" if kind == "tcp" else f"unix:{tmp_path}/none.sock"
     t0 = time.monotonic()
     done = _run(["send", str(src), "--to", to])
     took = time.monotonic() - t0
@@ -134,7 +127,7 @@ def test_nobody_listening_fails_fast(tmp_path: Path, kind: str) -> None:
 
 def test_wait_for_recv_says_what_it_waits_for_and_gives_up(tmp_path: Path) -> None:
     src = write_random(tmp_path / "src", MiB)
-    port = _free_port()
+    port = free_port()
     p = subprocess.Popen([*MULTIFD, "send", str(src), "--to", f"tcp:127.0.0.1:{port}",
                           "--wait-for-recv", "3"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
@@ -154,7 +147,7 @@ def test_wait_for_recv_says_what_it_waits_for_and_gives_up(tmp_path: Path) -> No
 def test_wait_for_recv_connects_once_recv_starts(tmp_path: Path) -> None:
     src = write_random(tmp_path / "src", 4 * MiB)
     dest = tmp_path / "dest"
-    port = _free_port()
+    port = free_port()
     send = spawn(["send", "--json", str(src), "--to", f"tcp:127.0.0.1:{port}",
                   "--wait-for-recv", "20"])
     time.sleep(1.5)
