@@ -95,9 +95,15 @@ def human_summary(side: str, status: str, s: dict[str, Any]) -> str:
         f"  total time: {s['total_time_ms']:.0f} ms  setup: {s['setup_time_ms']:.0f} ms"
         f"  downtime: {s['downtime_ms']:.0f} ms",
         f"  passes: {s['passes']}  channels: {s['channels']}  compression: {s['compression']}",
-        f"  transferred: {s['transferred_bytes']} bytes  throughput: {s['mbps']:.1f} mbps"
+        f"  transferred: {s['transferred_bytes']} bytes  throughput: {_mib_per_s(s):.1f} MiB/s"
         f"  compression ratio: {ratio}",
         f"  normal pages: {s['normal_pages']}  zero pages: {s['zero_pages']}",
         f"  digest: {s['digest']}",
     ]
     return "\n".join(lines)
+
+
+def _mib_per_s(s: dict[str, Any]) -> float:
+    """Throughput in MiB/s, the unit of the progress display; JSON keeps QEMU's mbps."""
+    secs = s["total_time_ms"] / 1000
+    return s["transferred_bytes"] / secs / (1 << 20) if secs > 0 else 0.0
