@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any, cast
+from typing import IO, Any, Callable, cast
 
 
 class _Discard(io.TextIOBase):
@@ -33,8 +33,13 @@ class Events:
         self.stream: IO[str] = stream or sys.stdout or cast("IO[str]", _Discard())
         self.enabled = enabled
         self.t0 = time.monotonic()
+        # The progress display shows the same pass events that scripts read, with or
+        # without --json, so the two never disagree.
+        self.watchers: list[Callable[[str, dict[str, Any]], None]] = []
 
     def emit(self, event: str, **fields: Any) -> None:
+        for watch in self.watchers:
+            watch(event, fields)
         if not self.enabled:
             return
         record = {"event": event, "side": self.side, "ts": round(time.monotonic(), 6), **fields}
