@@ -104,7 +104,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--timeout", type=FiniteFloat(0.1, MAX_TIMEOUT), default=60.0,
                      show_default=True, envvar="MULTIFD_TIMEOUT", show_envvar=True,
                      help="Seconds to wait for the peer, and the longest silence tolerated."),
-        click.option("--log-level", default="info", show_default=True,
+        click.option("--log-level", default=None, show_default="warning on a terminal, else info",
                      type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
                      envvar="MULTIFD_LOG_LEVEL", show_envvar=True),
         click.option("--log-file", type=click.Path(dir_okay=False), default=None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,7 @@ def test_send_draws_a_bar_on_a_terminal(runner: Runner, writers: Any, tmp_path: 
     shown = screen(out)
     passes = [ln for ln in shown if re.match(r"send: pass \d+: ", ln)]
     assert [int(ln.split()[2].rstrip(":")) for ln in passes] == [1, 2, 3, 4, 5, 6], shown
+    assert not any("━" in ln for ln in shown), shown
     # The summary speaks the bar's units.
     assert any(re.search(r"throughput: [\d.]+ MiB/s", ln) for ln in shown), shown
 
@@ -191,3 +193,63 @@ def test_without_a_terminal_there_is_no_progress_by_default(runner: Runner,
     assert not any(ln.startswith("send: pass") for ln in m.send.stderr.splitlines())
     assert "\r" not in m.send.stderr and "━" not in m.send.stderr
 
+
+# -- log records next to the bar ----------------------------------------------------------------
+
+
+def test_log_records_start_on_a_clean_line(runner: Runner, writers: Any, tmp_path: Path) -> None:
+    """Seen before: '..., ETA 0 s20:47:59 MainProcess INFO pass 1 ...' on one line."""
+    out, status, _, _, _, _ = slow_live_send(runner, writers, tmp_path, "--log-level", "info")
+    assert status == 0, out
+    shown = screen(out)
+    records = [ln for ln in shown if LOG_RECORD.search(ln)]
+    assert any(" INFO pass 1: " in ln for ln in records), shown
+    glued = [ln for ln in records if not LOG_RECORD.match(ln)]
+    assert not glued, glued
+    assert frames(out, "send"), out  # the bar was there to collide with
+
+
+def test_a_terminal_shows_warnings_but_not_info_by_default(runner: Runner, writers: Any,
+                                                           tmp_path: Path) -> None:
+    out, status, _, _, _, _ = slow_live_send(runner, writers, tmp_path)
+    assert status == 0, out
+    shown = screen(out)
+    assert not [ln for ln in shown if " INFO " in ln], shown
+    warning = [ln for ln in shown if " WARNING reached --max-passes 5" in ln]
+    assert len(warning) == 1 and LOG_RECORD.match(warning[0]), shown
+
+
+def test_without_a_terminal_the_log_keeps_info(runner: Runner, tmp_path: Path) -> None:
+    src = write_random(tmp_path / "src", 4 * MiB)
+    m = runner.migrate(src, tmp_path / "dest")
+    assert m.wait() == (0, 0)
+    for proc in (m.send, m.recv):
+        assert " INFO " in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("foreground", ["send", "recv"])
+def test_only_the_foreground_side_draws_on_a_shared_terminal(foreground: str, short_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """Both sides started from one shell on one terminal (job control on, as in an
+    interactive shell): the background job draws nothing, the foreground one its bar."""
+    src = write_random(tmp_path / "src", 32 * MiB)
+    sock = short_dir / "s"
+    mfd = shlex.join(MULTIFD)
+    recv = f"{mfd} recv --listen unix:{sock} --timeout 20 {shlex.quote(str(tmp_path / 'dest'))}"
+    wait = f"until [ -S {sock} ]; do sleep 0.02; done"
+    send = f"{mfd} send {shlex.quote(str(src))} --to unix:{sock} --max-bandwidth 32M"
+    if foreground == "send":
+        script = f"set -m; {recv} & {wait}; {send}; s=$?; wait $!; echo exits $s $?"
+    else:
+        script = f"set -m; ({wait}; exec {send}) & {recv}; r=$?; wait $!; echo exits $? $r"
+    env = {**os.environ, "TERM": "xterm", "COLUMNS": str(COLS)}
+    child = pexpect.spawn("bash", ["-c", script], env=env, dimensions=(50, COLS),
+                          encoding="utf-8", codec_errors="replace", timeout=60)
+    child.expect(pexpect.EOF)
+    child.close()
+    out = child.before
+    assert "exits 0 0" in out, out
+    background = "recv" if foreground == "send" else "send"
+    assert frames(out, foreground), out
+    assert not frames(out, background), out
+    assert not any(ln.startswith(f"{background}: pass") for ln in screen(out)), out

@@ -11,6 +11,7 @@ rich draws the bar. It costs 45-115 ms to import, as much as the rest of a
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -92,6 +93,15 @@ def switchover_line(side: str, ev: dict[str, Any]) -> str:
     guess = f", expected downtime {expected:.0f} ms" if expected is not None else ""
     return (f"{side}: switchover: writer paused for pass {ev['pass']}, "
             f"{human_bytes(ev['remaining_bytes'])} to send{guess}")
+
+
+def _foreground(stream: IO[str]) -> bool:
+    """Whether this process owns the terminal: of two sides sharing one, only the
+    foreground job draws, so the two never overwrite each other's bar."""
+    try:
+        return os.tcgetpgrp(stream.fileno()) == os.getpgrp()
+    except (OSError, ValueError, AttributeError):
+        return True  # a terminal that is not our controlling one: nobody to share it with
 
 
 def _isatty(stream: IO[str]) -> bool:
@@ -250,6 +260,8 @@ class Progress:
             self._draw(snap)
 
     def _draw(self, s: Snapshot) -> None:
+        if not _foreground(self.stream):
+            return
         try:
             with self._lock:
                 bar = self._start_bar()
@@ -260,6 +272,9 @@ class Progress:
     def _start_bar(self) -> _Bar:
         if self._bar is None:
             self._bar = _Bar(self.stream)
+            from multifd_cli.proc import logsetup
+
+            logsetup.show_records_above(self._above)
         return self._bar
 
     def _above(self, line: str) -> None:
@@ -280,6 +295,8 @@ class Progress:
             line = switchover_line(self.events.side, fields)
         else:
             return
+        if self.mode == "bar" and not _foreground(self.stream):
+            return
         try:
             self._above(line)
         except OSError:
@@ -291,7 +308,11 @@ class Progress:
         self.finish()
 
     def finish(self) -> None:
-        """Take the bar down; the per-pass lines stay."""
+        """Take the bar down (the per-pass lines stay) and hand stderr back to logging."""
+        if self._bar is not None:
+            from multifd_cli.proc import logsetup
+
+            logsetup.show_records_above(None)
         with self._lock:
             bar, self._bar = self._bar, None
             if bar is not None:
