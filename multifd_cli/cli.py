@@ -486,6 +486,21 @@ def set_param(control: str, param: str, value: str) -> None:
     _ask(control, {"cmd": "set", "param": param, "value": value})
 
 
+@cli.command()
+@click.argument("send_events", metavar="SEND-EVENTS.jsonl")
+@click.argument("recv_events", metavar="[RECV-EVENTS.jsonl]", required=False)
+@click.option("--output", "-o", required=True, metavar="FILE",
+              help="The picture: FILE.png, FILE.svg, or FILE.html (figures embedded).")
+def report(send_events: str, recv_events: str | None, output: str) -> None:
+    """Draw a migration pass by pass from its --json events (send's, and recv's if given).
+
+    Needs matplotlib: pip install 'multifd-cli[report]'. Bad input exits 2.
+    """
+    from multifd_cli.report import write_report
+
+    write_report(send_events, recv_events, output)
+
+
 def _note_json(side: str, enabled: bool) -> None:
     global _json_requested, _side_name
     _json_requested = enabled
