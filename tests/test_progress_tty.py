@@ -163,6 +163,8 @@ def test_recv_draws_its_bar_when_it_owns_the_terminal(runner: Runner, short_dir:
     assert any(re.search(r"^recv pass 1 [━╸╺ ]+ +\d+% [\d.]+ MiB +[\d.]+ MiB/s", f)
                for f in drawn), child.before
     assert any(re.match(r"recv: pass 1: \d+ pages applied", ln) for ln in screen(child.before))
+    # The terminal's default level is the same on both sides: no info ("listening on ...").
+    assert " INFO " not in child.before, child.before
 
 
 def test_piped_progress_is_a_plain_line_per_pass(runner: Runner, writers: Any,
