@@ -138,8 +138,8 @@ class _PassView:
         done = max(0, s.sent_bytes - self.base)
         if s.phase == "setup":
             what = "setup"
-        elif s.phase == "completing":
-            what, done, total = "verifying", 1, 1
+        elif s.phase == "completing":  # everything is sent; recv checks the digest
+            return f"{side} verifying", 1, 1, "waiting for the destination's verification"
         else:
             what = f"pass {s.pass_no}" + (" (paused)" if s.phase == "switchover" else "")
         info = [f"{human_bytes(done)}", human_rate(s.rate)]
@@ -168,8 +168,8 @@ class _Bar:
 
         console = Console(file=stream, highlight=False)
         self.rich = RichProgress(
-            TextColumn("{task.description}"), BarColumn(bar_width=28), TaskProgressColumn(),
-            TextColumn("{task.fields[info]}"),
+            TextColumn("{task.description}", markup=False), BarColumn(bar_width=28),
+            TaskProgressColumn(), TextColumn("{task.fields[info]}", markup=False),
             console=console, auto_refresh=False, transient=True,
             redirect_stdout=False, redirect_stderr=False,
         )
