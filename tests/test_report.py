@@ -95,8 +95,8 @@ def test_the_figure_plots_every_pass_with_the_run_values(
     pic = draw(load_run(str(send_file), str(recv_file)))
     numbers = [p["pass"] for p in passes]
     expect: dict[str, list[float | None]] = {
-        "dirty (found by send)": [p["dirty_bytes"] / MiB for p in passes],
-        "sent (on the wire)": [p["sent_bytes"] / MiB for p in passes],
+        "dirty (found by send)": [p["dirty_bytes"] for p in passes],
+        "sent (on the wire)": [p["sent_bytes"] for p in passes],
         "bandwidth": [p["bandwidth_bytes_per_s"] / MiB for p in passes],
         "dirty rate": [p["dirty_rate_bytes_per_s"] / MiB for p in passes],
         "expected downtime": [p["expected_downtime_ms"] for p in passes],
@@ -104,7 +104,7 @@ def test_the_figure_plots_every_pass_with_the_run_values(
     }
     # recv's passes, joined by number (never by ts: two clocks), as per-pass bytes.
     cumulative = [0] + [p["transferred_bytes"] for p in recv.of("pass")]
-    expect["received by recv"] = [(b - a) / MiB for a, b in zip(cumulative, cumulative[1:])]
+    expect["received by recv"] = [b - a for a, b in zip(cumulative, cumulative[1:])]
     for label, values in expect.items():
         xs, ys = pic.plotted[label]
         assert xs == numbers, label

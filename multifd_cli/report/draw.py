@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -75,7 +76,7 @@ def draw(run: Run) -> Picture:
         ax.plot(xs, [float("nan") if v is None else v for v in ys], marker="o", ms=4,
                 label=label, color=color, **kw)
 
-    # 1. What each pass found dirty and what it sent (and recv received).
+    # 1. What each pass found dirty and what it sent (and recv received), in bytes.
     ax = axes[0]
     bars = [("dirty_bytes", "dirty (found by send)", COLORS["dirty"]),
             ("sent_bytes", "sent (on the wire)", COLORS["sent"])]
@@ -83,15 +84,13 @@ def draw(run: Run) -> Picture:
         bars.append(("recv_bytes", "received by recv", COLORS["recv"]))
     width = 0.8 / len(bars)
     for i, (key, label, color) in enumerate(bars):
-        ys = [None if v is None else v / MiB for v in s[key]]
+        ys = [None if v is None else float(v) for v in s[key]]
         pic.plotted[label] = (xs, ys)
         offset = (i - (len(bars) - 1) / 2) * width
         ax.bar([x + offset for x in xs], [0 if v is None else v for v in ys], width,
                label=label, color=color)
-    values = [v for key, _, _ in bars for v in s[key] if v]
-    if values and max(values) > 20 * min(values):
-        ax.set_yscale("log")  # pass 1 sends everything; the later passes must stay visible
-    ax.set_ylabel("MiB per pass")
+    _bytes_axis(ax, [float(v) for key, _, _ in bars for v in s[key] if v])
+    ax.set_ylabel("bytes per pass")
     ax.set_title("Bytes per pass", loc="left", fontsize=10)
 
     # 2. Convergence: the writer must dirty slower than the link sends.
@@ -142,11 +141,28 @@ def draw(run: Run) -> Picture:
     for a in axes:
         a.grid(True, axis="y", alpha=0.3)
         if a.get_legend_handles_labels()[0]:
-            # The passes shrink from the left and the final one is at the right:
-            # the upper middle is where the data is not.
-            a.legend(loc="upper center", fontsize=8, framealpha=0.9)
+            a.legend(loc="best", fontsize=8, framealpha=0.9)
     fig.suptitle(title(run), fontsize=12)
     return pic
+
+
+def _bytes_axis(ax: Axes, values: list[float]) -> None:
+    """Ticks at round binary sizes, labelled as the progress bar labels them. Pass 1
+    sends everything, so a wide range goes on a log scale where the last passes
+    stay visible."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MultipleLocator, NullFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: human_bytes(v)))
+    if values and max(values) > 20 * min(values):
+        ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_locator(LogLocator(base=1024, subs=(1.0, 32.0)))
+        ax.yaxis.set_minor_locator(LogLocator(base=2, subs=(1.0,), numticks=64))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: human_bytes(v)))
+        ax.set_ylim(bottom=min(values) / 2)
+    elif values:
+        step = 2 ** math.ceil(math.log2(max(values) / 5)) if max(values) >= 5 else 1
+        ax.yaxis.set_major_locator(MultipleLocator(step))
 
 
 def _headroom(ax: Axes, *series: list[float | None]) -> None:
