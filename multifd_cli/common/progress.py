@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any
 
+from multifd_cli.common import terminal
 from multifd_cli.events import Events
 
 #: Redraws per second at most: smooth enough to read, cheap for the main loop.
@@ -272,9 +273,7 @@ class Progress:
     def _start_bar(self) -> _Bar:
         if self._bar is None:
             self._bar = _Bar(self.stream)
-            from multifd_cli.proc import logsetup
-
-            logsetup.show_records_above(self._above)
+            terminal.show_lines_above(self._above)
         return self._bar
 
     def _above(self, line: str) -> None:
@@ -310,9 +309,7 @@ class Progress:
     def finish(self) -> None:
         """Take the bar down (the per-pass lines stay) and hand stderr back to logging."""
         if self._bar is not None:
-            from multifd_cli.proc import logsetup
-
-            logsetup.show_records_above(None)
+            terminal.show_lines_above(None)
         with self._lock:
             bar, self._bar = self._bar, None
             if bar is not None:

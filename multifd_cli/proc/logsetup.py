@@ -11,10 +11,11 @@ import contextlib
 import logging
 import signal
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from multiprocessing_logging import MultiProcessingHandler
 
+from multifd_cli.common import terminal
 from multifd_cli.errors import UsageError
 
 FORMAT = "%(asctime)s %(processName)s %(levelname)s %(message)s"
@@ -104,15 +105,12 @@ class _ChannelLogHandler(MultiProcessingHandler):  # type: ignore[misc]
                 logging.Handler.close(self)
 
 
-_above: Callable[[str], None] | None = None
-
-
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]  # generic only in newer typeshed
     """stderr, shared with the progress bar: while one is drawn, a record is printed
     above it on a line of its own, never glued to the end of the bar."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        above = _above
+        above = terminal.line_printer()
         if above is None:
             super().emit(record)
             return
@@ -120,12 +118,6 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]  # generi
             above(self.format(record))
         except Exception:  # noqa: BLE001 - as logging does: a record must not kill the run
             self.handleError(record)
-
-
-def show_records_above(display: Callable[[str], None] | None) -> None:
-    """Route stderr's records through a live display (None: straight to stderr again)."""
-    global _above
-    _above = display
 
 
 def default_level(log_file: str | None = None) -> str:
