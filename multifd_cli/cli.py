@@ -104,7 +104,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--timeout", type=FiniteFloat(0.1, MAX_TIMEOUT), default=60.0,
                      show_default=True, envvar="MULTIFD_TIMEOUT", show_envvar=True,
                      help="Seconds to wait for the peer, and the longest silence tolerated."),
-        click.option("--log-level", default="info", show_default=True,
+        click.option("--log-level", default=None, show_default="warning on a terminal, else info",
                      type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
                      envvar="MULTIFD_LOG_LEVEL", show_envvar=True),
         click.option("--log-file", type=click.Path(dir_okay=False), default=None,
@@ -484,6 +484,21 @@ def cancel(control: str) -> None:
 def set_param(control: str, param: str, value: str) -> None:
     """Change max-bandwidth (RATE) or downtime-limit (MS) of a running send."""
     _ask(control, {"cmd": "set", "param": param, "value": value})
+
+
+@cli.command()
+@click.argument("send_events", metavar="SEND-EVENTS.jsonl")
+@click.argument("recv_events", metavar="[RECV-EVENTS.jsonl]", required=False)
+@click.option("--output", "-o", required=True, metavar="FILE",
+              help="The picture: FILE.png, FILE.svg, or FILE.html (figures embedded).")
+def report(send_events: str, recv_events: str | None, output: str) -> None:
+    """Draw a migration pass by pass from its --json events (send's, and recv's if given).
+
+    Needs matplotlib: pip install 'multifd-cli[report]'. Bad input exits 2.
+    """
+    from multifd_cli.report import write_report
+
+    write_report(send_events, recv_events, output)
 
 
 def _note_json(side: str, enabled: bool) -> None:

@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any, cast
+from typing import IO, Any, Callable, cast
 
 
 class _Discard(io.TextIOBase):
@@ -33,8 +33,13 @@ class Events:
         self.stream: IO[str] = stream or sys.stdout or cast("IO[str]", _Discard())
         self.enabled = enabled
         self.t0 = time.monotonic()
+        # The progress display shows the same pass events that scripts read, with or
+        # without --json, so the two never disagree.
+        self.watchers: list[Callable[[str, dict[str, Any]], None]] = []
 
     def emit(self, event: str, **fields: Any) -> None:
+        for watch in self.watchers:
+            watch(event, fields)
         if not self.enabled:
             return
         record = {"event": event, "side": self.side, "ts": round(time.monotonic(), 6), **fields}
@@ -95,9 +100,15 @@ def human_summary(side: str, status: str, s: dict[str, Any]) -> str:
         f"  total time: {s['total_time_ms']:.0f} ms  setup: {s['setup_time_ms']:.0f} ms"
         f"  downtime: {s['downtime_ms']:.0f} ms",
         f"  passes: {s['passes']}  channels: {s['channels']}  compression: {s['compression']}",
-        f"  transferred: {s['transferred_bytes']} bytes  throughput: {s['mbps']:.1f} mbps"
+        f"  transferred: {s['transferred_bytes']} bytes  throughput: {_mib_per_s(s):.1f} MiB/s"
         f"  compression ratio: {ratio}",
         f"  normal pages: {s['normal_pages']}  zero pages: {s['zero_pages']}",
         f"  digest: {s['digest']}",
     ]
     return "\n".join(lines)
+
+
+def _mib_per_s(s: dict[str, Any]) -> float:
+    """Throughput in MiB/s, the unit of the progress display; JSON keeps QEMU's mbps."""
+    secs = s["total_time_ms"] / 1000
+    return s["transferred_bytes"] / secs / (1 << 20) if secs > 0 else 0.0

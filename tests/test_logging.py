@@ -79,3 +79,18 @@ def test_a_signal_inside_a_log_call_is_raised_after_it() -> None:
                          text=True, timeout=20)
     assert out.stdout.splitlines() == [
         "raised after the log call: interrupted by SIGINT", "shut down"], out.stderr
+
+
+
+def test_the_default_level_is_info_in_a_log_file_or_a_pipe(tmp_path: Path) -> None:
+    """warning is the default only for records that share a terminal with the bar
+    (tests/test_progress_tty.py checks the terminal)."""
+    code = (
+        "import logging, sys\n"
+        "from multifd_cli.proc import logsetup\n"
+        "logsetup.configure(None, sys.argv[1])\n"
+        "print(logging.getLogger('multifd').level, logsetup.default_level(None))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "log")],
+                         capture_output=True, text=True, timeout=20, check=True)
+    assert out.stdout.split() == [str(20), "info"], out  # stderr is a pipe here

@@ -19,6 +19,9 @@ LAZY = {
     "multifd_cli.net.ssh": "only --to ssh: targets",
     "multifd_cli.image.layout": "only file: images",
     "ctypes.util": "find_library() runs ldconfig (~13 ms); libc is in the process already",
+    "rich": "only when a progress bar is drawn on a terminal",
+    "rich.progress": "only when a progress bar is drawn (45-115 ms)",
+    "matplotlib": "only `multifd report`, an optional extra (~700 ms with pyplot)",
 }
 
 

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 from multiprocessing_logging import MultiProcessingHandler
 
+from multifd_cli.common import terminal
 from multifd_cli.errors import UsageError
 
 FORMAT = "%(asctime)s %(processName)s %(levelname)s %(message)s"
@@ -104,11 +105,42 @@ class _ChannelLogHandler(MultiProcessingHandler):  # type: ignore[misc]
                 logging.Handler.close(self)
 
 
-def configure(level: str = "INFO", log_file: str | None = None) -> None:
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]  # generic only in newer typeshed
+    """stderr, shared with the progress bar: while one is drawn, a record is printed
+    above it on a line of its own, never glued to the end of the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        above = terminal.line_printer()
+        if above is None:
+            super().emit(record)
+            return
+        try:
+            above(self.format(record))
+        except Exception:  # noqa: BLE001 - as logging does: a record must not kill the run
+            self.handleError(record)
+
+
+def default_level(log_file: str | None = None) -> str:
+    """warning on a terminal, info elsewhere.
+
+    On a terminal the progress bar shows the passes, and both sides, which may share
+    that terminal, would otherwise interleave their info records with it; a log
+    file or a pipe keeps every record.
+    """
+    if log_file:
+        return "info"
+    try:
+        return "warning" if sys.stderr is not None and sys.stderr.isatty() else "info"
+    except (OSError, ValueError):
+        return "info"
+
+
+def configure(level: str | None = None, log_file: str | None = None) -> None:
     """Send records to stderr, or to a file; stdout is reserved for --json events.
 
-    A log file that cannot be opened (missing directory, /proc, /sys, ...) is the
-    user's error: a UsageError, not a traceback.
+    `level` None is the default of `default_level()`. A log file that cannot be
+    opened (missing directory, /proc, /sys, ...) is the user's error: a
+    UsageError, not a traceback.
     """
     handler: logging.Handler
     if log_file:
@@ -117,12 +149,12 @@ def configure(level: str = "INFO", log_file: str | None = None) -> None:
         except OSError as e:
             raise UsageError(f"cannot open log file {log_file}: {e.strerror or e}") from None
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler(sys.stderr)
     for h in list(_root.handlers):
         _root.removeHandler(h)
     handler.setFormatter(logging.Formatter(FORMAT, "%H:%M:%S"))
     _root.addHandler(handler)
-    _root.setLevel(level.upper())
+    _root.setLevel((level or default_level(log_file)).upper())
     _root.propagate = False
 
 
