@@ -1,11 +1,9 @@
 """The receive side of one channel: unframe, check, decompress, verify, write.
 
 The channel owns its socket and pwrites the destination itself. It holds at
-every SYNC until main releases it into the next epoch:
-
-    main -> channel   ("release", epoch, sizes)   or   ("quit",)
-    channel -> main   ("synced", epoch, counts, wire_bytes, written_bytes)
-                      ("error", exit_code, message)
+every SYNC until main releases it into the next epoch (the messages are in
+recv/messages.py: Release in, Synced and Progress out; HashRange and Hashed
+for --resume).
 
 Holding at SYNC is the epoch barrier: no channel applies pass k+1 before every
 channel has applied all of pass k, so an older copy of a page that travelled on
@@ -38,6 +36,7 @@ from multifd_cli.errors import (
 )
 from multifd_cli.net.transport import recv_exact
 from multifd_cli.proc.messages import Quit
+from multifd_cli.recv import messages as M
 from multifd_cli.recv.sink import HEADER_GUARD, HOLE_BIT, DestTables
 
 log = logging.getLogger("multifd")
@@ -94,11 +93,15 @@ class ChannelReceiver:
             d = self._decompressors[wire_id] = by_wire_id(wire_id)
         return d
 
-    def run_epoch(self, epoch: int, sizes: Sequence[int]) -> P.Counts:
-        """Apply packets until this channel's SYNC for `epoch`; return its counts."""
+    def begin_epoch(self, epoch: int, sizes: Sequence[int]) -> None:
+        """Start applying `epoch`, whose blocks have these sizes."""
         self.epoch = epoch
         self.sizes = sizes
         self.counts = P.Counts()
+
+    def run_epoch(self, epoch: int, sizes: Sequence[int]) -> P.Counts:
+        """Apply packets until this channel's SYNC for `epoch`; return its counts."""
+        self.begin_epoch(epoch, sizes)
         hv = memoryview(self._hdr)
         bv = memoryview(self._body)
         while True:
@@ -125,14 +128,17 @@ class ChannelReceiver:
                 return self.counts
             if self.delay and self.delay_epoch in (0, epoch):
                 time.sleep(self.delay)  # test-only: a slow channel
-            self._apply(msg)
+            self.apply(msg)
             self.counts += P.Counts(1, h.normal, h.zero)
             now = time.monotonic()
             if now >= self._next_report:
                 self._next_report = now + 0.25
                 self.report()
 
-    def _apply(self, p: P.Packet) -> None:
+    def apply(self, p: P.Packet) -> None:
+        """Check, decompress, verify and write one packet of the current epoch.
+
+        The network loop calls it for every PACKET; tests call it directly."""
         h = p.header
         if h.block < len(self.args.page_sizes):
             self.ps = self.args.page_sizes[h.block]
@@ -286,7 +292,7 @@ def channel_main(index: int, pipe: Connection, sock: socket.socket, args: RecvCh
     """Process entry point of a receive channel."""
     sock.settimeout(args.timeout)
     rx = ChannelReceiver(index, sock, args)
-    rx.report = lambda: pipe.send(("progress", rx.wire_bytes, rx.written_bytes))
+    rx.report = lambda: pipe.send(M.Progress(rx.wire_bytes, rx.written_bytes))
     log.debug("receiving on %s", sock.getsockname() or "a unix socket")
     try:
         while True:
@@ -296,19 +302,16 @@ def channel_main(index: int, pipe: Connection, sock: socket.socket, args: RecvCh
                 raise ConnectionFailed("main process went away") from None
             if isinstance(cmd, Quit):
                 return
-            if cmd[0] == "hash":
-                _, block, start, end, size = cmd
-                hash_pages(args.fds[block], args.tables[block], start, end, size,
-                           args.config.page_size)
-                pipe.send(("hashed", block, start, end))
+            if isinstance(cmd, M.HashRange):
+                hash_pages(args.fds[cmd.block], args.tables[cmd.block], cmd.start, cmd.end,
+                           cmd.size, args.config.page_size)
+                pipe.send(M.Hashed(cmd.block, cmd.start, cmd.end))
                 continue
-            _, epoch, sizes = cmd
+            if not isinstance(cmd, M.Release):
+                raise ProtocolError(f"from main: got {type(cmd).__name__}, expected Release")
             for t in args.tables:
                 t.refresh()
-            counts = rx.run_epoch(epoch, sizes)
-            pipe.send(
-                ("synced", epoch, (counts.packets, counts.normal, counts.zero),
-                 rx.wire_bytes, rx.written_bytes)
-            )
+            counts = rx.run_epoch(cmd.epoch, cmd.sizes)
+            pipe.send(M.Synced(cmd.epoch, counts, rx.wire_bytes, rx.written_bytes))
     finally:
         sock.close()
