@@ -37,7 +37,8 @@ from multifd_cli.errors import (
 from multifd_cli.net.transport import recv_exact
 from multifd_cli.proc.messages import Quit
 from multifd_cli.recv import messages as M
-from multifd_cli.recv.sink import HEADER_GUARD, HOLE_BIT, DestTables
+from multifd_cli.recv.blockfiles import HEADER_GUARD
+from multifd_cli.recv.sink import HOLE_BIT, DestTables
 
 log = logging.getLogger("multifd")
 WRITEBACK_BYTES = 32 << 20  # each channel starts writeback after this much
