@@ -64,7 +64,6 @@ class ChannelReceiver:
         self.index = index
         self.sock = sock
         self.args = args
-        self.page_size = cfg.page_size
         self.ps = cfg.page_size  # page size of the block being applied
         self.max_pages = cfg.pages_per_packet
         self.limits = P.Limits(
