@@ -7,7 +7,8 @@ for --resume).
 
 Holding at SYNC is the epoch barrier: no channel applies pass k+1 before every
 channel has applied all of pass k, so an older copy of a page that travelled on
-a slower channel can never land after a newer one.
+a slower channel can never land after a newer one. Main decides when to
+release (recv/barrier.py); the channel only waits for it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from multifd_cli.compression import Compressor, by_wire_id
 from multifd_cli.config import TestHooks
 from multifd_cli.errors import (
     ConnectionFailed,
+    InternalError,
     IOFailure,
     PeerAborted,
     ProtocolError,
@@ -308,7 +310,7 @@ def channel_main(index: int, pipe: Connection, sock: socket.socket, args: RecvCh
                 pipe.send(M.Hashed(cmd.block, cmd.start, cmd.end))
                 continue
             if not isinstance(cmd, M.Release):
-                raise ProtocolError(f"from main: got {type(cmd).__name__}, expected Release")
+                raise InternalError(f"from main: got {type(cmd).__name__}, expected Release")
             for t in args.tables:
                 t.refresh()
             counts = rx.run_epoch(cmd.epoch, cmd.sizes)
