@@ -39,8 +39,7 @@ class Dest:
         args = RecvChannelArgs(config=cfg, fds=(self.fd,), tables=(self.tables,), timeout=5.0,
                                hooks=Hooks(), page_sizes=(PS,))
         self.rx = ChannelReceiver(0, self.a, args)
-        self.rx.epoch = 1
-        self.rx.sizes = (SIZE,)
+        self.rx.begin_epoch(1, (SIZE,))
         self.num = 0
 
     def apply(self, offsets: Sequence[int], data: bytes, hashes: Sequence[int] | None = None,
@@ -56,7 +55,7 @@ class Dest:
         h = P.parse_header(wire[: P.HEADER_SIZE])
         msg = P.parse_packet_body(h, wire[P.HEADER_SIZE :])
         assert isinstance(msg, P.Packet)
-        self.rx._apply(msg)
+        self.rx.apply(msg)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -122,4 +121,4 @@ def test_a_short_page_anywhere_but_the_end_is_refused(dest: Dest) -> None:
     msg = P.parse_packet_body(h, wire[P.HEADER_SIZE :])
     assert isinstance(msg, P.Packet)
     with pytest.raises(ProtocolError, match=re.escape("uncompressed payload length")):
-        dest.rx._apply(msg)
+        dest.rx.apply(msg)

@@ -8,7 +8,7 @@ and image.py (and the CLI in front of them):
 4. temporary files are cleaned up (or at least by the next run of the same DEST).
 
 Every test here failed on the code it was written against (each docstring says what
-was observed then) and passes since sink.py's fixes: naming through _Naming (an exchange
+was observed then) and passes since sink.py's fixes: naming through Naming (recv/naming.py) (an exchange
 that can be undone until the directory fsync), clean-up on any exception, stray hidden
 names removed under DEST's lock, and lstat-aware checks of DEST. Windows that last microseconds (between linkat() and rename(), around the
 directory fsync) are held open with strace's fault injection (delay or error) on recv's
@@ -107,12 +107,12 @@ def hidden(d: Path) -> list[str]:
 def test_sigterm_while_naming_the_copy_leaves_no_temp_name(kit: Kit, tmp_path: Path,
                                                           strace_ok: None, shape: str) -> None:
     """SIGTERM while recv's main thread is in linkat(), naming the verified unnamed file:
-    - file-force: DEST exists and --force: sink._publish links the file to a hidden name
-      `.dest.multifd-XXXXXXXX`, then renames that over DEST (sink.py:405-411);
-    - dir: two sources: _publish_dir links each block into a staging directory
-      `.out.multifd-XXXXXXXX` (sink.py:420-444).
+    - file-force: DEST exists and --force: publish_file (recv/naming.py) links the file to a hidden name
+      `.dest.multifd-XXXXXXXX`, then renames that over DEST;
+    - dir: two sources: publish_dir links each block into a staging directory
+      `.out.multifd-XXXXXXXX`.
     The signal's Interrupted is a KeyboardInterrupt: the `except OSError` clean-ups skip
-    it, and discard() knows only _tmp_names, so recv exits 143 and leaves the hidden
+    it, and discard() knows only BlockFiles.tmp_names, so recv exits 143 and leaves the hidden
     name (a complete copy, or a staging directory with some blocks) behind for good.
 
     FAILS at the time of writing: `.dest.multifd-XXXXXXXX` (file-force), or the staging
@@ -153,7 +153,7 @@ def test_sigterm_while_naming_the_copy_leaves_no_temp_name(kit: Kit, tmp_path: P
 
 def test_directory_fsync_failure_does_not_cost_the_old_dest(kit: Kit, tmp_path: Path,
                                                             strace_ok: None) -> None:
-    """finalize() is fsync(file), rename over DEST, fsync(directory) (sink.py:344-368). The
+    """finalize() is fsync(file), rename over DEST, fsync(directory) (Destination.finalize). The
     directory fsync can fail (EIO, injected here on the directory's fd only): recv then
     exits 7 and send exits 7, the source's writer is resumed as after any failure, but
     the old DEST (--force) is already gone, replaced by the new copy. README: "An
@@ -192,11 +192,11 @@ def test_temp_files_of_a_killed_recv_are_cleaned_by_the_next_one(kit: Kit, tmp_p
     """What a SIGKILL of recv's main can leave in DEST's directory, and whether anything
     ever removes it:
     - sigkill-before-rename: with --force, between linkat() of the verified file to
-      `.dest.multifd-XXXXXXXX` and the rename over DEST (sink.py:406-408): a complete copy
+      `.dest.multifd-XXXXXXXX` and the rename over DEST (publish_file): a complete copy
       under a hidden name (held open here by delaying rename());
     - sigkill-without-o-tmpfile: where O_TMPFILE is unsupported (NFS, FUSE, CIFS;
       simulated with EOPNOTSUPP on the O_TMPFILE open of DEST's directory), the copy is
-      written under `.dest.multifd-XXXXXXXX` from the start (sink.py:306-314), so a
+      written under `.dest.multifd-XXXXXXXX` from the start (BlockFiles.create_unnamed), so a
       SIGKILL mid-pass leaves a half-written file the size of the source. README only
       claims "an unnamed O_TMPFILE ... even after SIGKILL".
     Neither is reused, documented, or cleaned: a later recv of the same DEST (which holds
@@ -253,8 +253,8 @@ def test_without_o_tmpfile_a_dest_that_appears_meanwhile_is_not_replaced(kit: Ki
     """Without --force, a DEST that appears during the migration must not be replaced
     ("... appeared during the migration; not replacing it"). With O_TMPFILE, linkat()
     guarantees it (EEXIST). Where O_TMPFILE is unsupported (simulated: EOPNOTSUPP on the
-    O_TMPFILE open of DEST's directory), _publish() checks os.path.lexists(target) and
-    then os.replace()s (sink.py:397-399): a check-then-act race that silently replaces
+    O_TMPFILE open of DEST's directory), publishing checked os.path.lexists(target) and
+    then os.replace()d: a check-then-act race that silently replaces
     whatever appeared in between (held open here by delaying the rename() or link() that names it).
 
     FAILS at the time of writing: recv exits 0 and the file that appeared at DEST is
@@ -292,7 +292,7 @@ def test_without_o_tmpfile_a_dest_that_appears_meanwhile_is_not_replaced(kit: Ki
 
 
 def test_a_dangling_symlink_dest_is_refused_up_front(tmp_path: Path) -> None:
-    """Destination.check() uses os.stat() (sink.py:189), which follows the link, so a
+    """Destination.check() uses os.stat(), which follows the link, so a
     dangling symlink at DEST counts as "no DEST": recv listens and takes the whole
     migration, and only at the end linkat() fails with EEXIST and recv exits 7 with a
     false message ("... appeared during the migration; not replacing it"), send too.
@@ -314,7 +314,7 @@ def test_a_dangling_symlink_dest_is_refused_up_front(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("what", ["symlink-loop", "name-too-long"])
 def test_an_unusable_dest_path_is_a_usage_error(tmp_path: Path, what: str) -> None:
-    """os.stat(DEST) in Destination.check() (sink.py:189) catches only FileNotFoundError;
+    """os.stat(DEST) in Destination.check() catches only FileNotFoundError;
     ELOOP or ENAMETOOLONG escape as a bare OSError.
 
     FAILS at the time of writing: exit 1, "multifd: error: internal error: OSError:

@@ -1,15 +1,14 @@
 """The receive side of one channel: unframe, check, decompress, verify, write.
 
 The channel owns its socket and pwrites the destination itself. It holds at
-every SYNC until main releases it into the next epoch:
-
-    main -> channel   ("release", epoch, sizes)   or   ("quit",)
-    channel -> main   ("synced", epoch, counts, wire_bytes, written_bytes)
-                      ("error", exit_code, message)
+every SYNC until main releases it into the next epoch (the messages are in
+recv/messages.py: Release in, Synced and Progress out; HashRange and Hashed
+for --resume).
 
 Holding at SYNC is the epoch barrier: no channel applies pass k+1 before every
 channel has applied all of pass k, so an older copy of a page that travelled on
-a slower channel can never land after a newer one.
+a slower channel can never land after a newer one. Main decides when to
+release (recv/barrier.py); the channel only waits for it.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from multifd_cli.compression import Compressor, by_wire_id
 from multifd_cli.config import TestHooks
 from multifd_cli.errors import (
     ConnectionFailed,
+    InternalError,
     IOFailure,
     PeerAborted,
     ProtocolError,
@@ -38,7 +38,9 @@ from multifd_cli.errors import (
 )
 from multifd_cli.net.transport import recv_exact
 from multifd_cli.proc.messages import Quit
-from multifd_cli.recv.sink import HEADER_GUARD, HOLE_BIT, DestTables
+from multifd_cli.recv import messages as M
+from multifd_cli.recv.blockfiles import HEADER_GUARD
+from multifd_cli.recv.sink import HOLE_BIT, DestTables
 
 log = logging.getLogger("multifd")
 WRITEBACK_BYTES = 32 << 20  # each channel starts writeback after this much
@@ -64,7 +66,6 @@ class ChannelReceiver:
         self.index = index
         self.sock = sock
         self.args = args
-        self.page_size = cfg.page_size
         self.ps = cfg.page_size  # page size of the block being applied
         self.max_pages = cfg.pages_per_packet
         self.limits = P.Limits(
@@ -95,11 +96,15 @@ class ChannelReceiver:
             d = self._decompressors[wire_id] = by_wire_id(wire_id)
         return d
 
-    def run_epoch(self, epoch: int, sizes: Sequence[int]) -> P.Counts:
-        """Apply packets until this channel's SYNC for `epoch`; return its counts."""
+    def begin_epoch(self, epoch: int, sizes: Sequence[int]) -> None:
+        """Start applying `epoch`, whose blocks have these sizes."""
         self.epoch = epoch
         self.sizes = sizes
         self.counts = P.Counts()
+
+    def run_epoch(self, epoch: int, sizes: Sequence[int]) -> P.Counts:
+        """Apply packets until this channel's SYNC for `epoch`; return its counts."""
+        self.begin_epoch(epoch, sizes)
         self.conv.receive("RELEASE")
         hv = memoryview(self._hdr)
         bv = memoryview(self._body)
@@ -126,14 +131,17 @@ class ChannelReceiver:
                 return self.counts
             if self.delay and self.delay_epoch in (0, epoch):
                 time.sleep(self.delay)  # test-only: a slow channel
-            self._apply(msg)
+            self.apply(msg)
             self.counts += P.Counts(1, h.normal, h.zero)
             now = time.monotonic()
             if now >= self._next_report:
                 self._next_report = now + 0.25
                 self.report()
 
-    def _apply(self, p: P.Packet) -> None:
+    def apply(self, p: P.Packet) -> None:
+        """Check, decompress, verify and write one packet of the current epoch.
+
+        The network loop calls it for every PACKET; tests call it directly."""
         h = p.header
         if h.block < len(self.args.page_sizes):
             self.ps = self.args.page_sizes[h.block]
@@ -287,7 +295,7 @@ def channel_main(index: int, pipe: Connection, sock: socket.socket, args: RecvCh
     """Process entry point of a receive channel."""
     sock.settimeout(args.timeout)
     rx = ChannelReceiver(index, sock, args)
-    rx.report = lambda: pipe.send(("progress", rx.wire_bytes, rx.written_bytes))
+    rx.report = lambda: pipe.send(M.Progress(rx.wire_bytes, rx.written_bytes))
     log.debug("receiving on %s", sock.getsockname() or "a unix socket")
     try:
         while True:
@@ -297,19 +305,16 @@ def channel_main(index: int, pipe: Connection, sock: socket.socket, args: RecvCh
                 raise ConnectionFailed("main process went away") from None
             if isinstance(cmd, Quit):
                 return
-            if cmd[0] == "hash":
-                _, block, start, end, size = cmd
-                hash_pages(args.fds[block], args.tables[block], start, end, size,
-                           args.config.page_size)
-                pipe.send(("hashed", block, start, end))
+            if isinstance(cmd, M.HashRange):
+                hash_pages(args.fds[cmd.block], args.tables[cmd.block], cmd.start, cmd.end,
+                           cmd.size, args.config.page_size)
+                pipe.send(M.Hashed(cmd.block, cmd.start, cmd.end))
                 continue
-            _, epoch, sizes = cmd
+            if not isinstance(cmd, M.Release):
+                raise InternalError(f"from main: got {type(cmd).__name__}, expected Release")
             for t in args.tables:
                 t.refresh()
-            counts = rx.run_epoch(epoch, sizes)
-            pipe.send(
-                ("synced", epoch, (counts.packets, counts.normal, counts.zero),
-                 rx.wire_bytes, rx.written_bytes)
-            )
+            counts = rx.run_epoch(cmd.epoch, cmd.sizes)
+            pipe.send(M.Synced(cmd.epoch, counts, rx.wire_bytes, rx.written_bytes))
     finally:
         sock.close()

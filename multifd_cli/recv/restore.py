@@ -22,6 +22,7 @@ from multifd_cli.events import Events, Stats
 from multifd_cli.image.layout import ImageLayout, check_complete, read_layout
 from multifd_cli.proc import workers
 from multifd_cli.proc.messages import Quit
+from multifd_cli.recv import messages as M
 from multifd_cli.recv.sink import Destination, DestTables
 
 log = logging.getLogger("multifd")
@@ -37,10 +38,10 @@ def _restore_channel(index: int, pipe: Connection, image: str, layout: ImageLayo
         raise IOFailure(f"cannot open image {image}: {e.strerror}") from None
     try:
         while True:
-            cmd = pipe.recv()
+            cmd: M.RestoreRange | Quit = pipe.recv()
             if isinstance(cmd, Quit):
                 return
-            _, bi, start, end = cmd
+            bi, start, end = cmd
             b = layout.blocks[bi]
             size = b.size
             bitmap = _pread_exact(src, -(-(end - start) // 8), b.bitmap_offset + start // 8, b.name)
@@ -55,7 +56,7 @@ def _restore_channel(index: int, pipe: Connection, image: str, layout: ImageLayo
                 view[p] = page_hash(data)
                 _pwrite_all(fds[bi], memoryview(data), p * ps)
                 written += n
-            pipe.send(("restored", bi, start, end, written, normal))
+            pipe.send(M.Restored(bi, start, end, written, normal))
     finally:
         os.close(src)
 
@@ -111,15 +112,16 @@ def run(cfg: RecvConfig, events: Events, image: str) -> dict[str, Any]:
         while ranges or any(outstanding):
             for w in pool:
                 while ranges and outstanding[w.index] < 2:
-                    w.send("range", *ranges.popleft())
+                    M.tell(w, M.RestoreRange(*ranges.popleft()))
                     outstanding[w.index] += 1
             reports, _ = workers.poll(pool, [], 0.5)
             for w, r in reports:
+                assert isinstance(r, M.Restored)
                 outstanding[w.index] -= 1
-                stats.transferred_bytes += r[4]
-                stats.payload_bytes += r[4]
-                stats.normal_pages += r[5]
-                stats.zero_pages += (r[3] - r[2]) - r[5]
+                stats.transferred_bytes += r.written_bytes
+                stats.payload_bytes += r.written_bytes
+                stats.normal_pages += r.normal
+                stats.zero_pages += (r.end - r.start) - r.normal
         ours = table_digest(
             (b.size, t.page_hash, ps) for b, t in zip(layout.blocks, tables)
         )

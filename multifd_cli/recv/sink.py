@@ -5,31 +5,26 @@ no half file with a name. Completion is fsync(file), link into place (or link to
 a hidden name and rename over an existing DEST with --force), fsync(directory).
 An fsync error fails the migration and is never retried: after a failed fsync
 the kernel may already have dropped the dirty pages.
+
+Destination puts the pieces together: the lock (destlock.py), the block files
+(blockfiles.py), the naming (naming.py) and the metadata (metadata.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
-import hashlib
 import logging
 import os
-import shutil
 import stat
-import tempfile
-import threading
-import uuid
 from dataclasses import dataclass
+from functools import partial
 
-from multifd_cli.common.fsutil import (
-    exchange,
-    fsync_dir,
-    link_fd,
-    rename_noreplace,
-)
+from multifd_cli.common.fsutil import fsync_dir, rename_noreplace
 from multifd_cli.common.tables import SharedTable, pages_of, zero_hash
 from multifd_cli.errors import IOFailure, UsageError
+from multifd_cli.recv.blockfiles import BlockFile, BlockFiles, Writeback
+from multifd_cli.recv.destlock import DestLock
+from multifd_cli.recv.metadata import apply_default_mode, apply_metadata
+from multifd_cli.recv.naming import Naming, publish_dir, publish_file
 from multifd_cli.wire import KIND_PAGES, Metadata
 
 log = logging.getLogger("multifd")
@@ -78,19 +73,6 @@ class DestTables:
         self.stamp.close()
 
 
-HEADER_GUARD = 1 << 20  # on a device, the first MiB is written last
-
-
-@dataclass
-class BlockFile:
-    """One block's open destination: where it goes and the fd the channels write."""
-
-    name: str
-    size: int
-    kind: int
-    fd: int = -1
-
-
 class Destination:
     """The destination from the first check to a verified, durable, named copy.
 
@@ -114,22 +96,25 @@ class Destination:
         self.name = os.path.basename(self.path)
         self.force = force
         self.keep_partial = keep_partial
-        self.shape = "file"
-        self.blocks: list[BlockFile] = []
-        self.shadow_fd = -1  # device only: the first MiB, held back until completion
-        self._tmp_names: dict[int, str] = {}  # only where O_TMPFILE is unsupported
-        self._lock_fd = -1
-        self._sync_thread: threading.Thread | None = None
-        self._sync_error: OSError | None = None
-        self._sync_lock = threading.Lock()
+        self._lock = DestLock(self.path)
+        self.files = BlockFiles(self.path, self._lock.hidden_name)
+        self._writeback = Writeback()
+
+    @property
+    def shape(self) -> str:
+        return self.files.shape
 
     @property
     def fd(self) -> int:
-        return self.blocks[0].fd if self.blocks else -1
+        return self.files.blocks[0].fd if self.files.blocks else -1
 
     @property
     def fds(self) -> tuple[int, ...]:
-        return tuple(b.fd for b in self.blocks)
+        return self.files.fds
+
+    @property
+    def shadow_fd(self) -> int:
+        return self.files.shadow_fd
 
     @property
     def new_file(self) -> bool:
@@ -172,36 +157,8 @@ class Destination:
             raise UsageError(f"destination {self.path} exists; use --force to replace it")
 
     def lock(self) -> None:
-        """flock a per-DEST lock file, so two recv processes never share a DEST.
-
-        The lock file lives in a runtime directory, keyed by DEST's real path, and
-        is never removed: removing lock files races with their next user.
-        """
-        lock_dir = os.path.join(tempfile.gettempdir(), f"multifd-locks-{os.getuid()}")
-        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
-        key = hashlib.sha256(os.fsencode(os.path.realpath(self.path))).hexdigest()[:32]
-        fd = os.open(os.path.join(lock_dir, key + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise UsageError(f"another multifd recv is writing {self.path}") from None
-        self._lock_fd = fd
-        self._remove_strays()
-
-    def _remove_strays(self) -> None:
-        """Remove what a killed recv of this DEST left: a copy in the making under a
-        hidden name (where O_TMPFILE is missing, or between naming steps) or a
-        staging directory. Safe under DEST's lock: no other recv uses these names."""
-        prefix = f".{self.name}.multifd-"
-        try:
-            names = os.listdir(self.dir)
-        except OSError:
-            return
-        for n in names:
-            if n.startswith(prefix) and len(n) == len(prefix) + 8:
-                log.info("removing %s, left by an earlier recv of %s", n, self.path)
-                _remove(os.path.join(self.dir, n))
+        """Make sure no other recv writes this DEST, and clear what a killed one left."""
+        self._lock.acquire()
 
     def plan(self, blocks: list[tuple[str, int, int, int]]) -> None:
         """Pick the shape from LAYOUT's (name, size, allocated, kind) and check room."""
@@ -210,7 +167,7 @@ class Destination:
         if is_device:
             if several:
                 raise UsageError(f"{self.path} is a block device: it takes exactly one source")
-            self.shape = "device"
+            self.files.shape = "device"
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 capacity = os.lseek(fd, 0, os.SEEK_END)
@@ -225,9 +182,9 @@ class Destination:
                 raise UsageError("--resume works on one file, not on a directory DEST")
             if os.path.exists(self.path) and not os.path.isdir(self.path):
                 raise UsageError(f"{self.path} is a file; several sources need a directory DEST")
-            self.shape = "dir"
+            self.files.shape = "dir"
         else:
-            self.shape = "file"
+            self.files.shape = "file"
             if os.path.isdir(self.path):
                 raise UsageError(f"{self.path} is a directory; one source needs a file DEST")
         if self.shape != "device":
@@ -238,7 +195,7 @@ class Destination:
             if old:
                 need = max(0, need - os.path.getsize(old))
             self.check_space(need)
-        self.blocks = [BlockFile(name, size, kind) for name, size, _, kind in blocks]
+        self.files.blocks = [BlockFile(name, size, kind) for name, size, _, kind in blocks]
 
     def check_space(self, needed: int) -> None:
         st = os.statvfs(self.dir)
@@ -260,100 +217,45 @@ class Destination:
     # -- during the session ----------------------------------------------------------
     def create(self) -> tuple[int, ...]:
         """Open every block's file and size it; no preallocation, so it stays sparse."""
-        flags = os.O_RDWR | os.O_CLOEXEC
         if self.shape == "device":
-            b = self.blocks[0]
-            try:
-                b.fd = os.open(self.path, flags)
-                self.shadow_fd = os.memfd_create("multifd-device-head", os.MFD_CLOEXEC)
-                head = min(HEADER_GUARD, b.size)
-                os.ftruncate(self.shadow_fd, head)
-                # Until the end, the device must not look like a valid filesystem.
-                os.pwrite(b.fd, bytes(head), 0)
-                os.fsync(b.fd)
-            except OSError as e:
-                raise IOFailure(f"cannot prepare {self.path}: {e.strerror}") from None
-            return self.fds
-        if self.shape == "file":
-            self.in_place = self.find_old_copy()
-            if self.in_place is not None:
-                try:
-                    self.blocks[0].fd = os.open(self.in_place, flags)
-                except OSError as e:
-                    raise IOFailure(f"cannot open {self.in_place} to resume: {e.strerror}") from None
-                log.info("resuming into %s", self.in_place)
-                self.resize(0, self.blocks[0].size)
-                return self.fds
-        for i, b in enumerate(self.blocks):
-            try:
-                b.fd = os.open(self.dir, flags | os.O_TMPFILE, 0o600)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
-                    raise IOFailure(f"cannot create a file in {self.dir}: {e.strerror}") from None
-                # No O_TMPFILE here: a hidden name, removed on failure. Only SIGKILL
-                # can leave it behind, and never under DEST's name.
-                name = self._hidden()
-                try:
-                    b.fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600)
-                except OSError as e2:
-                    raise IOFailure(f"cannot create a file in {self.dir}: {e2.strerror}") from None
-                self._tmp_names[i] = name
-            self.resize(i, b.size)
+            self.files.prepare_device()
+        elif self.shape == "file" and (old := self.find_old_copy()) is not None:
+            self.in_place = old
+            self.files.open_old_copy(old)
+        else:
+            self.files.create_unnamed()
         return self.fds
 
     def resize(self, block: int, size: int) -> None:
-        b = self.blocks[block]
-        b.size = size
-        if self.shape == "device":
-            return  # a device is never truncated; its size was checked up front
-        try:
-            os.ftruncate(b.fd, size)
-        except OSError as e:
-            raise IOFailure(f"cannot size {b.name} to {size} bytes: {e.strerror}") from None
+        self.files.resize(block, size)
 
     def background_flush(self) -> None:
         """Start writing back what the last pass wrote, so the final fsync is short."""
-        with self._sync_lock:
-            if self._sync_thread is not None and self._sync_thread.is_alive():
-                return
-            self._sync_thread = threading.Thread(target=self._datasync, daemon=True)
-            self._sync_thread.start()
-
-    def _datasync(self) -> None:
-        try:
-            for fd in self.fds:
-                os.fdatasync(fd)
-        except OSError as e:
-            self._sync_error = e
+        self._writeback.start(self.fds)
 
     # -- completion ----------------------------------------------------------------------
     def finalize(self, metadata: dict[int, Metadata] | None = None) -> None:
         """fsync, name it, fsync the directory. Any error is final."""
         metadata = metadata or {}
-        if self._sync_thread is not None:
-            self._sync_thread.join()
-        if self._sync_error is not None:
-            raise IOFailure(f"writing back the destination failed: {self._sync_error.strerror}")
+        self._writeback.wait()
         try:
             if self.shape == "device":
-                head = os.pread(self.shadow_fd, HEADER_GUARD, 0)
-                os.fsync(self.fd)  # everything else is durable before the head lands
-                os.pwrite(self.fd, head, 0)
-            for i, b in enumerate(self.blocks):
+                self.files.land_device_head()  # everything else is durable before the head
+            for i, b in enumerate(self.files.blocks):
                 if i in metadata and self.shape != "device":  # never restyle a device node
                     apply_metadata(b.fd, metadata[i])
                 elif self.shape != "device" and self.in_place is None:
-                    os.fchmod(b.fd, 0o644 & ~_umask())
+                    apply_default_mode(b.fd)
                 os.fsync(b.fd)
         except OSError as e:
             raise IOFailure(f"fsync of the destination failed: {e.strerror}") from None
-        naming: _Naming | None = None
+        naming: Naming | None = None
         try:
             if self.shape == "file":
                 naming = self._finish_file()
             elif self.shape == "dir":
                 naming = self._publish_dir(self.path, replace=self.force)
-            self._fsync_dir(self.dir)
+            fsync_dir(self.dir)
         except BaseException:
             if naming is not None:
                 naming.undo()  # an existing DEST is untouched on failure
@@ -361,9 +263,9 @@ class Destination:
         if naming is not None:
             naming.commit()
 
-    def _finish_file(self) -> _Naming | None:
+    def _finish_file(self) -> Naming | None:
         if self.in_place is None:
-            return self._publish(0, self.path, replace=self.force)
+            return self._publish(self.path, replace=self.force)
         if self.in_place != self.path:
             try:
                 if self.force:
@@ -378,76 +280,26 @@ class Destination:
                 raise IOFailure(f"cannot rename {self.in_place} to {self.path}: {e.strerror}") from None
         return None
 
-    def _hidden(self) -> str:
-        """A name for a copy in the making; the next recv of this DEST removes strays."""
-        return os.path.join(self.dir, f".{self.name}.multifd-{uuid.uuid4().hex[:8]}")
-
-    @staticmethod
-    def _fsync_dir(path: str) -> None:
-        fsync_dir(path)
-
-    def _publish(self, block: int, target: str, *, replace: bool) -> _Naming:
-        """Name block's file `target`; the caller commits or undoes."""
-        fd = self.blocks[block].fd
-        st = os.fstat(fd)
-        aside = self._tmp_names.get(block)
-        naming = _Naming(aside or self._hidden(), target, (st.st_dev, st.st_ino),
-                         keep_aside=aside is not None)
-        try:
-            if aside is None:
-                link_fd(fd, naming.aside)
-            naming.place(replace)
-            self._tmp_names.pop(block, None)
-        except FileExistsError:
-            naming.undo()
-            raise IOFailure(f"{target} appeared during the migration; not replacing it") from None
-        except OSError as e:
-            naming.undo()
-            raise IOFailure(f"cannot name the destination {target}: {e.strerror}") from None
-        except BaseException:
-            naming.undo()
-            raise
+    def _publish(self, target: str, *, replace: bool) -> Naming:
+        """Name the one block's file `target`; the caller commits or undoes."""
+        files = self.files
+        naming = publish_file(files.blocks[0].fd, files.tmp_names.get(0),
+                              self._lock.hidden_name(), target, replace=replace)
+        files.take_hidden(0)
         return naming
 
-    def _publish_dir(self, target: str, *, replace: bool) -> _Naming:
+    def _publish_dir(self, target: str, *, replace: bool) -> Naming:
         """Name every block inside a staging directory, then put it in place in one step."""
-        staging = self._hidden()
-        naming: _Naming | None = None
-        try:
-            os.mkdir(staging, 0o755)
-            st = os.lstat(staging)
-            naming = _Naming(staging, target, (st.st_dev, st.st_ino), keep_aside=False)
-            dirs = {staging}
-            for i, b in enumerate(self.blocks):
-                path = os.path.join(staging, b.name)
-                parent = os.path.dirname(path)
-                os.makedirs(parent, exist_ok=True)
-                dirs.add(parent)
-                tmp = self._tmp_names.pop(i, None)
-                if tmp is None:
-                    link_fd(b.fd, path)
-                else:
-                    os.rename(tmp, path)
-            for d in sorted(dirs, key=len, reverse=True):
-                self._fsync_dir(d)
-            naming.place(replace)
-        except BaseException as e:
-            if naming is not None:
-                naming.undo()
-            else:
-                shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(e, FileExistsError):
-                raise IOFailure(f"{target} appeared during the migration; not replacing it") from None
-            if isinstance(e, OSError):
-                raise IOFailure(
-                    f"cannot put the destination directory in place: {e.strerror}"
-                ) from None
-            raise
-        return naming
+        files = self.files
+        members = [
+            (b.name, b.fd, partial(files.take_hidden, i))
+            for i, b in enumerate(files.blocks)
+        ]
+        return publish_dir(members, self._lock.hidden_name(), target, replace=replace)
 
     def discard(self) -> None:
         """On failure: keep the copy as DEST.partial only if asked; else it vanishes."""
-        if not self.blocks or self.blocks[0].fd < 0:
+        if not self.files.opened:
             return
         if self.shape == "device":
             log.info("%s: its first MiB stays zeroed, so it does not look like a valid copy", self.path)
@@ -460,107 +312,12 @@ class Destination:
                 if self.shape == "dir":
                     self._publish_dir(self.path + ".partial", replace=True).commit()
                 else:
-                    self._publish(0, self.path + ".partial", replace=True).commit()
+                    self._publish(self.path + ".partial", replace=True).commit()
                 log.info("kept the incomplete copy as %s.partial", self.path)
             except Exception as e:  # noqa: BLE001 - failing already; say so and go on
                 log.warning("could not keep %s.partial: %s", self.path, e)
-        for name in self._tmp_names.values():
-            with contextlib.suppress(OSError):
-                os.unlink(name)
-        self._tmp_names.clear()
+        self.files.remove_hidden()
 
     def close(self) -> None:
-        for b in self.blocks:
-            if b.fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(b.fd)
-                b.fd = -1
-        if self.shadow_fd >= 0:
-            os.close(self.shadow_fd)
-            self.shadow_fd = -1
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
-
-
-class _Naming:
-    """Put a finished copy, already named `aside`, at `target`.
-
-    What was at `target` survives (swapped to `aside`) until commit(), so a
-    failure up to and including the directory fsync can undo() the whole
-    step. Where our copy is, is read from inodes, not from which step ran:
-    undo() is right whatever step a signal interrupted.
-    """
-
-    def __init__(self, aside: str, target: str, key: tuple[int, int], keep_aside: bool) -> None:
-        self.aside = aside
-        self.target = target
-        self.key = key  # (st_dev, st_ino) of our copy
-        self.keep_aside = keep_aside  # `aside` is our only name for the copy: undo keeps it
-
-    def _ours(self, path: str) -> bool:
-        try:
-            st = os.lstat(path)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == self.key
-
-    def place(self, replace: bool) -> None:
-        if not replace:
-            rename_noreplace(self.aside, self.target)
-            return
-        try:
-            exchange(self.aside, self.target)
-        except FileNotFoundError:
-            rename_noreplace(self.aside, self.target)
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-            os.replace(self.aside, self.target)  # no RENAME_EXCHANGE: cannot be undone
-
-    def undo(self) -> None:
-        """Put back what was at `target` (if anything); our copy returns to `aside`,
-        or goes if `aside` was only a name made for this step."""
-        with contextlib.suppress(OSError):
-            if self._ours(self.target):
-                if not os.path.lexists(self.aside):
-                    os.rename(self.target, self.aside)
-                elif not self._ours(self.aside):
-                    exchange(self.aside, self.target)  # the old copy goes back
-                else:
-                    _remove(self.target)  # a second name of ours
-            if self._ours(self.aside) and not self.keep_aside:
-                _remove(self.aside)
-
-    def commit(self) -> None:
-        """Drop what the exchange swapped out."""
-        if os.path.lexists(self.aside) and not self._ours(self.aside):
-            _remove(self.aside)
-
-
-def _remove(path: str) -> None:
-    """Remove what an exchange swapped out, a directory or a file."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-
-def apply_metadata(fd: int, m: Metadata) -> None:
-    """--preserve: mode, owner (as root), extended attributes, then mtime last."""
-    if os.geteuid() == 0:
-        os.fchown(fd, m.uid, m.gid)  # first: chown clears setuid/setgid bits
-    os.fchmod(fd, m.mode & 0o7777)
-    for name, value in m.xattrs:
-        try:
-            os.setxattr(fd, name, value)
-        except OSError as e:
-            log.warning("cannot set xattr %s: %s", name.decode(errors="replace"), e.strerror)
-    os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        self.files.close()
+        self._lock.release()
