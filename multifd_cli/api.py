@@ -50,9 +50,9 @@ class LiveMigration:
     ) -> None:
         if (pause is None) != (resume is None):
             raise ValueError("pause and resume go together")
-        self.config = SendConfig(
-            sources=(source,), to=to, channels=channels, compression=compress,
-            page_size=page_size, packet_size=packet_size, max_passes=max_passes,
+        # The CLI's own checks: a bad value fails here, before anything connects.
+        self.config = SendConfig.create(
+            (source,), to, compress, channels=channels, page_size=page_size, packet_size=packet_size, max_passes=max_passes,
             timeout=timeout, downtime_limit_ms=downtime_limit_ms, pause=PauseSpec(),
             after_success=after_success,
         )

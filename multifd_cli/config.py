@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import TYPE_CHECKING, Any
 
 from multifd_cli.errors import UsageError
 from multifd_cli.net.auth import Security
 from multifd_cli.writer.pause import PauseSpec
 
+if TYPE_CHECKING:  # parsed lazily: `multifd --version` needs neither
+    from multifd_cli.compression import CompressionSpec
+    from multifd_cli.net.address import Destination
+
 #: Sizes and rates above this are absurd; it keeps every value a safe int64.
 MAX_SIZE = 1 << 62
+#: The longest timeout: the selectors' poll() takes an int32 of milliseconds.
+MAX_TIMEOUT = 2_147_483.0
+MAX_CHANNELS = 64
+AFTER_SUCCESS = ("keep-paused", "resume")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(B?)\s*$", re.IGNORECASE)
 
@@ -57,10 +68,12 @@ def parse_rate(text: str) -> int:
 
 @dataclass(frozen=True)
 class SendConfig:
+    """What `send` does, already parsed: build it with `SendConfig.create()`."""
+
     sources: tuple[str, ...]
-    to: str
+    to: Destination
     channels: int = 2
-    compression: str = "none"
+    compression: CompressionSpec = field(default_factory=lambda: _spec("none"))
     page_size: int = 4096
     packet_size: int = 512 << 10
     max_passes: int = 30
@@ -85,6 +98,90 @@ class SendConfig:
     state_name: str = ""
     preserve: bool = False
     direct_io: bool = False
+
+    @classmethod
+    def create(cls, sources: tuple[str, ...], to: str | Destination,
+               compression: str | CompressionSpec = "none", **settings: Any) -> SendConfig:
+        """The one validated way in, for the CLI and the API alike.
+
+        Parses --to and --compress once, and checks every rule that does not
+        need the sources opened, so a bad value fails before anything connects.
+        """
+        from multifd_cli.net.address import ImagePath, parse_destination
+
+        dest = parse_destination(to) if isinstance(to, str) else to
+        spec = _spec(compression) if isinstance(compression, str) else compression
+        cfg = cls(sources=tuple(sources), to=dest, compression=spec, **settings)
+        if not cfg.sources:
+            raise UsageError("no SOURCE given")
+        if isinstance(dest, ImagePath) and spec.name != "none":
+            raise UsageError("--compress is rejected for file: (every page has a fixed offset)")
+        if cfg.ssh:
+            _check_ssh_command(cfg.ssh)
+        from multifd_cli.compression import get_compressor
+
+        get_compressor(spec)  # a codec whose library is missing fails here, with a hint
+        cfg._check_numbers()
+        cfg.pause.validate()
+        if cfg.state_cmd and cfg.state_file:
+            raise UsageError("--state-cmd and --state-file are alternatives: give one")
+        if (cfg.state_cmd or cfg.state_file) and not cfg.pause.any:
+            raise UsageError("the state is read after the pause: add --pause-pid, --pause-cgroup "
+                             "or --pause-cmd")
+        if cfg.state_file and not os.path.isfile(cfg.state_file):
+            raise UsageError(f"--state-file {cfg.state_file}: no such file")
+        if cfg.auto_converge and not (cfg.pause.pids or cfg.pause.cgroup):
+            raise UsageError("--auto-converge needs a writer to throttle: --pause-pid or --pause-cgroup")
+        return cfg
+
+    def _check_numbers(self) -> None:
+        from multifd_cli import wire as P
+
+        ps = self.page_size
+        if not P.page_size_ok(ps):
+            raise UsageError(
+                f"--page-size {ps}: expected a power of two from {P.MIN_PAGE_SIZE} to {P.MAX_PAGE_SIZE}"
+            )
+        if self.packet_size % ps or not ps <= self.packet_size <= P.MAX_PACKET_SIZE:
+            raise UsageError(
+                f"--packet-size {self.packet_size}: expected a multiple of --page-size ({ps}) "
+                f"up to {P.MAX_PACKET_SIZE}"
+            )
+        if not 1 <= self.channels <= MAX_CHANNELS:
+            raise UsageError(f"--channels {self.channels}: expected 1 to {MAX_CHANNELS}")
+        if self.max_passes < 1:
+            raise UsageError(f"--max-passes {self.max_passes}: expected at least 1")
+        _check_range("--timeout", self.timeout, 0.1, MAX_TIMEOUT)
+        _check_range("--downtime-limit", self.downtime_limit_ms, 1, MAX_TIMEOUT * 1000)
+        _check_range("--json-interval", self.json_interval, 0.05, MAX_TIMEOUT)
+        if not 0 <= self.max_bandwidth <= MAX_SIZE:
+            raise UsageError(f"--max-bandwidth {self.max_bandwidth}: expected 0 to {MAX_SIZE}")
+        if self.after_success not in AFTER_SUCCESS:
+            raise UsageError(
+                f"--after-success {self.after_success!r}: expected {' or '.join(AFTER_SUCCESS)}"
+            )
+
+
+def _spec(text: str) -> CompressionSpec:
+    from multifd_cli.compression import parse_spec
+
+    return parse_spec(text)
+
+
+def _check_range(what: str, value: float, lo: float, hi: float) -> None:
+    # nan and inf pass every comparison and then hang or crash the code that uses them
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise UsageError(f"{what} {value:g}: expected a number from {lo:g} to {hi:g}")
+
+
+def _check_ssh_command(ssh_cmd: str) -> None:
+    """--ssh is split like a shell would; refuse it now rather than when ssh starts."""
+    try:
+        words = shlex.split(ssh_cmd)
+    except ValueError as e:
+        raise UsageError(f"--ssh {ssh_cmd!r}: {e}") from None
+    if not words:
+        raise UsageError(f"--ssh {ssh_cmd!r}: expected a command, e.g. 'ssh -i KEY'")
 
 
 @dataclass(frozen=True)

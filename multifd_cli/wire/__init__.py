@@ -329,6 +329,9 @@ from multifd_cli.wire.codec import (
     page_length as page_length,
 )
 from multifd_cli.wire.codec import (
+    page_size_ok as page_size_ok,
+)
+from multifd_cli.wire.codec import (
     parse_control as parse_control,
 )
 from multifd_cli.wire.codec import (

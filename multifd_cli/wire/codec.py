@@ -38,6 +38,11 @@ MAX_PAGES_PER_PACKET = MAX_PACKET_SIZE // MIN_PAGE_SIZE
 MAX_CONTROL_PAYLOAD = 16 << 20
 MAX_BLOCKS = 4096
 MAX_NAME_LEN = 4096
+
+
+def page_size_ok(ps: int) -> bool:
+    """The one page-size rule (CONFIG, --page-size, image headers): a power of two in range."""
+    return MIN_PAGE_SIZE <= ps <= MAX_PAGE_SIZE and not ps & (ps - 1)
 MAX_BLOCK_SIZE = 1 << 50
 MAX_ABORT_MESSAGE = 4096
 DIGEST_LEN = 16
@@ -867,7 +872,7 @@ def check_config(c: Config, *, max_channels: int = MAX_CHANNELS) -> None:
     if not 1 <= c.channels <= max_channels:
         raise ProtocolError(f"channels: got {c.channels}, expected 1..{max_channels}")
     ps = c.page_size
-    if ps & (ps - 1) or not MIN_PAGE_SIZE <= ps <= MAX_PAGE_SIZE:
+    if not page_size_ok(ps):
         raise ProtocolError(
             f"page size: got {ps}, expected a power of two in {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}"
         )
