@@ -67,6 +67,40 @@ def parse_rate(text: str) -> int:
 
 
 @dataclass(frozen=True)
+class Convergence:
+    """When the pre-copy stops iterating (QEMU's downtime-limit, max-bandwidth, auto-converge)."""
+
+    downtime_limit_ms: float = 300.0
+    max_passes: int = 30
+    auto_converge: bool = False
+    strict_downtime: bool = False
+    max_bandwidth: int = 0  # bytes/s shared by all channels; 0 is unlimited
+    mtime_shortcut: bool = True  # an unchanged size, mtime and ctime ends the passes
+
+
+@dataclass(frozen=True)
+class SshLaunch:
+    """How an ssh: target's recv is started."""
+
+    command: str = ""  # the ssh command, e.g. "ssh -i key" (--ssh)
+    remote_command: str = ""  # how to run multifd on the far side
+    remote_recv_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StateBlob:
+    """The blob client: state read after the pause (the device-state analog)."""
+
+    cmd: str = ""  # run it; its stdout is the state
+    file: str = ""  # or read this file
+    name: str = ""
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self.cmd or self.file)
+
+
+@dataclass(frozen=True)
 class SendConfig:
     """What `send` does, already parsed: build it with `SendConfig.create()`."""
 
@@ -76,26 +110,17 @@ class SendConfig:
     compression: CompressionSpec = field(default_factory=lambda: _spec("none"))
     page_size: int = 4096
     packet_size: int = 512 << 10
-    max_passes: int = 30
     timeout: float = 60.0
-    mtime_shortcut: bool = True
     json: bool = False
-    downtime_limit_ms: float = 300.0
+    convergence: Convergence = field(default_factory=Convergence)
     pause: PauseSpec = field(default_factory=PauseSpec)
     after_success: str = "keep-paused"  # or "resume"
-    auto_converge: bool = False
-    strict_downtime: bool = False
-    max_bandwidth: int = 0  # bytes/s shared by all channels; 0 is unlimited
     control: str = ""  # unix socket for `multifd status|cancel|set`
     progress: bool | None = None  # None: a status line only when stderr is a TTY
     json_interval: float = 1.0
     security: Security = field(default_factory=Security)
-    ssh: str = ""  # the ssh command for ssh: targets, e.g. "ssh -i key"
-    remote_command: str = ""  # how to run multifd on the far side
-    remote_recv_args: tuple[str, ...] = ()
-    state_cmd: str = ""  # the blob client: run after the pause, its stdout is the state
-    state_file: str = ""  # or read this file after the pause
-    state_name: str = ""
+    ssh: SshLaunch = field(default_factory=SshLaunch)
+    state: StateBlob = field(default_factory=StateBlob)
     preserve: bool = False
     direct_io: bool = False
 
@@ -116,21 +141,22 @@ class SendConfig:
             raise UsageError("no SOURCE given")
         if isinstance(dest, ImagePath) and spec.name != "none":
             raise UsageError("--compress is rejected for file: (every page has a fixed offset)")
-        if cfg.ssh:
-            _check_ssh_command(cfg.ssh)
+        if cfg.ssh.command:
+            _check_ssh_command(cfg.ssh.command)
         from multifd_cli.compression import get_compressor
 
         get_compressor(spec)  # a codec whose library is missing fails here, with a hint
         cfg._check_numbers()
         cfg.pause.validate()
-        if cfg.state_cmd and cfg.state_file:
+        state = cfg.state
+        if state.cmd and state.file:
             raise UsageError("--state-cmd and --state-file are alternatives: give one")
-        if (cfg.state_cmd or cfg.state_file) and not cfg.pause.any:
+        if state.wanted and not cfg.pause.any:
             raise UsageError("the state is read after the pause: add --pause-pid, --pause-cgroup "
                              "or --pause-cmd")
-        if cfg.state_file and not os.path.isfile(cfg.state_file):
-            raise UsageError(f"--state-file {cfg.state_file}: no such file")
-        if cfg.auto_converge and not (cfg.pause.pids or cfg.pause.cgroup):
+        if state.file and not os.path.isfile(state.file):
+            raise UsageError(f"--state-file {state.file}: no such file")
+        if cfg.convergence.auto_converge and not (cfg.pause.pids or cfg.pause.cgroup):
             raise UsageError("--auto-converge needs a writer to throttle: --pause-pid or --pause-cgroup")
         return cfg
 
@@ -149,13 +175,14 @@ class SendConfig:
             )
         if not 1 <= self.channels <= MAX_CHANNELS:
             raise UsageError(f"--channels {self.channels}: expected 1 to {MAX_CHANNELS}")
-        if self.max_passes < 1:
-            raise UsageError(f"--max-passes {self.max_passes}: expected at least 1")
+        conv = self.convergence
+        if conv.max_passes < 1:
+            raise UsageError(f"--max-passes {conv.max_passes}: expected at least 1")
         _check_range("--timeout", self.timeout, 0.1, MAX_TIMEOUT)
-        _check_range("--downtime-limit", self.downtime_limit_ms, 1, MAX_TIMEOUT * 1000)
+        _check_range("--downtime-limit", conv.downtime_limit_ms, 1, MAX_TIMEOUT * 1000)
         _check_range("--json-interval", self.json_interval, 0.05, MAX_TIMEOUT)
-        if not 0 <= self.max_bandwidth <= MAX_SIZE:
-            raise UsageError(f"--max-bandwidth {self.max_bandwidth}: expected 0 to {MAX_SIZE}")
+        if not 0 <= conv.max_bandwidth <= MAX_SIZE:
+            raise UsageError(f"--max-bandwidth {conv.max_bandwidth}: expected 0 to {MAX_SIZE}")
         if self.after_success not in AFTER_SUCCESS:
             raise UsageError(
                 f"--after-success {self.after_success!r}: expected {' or '.join(AFTER_SUCCESS)}"

@@ -64,17 +64,18 @@ class Orchestrator:
         self.heartbeat = max(0.05, min(1.0, cfg.timeout / 4))
         self.state = MigrationState(
             Stats(channels=cfg.channels, compression=cfg.compression.label),
-            cfg.downtime_limit_ms,
+            cfg.convergence.downtime_limit_ms,
         )
         self.blocks = Blocks([], [], cfg.page_size, cfg.packet_size)
-        if cfg.state_cmd or cfg.state_file:
-            name = cfg.state_name or (os.path.basename(cfg.state_file) if cfg.state_file else "state")
-            self.blocks.blobs.append(Blob(name, cfg.state_cmd, cfg.state_file))
+        state = cfg.state
+        if state.wanted:
+            name = state.name or (os.path.basename(state.file) if state.file else "state")
+            self.blocks.blobs.append(Blob(name, state.cmd, state.file))
         self.old_copy = OldCopy(self.blocks, self.state)
-        self.limit = SharedRateLimit(cfg.max_bandwidth)
+        self.limit = SharedRateLimit(cfg.convergence.max_bandwidth)
         self.estimator = Estimator(
             channels=cfg.channels, scan_is_free=dirty_log is not None,
-            bandwidth_cap=float(cfg.max_bandwidth),
+            bandwidth_cap=float(cfg.convergence.max_bandwidth),
         )
         self.writer = WriterGuard(cfg.pause, cfg.after_success, pauser)
         self.steering = Steering(cfg, events, self.state, self.estimator, self.writer, self.limit)
@@ -187,7 +188,7 @@ class Orchestrator:
         runner = PassRunner(self.blocks, self.pool, self.transport, self.state, self.estimator,
                             self.events, self.dirty_log, self.old_copy,
                             lambda: self.writer.throttle.pct)
-        policy = ConvergencePolicy(self.cfg, self.state, self.estimator, self.writer,
+        policy = ConvergencePolicy(self.cfg.convergence, self.state, self.estimator, self.writer,
                                    self.blocks, self.dirty_log)
         policy.warn_if_scan_exceeds_limit()
         epoch = 0

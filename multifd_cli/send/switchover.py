@@ -13,7 +13,7 @@ import logging
 import math
 import time
 
-from multifd_cli.config import SendConfig
+from multifd_cli.config import Convergence
 from multifd_cli.errors import ConvergeError, IOFailure
 from multifd_cli.events import Events
 from multifd_cli.send.convergence import Estimator
@@ -33,9 +33,9 @@ MTIME_MARGIN_NS = 2_000_000_000
 class ConvergencePolicy:
     """After each pass: another one, or switch over now (or give up)."""
 
-    def __init__(self, cfg: SendConfig, state: MigrationState, estimator: Estimator,
+    def __init__(self, conv: Convergence, state: MigrationState, estimator: Estimator,
                  writer: WriterGuard, blocks: Blocks, dirty_log: DirtyLog | None) -> None:
-        self.cfg = cfg
+        self.conv = conv
         self.state = state
         self.estimator = estimator
         self.writer = writer
@@ -48,11 +48,12 @@ class ConvergencePolicy:
     def warn_if_scan_exceeds_limit(self) -> None:
         size = sum(self.state.sizes)
         scan = self.estimator.scan_seconds(size)
-        if self.writer.can_pause and scan > self.cfg.downtime_limit_ms / 1000:
+        limit_ms = self.conv.downtime_limit_ms
+        if self.writer.can_pause and scan > limit_ms / 1000:
             log.warning(
                 "scanning %d bytes alone may take about %.0f ms, more than --downtime-limit %g ms: "
                 "raise the limit, or track writes with the API tracker",
-                size, scan * 1000, self.cfg.downtime_limit_ms,
+                size, scan * 1000, limit_ms,
             )
 
     def pass_starts(self) -> None:
@@ -62,7 +63,7 @@ class ConvergencePolicy:
 
     def converged(self, epoch: int, res: PassResult) -> bool:
         """True once the copy may switch over; ConvergeError if it never will."""
-        cfg = self.cfg
+        conv = self.conv
         found = res.dirty_pages + res.zero_pages
         self.saw_changes |= epoch > 1 and found > 0
         if self.dirty_log is not None:
@@ -72,11 +73,11 @@ class ConvergencePolicy:
             if epoch > 1 and found == 0 and not res.short_read:
                 return True  # a pass that found nothing to send confirms the copy
             # A device node's mtime does not move when its blocks are written.
-            if (cfg.mtime_shortcut and self.dirty_log is None and not res.short_read
+            if (conv.mtime_shortcut and self.dirty_log is None and not res.short_read
                     and not any(s.is_block_device for s in self.blocks.sources)
                     and self._unchanged()):
                 return True
-            if epoch >= cfg.max_passes:
+            if epoch >= conv.max_passes:
                 raise ConvergeError(
                     f"still changing after {epoch} passes (--max-passes); "
                     "pause the writer (--pause-pid, --pause-cgroup, --pause-cmd) "
@@ -86,8 +87,8 @@ class ConvergencePolicy:
         limit_ms = self.state.downtime_limit_ms
         if expected <= limit_ms / 1000:
             return True
-        if epoch >= cfg.max_passes:
-            if cfg.strict_downtime:
+        if epoch >= conv.max_passes:
+            if conv.strict_downtime:
                 raise ConvergeError(
                     f"expected downtime {expected * 1000:.0f} ms is over --downtime-limit "
                     f"{limit_ms:g} ms after {epoch} passes (--strict-downtime)"
@@ -97,7 +98,7 @@ class ConvergencePolicy:
                 "%g ms (expected %.0f ms)", epoch, limit_ms, expected * 1000,
             )
             return True
-        if cfg.auto_converge and not self.estimator.converging():
+        if conv.auto_converge and not self.estimator.converging():
             pct = self.writer.throttle.step()
             log.info("auto-converge: throttling the writer to %d%%", 100 - pct)
         return False

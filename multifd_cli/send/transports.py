@@ -213,10 +213,11 @@ class SshTransport(PeerTransport):
         from multifd_cli.net.ssh import RemoteRecv
 
         cfg = self.cfg
-        recv_args = ["--timeout", f"{cfg.timeout:g}", *cfg.remote_recv_args]
-        ssh_words = shlex.split(cfg.ssh) if cfg.ssh else ["ssh"]
+        launch = cfg.ssh
+        recv_args = ["--timeout", f"{cfg.timeout:g}", *launch.remote_recv_args]
+        ssh_words = shlex.split(launch.command) if launch.command else ["ssh"]
         self.remote = RemoteRecv.start(
-            self.target, remote_command=cfg.remote_command or None, recv_args=recv_args,
+            self.target, remote_command=launch.remote_command or None, recv_args=recv_args,
             timeout=cfg.timeout, ssh=ssh_words[0], ssh_options=ssh_words[1:],
         )
         self.uri = self.remote.uri
