@@ -94,11 +94,11 @@ class Orchestrator:
             # the writer released, before anything else is closed or terminated.
             with self.writer, self.steering.showing_progress():
                 try:
-                    return self._run(stack)
+                    summary = self._run(stack)
                 except BaseException as e:
                     transport.abort(e)
                     raise
-        raise AssertionError("unreachable")  # pragma: no cover - for mypy
+        return summary
 
     def _run(self, stack: contextlib.ExitStack) -> dict[str, Any]:
         blocks, state = self.blocks, self.state
