@@ -367,12 +367,11 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
          tls_cert: str | None, tls_key: str | None, tls_ca: str | None) -> None:
     """Migrate SOURCE to the recv listening at --to."""
     _note_json("send", json_events)
-    from multifd_cli.net.address import ImagePath, SshTarget, parse_destination
+    from multifd_cli.net.address import ImagePath, parse_destination
     from multifd_cli.writer.pause import PauseSpec
 
     dest = parse_destination(to)
-    host = None if isinstance(dest, ImagePath) else (
-        dest.host if isinstance(dest, SshTarget) else dest.host or None)
+    host = None if isinstance(dest, ImagePath) else dest.host or None  # for --tls-hostname
     if log_file:
         from multifd_cli.send.sources import source_names
 

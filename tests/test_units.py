@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import xxhash
@@ -339,3 +340,52 @@ def test_channel_messages_are_typed_once_per_direction() -> None:
     assert from_channel == {M.Ready, M.Done, M.BlobSent, M.Flushed, M.Synced}
     for cls in to_channel | from_channel:
         assert issubclass(cls, tuple) and cls.__doc__, cls  # NamedTuples, each documented
+
+
+# -- the writer's safety rules, without processes -----------------------------------------------------
+def _guard(after_success: str = "keep-paused") -> tuple[Any, list[str]]:
+    from multifd_cli.writer.guard import WriterGuard
+    from multifd_cli.writer.pause import Pauser, PauseSpec
+
+    calls: list[str] = []
+    pauser = Pauser(PauseSpec(), extra_pause=lambda: calls.append("pause"),
+                    extra_resume=lambda: calls.append("resume"))
+    return WriterGuard(PauseSpec(), after_success, pauser), calls
+
+
+def test_writer_guard_resumes_the_writer_on_failure() -> None:
+    guard, calls = _guard()
+    with pytest.raises(RuntimeError), guard:
+        guard.pause()
+        raise RuntimeError("the final pass failed")
+    assert calls == ["pause", "resume"] and not guard.pauser.paused
+    guard.release()  # a second release is harmless
+    assert calls == ["pause", "resume"]
+
+
+@pytest.mark.parametrize(("after_success", "paused"), [("keep-paused", True), ("resume", False)])
+def test_writer_guard_after_success(after_success: str, paused: bool) -> None:
+    guard, calls = _guard(after_success)
+    with guard:
+        guard.pause()
+        guard.succeeded = True
+    assert guard.pauser.paused is paused
+    assert calls == (["pause"] if paused else ["pause", "resume"])
+
+
+def test_transport_is_chosen_once_from_the_parsed_destination() -> None:
+    from multifd_cli.config import SendConfig
+    from multifd_cli.send.transports import (
+        ImageTransport,
+        PeerTransport,
+        SshTransport,
+        open_transport,
+    )
+
+    def kind(to: str) -> type:
+        return type(open_transport(SendConfig.create(("src",), to), lambda msg: None))
+
+    assert kind("tcp:127.0.0.1:9") is PeerTransport
+    assert kind("unix:/run/x.sock") is PeerTransport
+    assert kind("ssh:host:/dest") is SshTransport
+    assert kind("file:/tmp/x.img") is ImageTransport
