@@ -63,7 +63,7 @@ M_MMAP_THRESHOLD = -3
 MALLOC_KEEP = 32 << 20
 
 
-def _setup_child(parent_pid: int) -> None:
+def setup_child(parent_pid: int) -> None:
     """Die with main, and keep packet buffers in the heap."""
     try:
         import ctypes
@@ -102,7 +102,7 @@ def _child(
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # start() forked us with both blocked, so main's handler never ran here.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
-    _setup_child(parent_pid)
+    setup_child(parent_pid)
     # The data path allocates a few lists per chunk and makes no cycles: walks
     # of everything inherited from main, every 700 allocations, were pure cost.
     gc.freeze()
