@@ -21,7 +21,7 @@ import statistics
 import time
 
 from multifd_cli.compression import get_compressor
-from multifd_cli.proc.workers import _setup_child
+from multifd_cli.proc.workers import setup_child
 from multifd_cli.send.channel import ChannelSender
 from multifd_cli.send.clients import PagedClient
 from multifd_cli.send.ratelimit import SharedRateLimit
@@ -66,7 +66,7 @@ def main() -> None:
     unit = {"K": 1 << 10, "M": 1 << 20, "G": GiB}
     size = int(a.size[:-1]) * unit[a.size[-1].upper()] if a.size[-1].isalpha() else int(a.size)
     size = min(size, os.path.getsize(a.file)) // PS * PS
-    _setup_child(os.getppid())  # the malloc settings a real channel runs with
+    setup_child(os.getppid())  # the malloc settings a real channel runs with
     fd = os.open(a.file, os.O_RDONLY)
     try:
         runs = [one_run(fd, size, a.codec) * GiB / size for _ in range(a.runs)]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from multifd_cli.config import SendConfig, TestHooks
+from multifd_cli.config import Convergence, SendConfig, TestHooks
 from multifd_cli.events import Events
 from multifd_cli.send.orchestrator import Orchestrator
 from multifd_cli.send.tracker import DirtyLog
@@ -50,10 +50,11 @@ class LiveMigration:
     ) -> None:
         if (pause is None) != (resume is None):
             raise ValueError("pause and resume go together")
-        self.config = SendConfig(
-            sources=(source,), to=to, channels=channels, compression=compress,
-            page_size=page_size, packet_size=packet_size, max_passes=max_passes,
-            timeout=timeout, downtime_limit_ms=downtime_limit_ms, pause=PauseSpec(),
+        # The CLI's own checks: a bad value fails here, before anything connects.
+        self.config = SendConfig.create(
+            (source,), to, compress, channels=channels, page_size=page_size,
+            packet_size=packet_size, timeout=timeout, pause=PauseSpec(),
+            convergence=Convergence(downtime_limit_ms=downtime_limit_ms, max_passes=max_passes),
             after_success=after_success,
         )
         self.dirty = DirtyLog(page_size)

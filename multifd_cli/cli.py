@@ -18,7 +18,19 @@ from typing import Any, Callable, NoReturn
 import click
 
 from multifd_cli import __version__
-from multifd_cli.config import RecvConfig, SendConfig, TestHooks, parse_rate, parse_size
+from multifd_cli.config import (
+    AFTER_SUCCESS,
+    MAX_CHANNELS,
+    MAX_TIMEOUT,
+    Convergence,
+    RecvConfig,
+    SendConfig,
+    SshLaunch,
+    StateBlob,
+    TestHooks,
+    parse_rate,
+    parse_size,
+)
 from multifd_cli.errors import (
     EXIT_INTERNAL,
     EXIT_SIGINT,
@@ -70,8 +82,6 @@ class RateType(click.ParamType):  # type: ignore[type-arg]  # generic only in ne
 
 RATE = RateType()
 
-#: The longest --timeout: the selectors' poll() takes an int32 of milliseconds.
-MAX_TIMEOUT = 2_147_483.0
 
 
 class FiniteFloat(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
@@ -176,7 +186,12 @@ def cli() -> None:
     """
 
 
-def _setup(debug: bool, log_level: str, log_file: str | None) -> None:
+def setup_session(debug: bool, log_level: str, log_file: str | None) -> None:
+    """Logging (main and channels), and SIGINT/SIGTERM turned into Interrupted.
+
+    Public so that a test or an embedding program can set up a process the way
+    `multifd send|recv` does before it runs anything.
+    """
     global _debug
     _debug = debug
     from multifd_cli.proc import logsetup
@@ -224,7 +239,7 @@ def _run(side: str, json_events: bool, body: Callable[[Any], dict[str, Any]],
 @click.option("--keep-partial", is_flag=True, help="Keep a failed copy as DEST.partial.")
 @click.option("--from", "from_", default="", metavar="file:IMAGE",
               help="Restore an image written by `send --to file:IMAGE` instead of listening.")
-@click.option("--channels", type=click.IntRange(1, 64), default=2, show_default=True,
+@click.option("--channels", type=click.IntRange(1, MAX_CHANNELS), default=2, show_default=True,
               help="With --from: channel processes restoring in parallel.")
 @click.option("--resume", is_flag=True,
               help="Update an old copy (DEST.partial, else DEST) in place, sending only what "
@@ -256,7 +271,7 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, from_: str, ch
                      source=from_[5:], restore_channels=channels,
                      progress=False if quiet else progress, json_interval=json_interval,
                      security=security)
-    _setup(debug, log_level, log_file)
+    setup_session(debug, log_level, log_file)
     hooks = TestHooks.from_env()
 
     def body(events: Any) -> dict[str, Any]:
@@ -284,7 +299,7 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, from_: str, ch
                    "e.g. '/opt/venv/bin/multifd' or 'python3 -m multifd_cli'.")
 @click.option("--remote-force", is_flag=True,
               help="For ssh: targets, pass --force to the remote recv.")
-@click.option("--channels", type=click.IntRange(1, 64), default=2, show_default=True,
+@click.option("--channels", type=click.IntRange(1, MAX_CHANNELS), default=2, show_default=True,
               envvar="MULTIFD_CHANNELS", show_envvar=True,
               help="Parallel channel processes, each with its own socket.")
 @click.option("--compress", "compress", default="none", show_default=True,
@@ -308,7 +323,7 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, from_: str, ch
 @click.option("--pause-cmd", metavar="CMD", default="",
               help="Run CMD to pause the writer (e.g. 'fsfreeze -f /mnt'); needs --resume-cmd.")
 @click.option("--resume-cmd", metavar="CMD", default="", help="Run CMD to resume the writer.")
-@click.option("--after-success", type=click.Choice(["keep-paused", "resume"]),
+@click.option("--after-success", type=click.Choice(AFTER_SUCCESS),
               default="keep-paused", show_default=True,
               help="What to do with the paused writer once the copy is complete. keep-paused, "
                    "like QEMU's postmigrate, stops writes that the copy would never see.")
@@ -352,24 +367,11 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
          tls_cert: str | None, tls_key: str | None, tls_ca: str | None) -> None:
     """Migrate SOURCE to the recv listening at --to."""
     _note_json("send", json_events)
-    from multifd_cli import wire as P
-    from multifd_cli.compression import get_compressor, parse_spec
-    from multifd_cli.net.transport import is_ssh_target, parse_uri
+    from multifd_cli.net.address import ImagePath, parse_destination
+    from multifd_cli.writer.pause import PauseSpec
 
-    if is_ssh_target(to):
-        from multifd_cli.net.ssh import parse_ssh_target
-
-        host: str | None = parse_ssh_target(to).host
-    elif to.startswith("file:"):
-        host = None
-        if not to[5:]:
-            raise UsageError("--to file:PATH needs a path")
-        if compress.strip().lower() == "auto" or parse_spec(compress).name != "none":
-            raise UsageError("--compress is rejected for file: (every page has a fixed offset)")
-    else:
-        host = parse_uri(to).host or None
-    if ssh_cmd:
-        _check_ssh_command(ssh_cmd)
+    dest = parse_destination(to)
+    host = None if isinstance(dest, ImagePath) else dest.host or None  # for --tls-hostname
     if log_file:
         from multifd_cli.send.sources import source_names
 
@@ -378,42 +380,23 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
                 raise UsageError(f"--log-file {log_file} is the source {path}: logging into it "
                                  "would change what is migrated")
     security = _load_security("send", psk_file, tls_cert, tls_key, tls_ca, tls_hostname, host)
-    if compress.strip().lower() != "auto":
-        get_compressor(parse_spec(compress))
-    if page_size & (page_size - 1) or not P.MIN_PAGE_SIZE <= page_size <= P.MAX_PAGE_SIZE:
-        raise UsageError(
-            f"--page-size {page_size}: expected a power of two from {P.MIN_PAGE_SIZE} to {P.MAX_PAGE_SIZE}"
-        )
-    if packet_size % page_size or not page_size <= packet_size <= P.MAX_PACKET_SIZE:
-        raise UsageError(
-            f"--packet-size {packet_size}: expected a multiple of --page-size ({page_size}) "
-            f"up to {P.MAX_PACKET_SIZE}"
-        )
-    from multifd_cli.writer.pause import PauseSpec
-
-    pause = PauseSpec(pause_pid, pause_cgroup, pause_cmd, resume_cmd)
-    pause.validate()
-    if state_cmd and state_file:
-        raise UsageError("--state-cmd and --state-file are alternatives: give one")
-    if (state_cmd or state_file) and not pause.any:
-        raise UsageError("the state is read after the pause: add --pause-pid, --pause-cgroup "
-                         "or --pause-cmd")
-    if state_file and not os.path.isfile(state_file):
-        raise UsageError(f"--state-file {state_file}: no such file")
-    if auto_converge and not (pause_pid or pause_cgroup):
-        raise UsageError("--auto-converge needs a writer to throttle: --pause-pid or --pause-cgroup")
-    cfg = SendConfig(sources=sources, to=to, channels=channels, compression=compress,
-                     page_size=page_size, packet_size=packet_size, max_passes=max_passes,
-                     timeout=timeout, mtime_shortcut=not no_mtime_shortcut, json=json_events,
-                     downtime_limit_ms=downtime_limit, pause=pause, after_success=after_success,
-                     auto_converge=auto_converge, strict_downtime=strict_downtime,
-                     max_bandwidth=max_bandwidth, control=control,
-                     progress=False if quiet else progress, json_interval=json_interval,
-                     security=security, ssh=ssh_cmd, remote_command=remote_command,
-                     remote_recv_args=("--force",) if remote_force else (),
-                     state_cmd=state_cmd, state_file=state_file, state_name=state_name,
-                     preserve=preserve, direct_io=direct_io)
-    _setup(debug, log_level, log_file)
+    cfg = SendConfig.create(
+        sources, dest, compress, channels=channels, page_size=page_size,
+        packet_size=packet_size, timeout=timeout, json=json_events,
+        convergence=Convergence(
+            downtime_limit_ms=downtime_limit, max_passes=max_passes,
+            auto_converge=auto_converge, strict_downtime=strict_downtime,
+            max_bandwidth=max_bandwidth, mtime_shortcut=not no_mtime_shortcut,
+        ),
+        pause=PauseSpec(pause_pid, pause_cgroup, pause_cmd, resume_cmd),
+        after_success=after_success, control=control,
+        progress=False if quiet else progress, json_interval=json_interval,
+        security=security,
+        ssh=SshLaunch(ssh_cmd, remote_command, ("--force",) if remote_force else ()),
+        state=StateBlob(state_cmd, state_file, state_name),
+        preserve=preserve, direct_io=direct_io,
+    )
+    setup_session(debug, log_level, log_file)
     hooks = TestHooks.from_env()
 
     def body(events: Any) -> dict[str, Any]:
@@ -422,18 +405,6 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
         return orchestrator.run(cfg, events, hooks)
 
     _run("send", json_events, body, quiet)
-
-
-def _check_ssh_command(ssh_cmd: str) -> None:
-    """--ssh is split like a shell would; refuse it now rather than when ssh starts."""
-    import shlex
-
-    try:
-        words = shlex.split(ssh_cmd)
-    except ValueError as e:
-        raise UsageError(f"--ssh {ssh_cmd!r}: {e}") from None
-    if not words:
-        raise UsageError(f"--ssh {ssh_cmd!r}: expected a command, e.g. 'ssh -i KEY'")
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -421,6 +421,38 @@ def test_by_wire_id_unknown() -> None:
     assert str(info.value).startswith("compression id: got 9, expected one of 0, 1, 2, 3")
 
 
+def test_auto_is_a_registry_entry_that_no_packet_can_name() -> None:
+    """auto is looked up like any codec, but by_wire_id never returns it."""
+    from multifd_cli import wire as P
+    from multifd_cli.compression.adaptive import Auto
+
+    spec = parse_spec(" AUTO ")
+    assert spec == CompressionSpec("auto") and spec.adaptive and spec.label == "auto"
+    assert compressor_class("auto") is Auto
+    assert spec.wire_id == Auto.wire_id == P.COMPRESSION_AUTO  # CONFIG's marker, one number
+    assert "auto" not in names()
+    with pytest.raises(ProtocolError, match="compression id: got 127"):
+        by_wire_id(P.COMPRESSION_AUTO)
+    for wire_id in range(256):  # whatever a packet header says, never the policy
+        try:
+            assert not by_wire_id(wire_id).adaptive
+        except ProtocolError:
+            pass
+    with pytest.raises(UsageError, match="takes no level"):
+        parse_spec("auto:3")
+    with pytest.raises(UsageError, match="built in"):
+        unregister("auto")
+    policy = get_compressor("auto")
+    assert isinstance(policy, Auto)
+    assert [o.codec.name if o.codec else "none" for o in policy.policy().options] == [
+        "none", "lz4", "zstd"]
+
+
+def test_spec_labels_match_the_completed_event() -> None:
+    assert [parse_spec(t).label for t in ("none", "zstd", "zstd:5", "lz4", "zlib:9")] == [
+        "none", "zstd:1", "zstd:5", "lz4:0", "zlib:9"]
+
+
 def test_by_wire_id_bad_level_is_the_peers_fault() -> None:
     with pytest.raises(ProtocolError, match="zstd compression level: got 30, expected 1..22"):
         by_wire_id(3, 30)
@@ -449,13 +481,8 @@ class ReverseCompressor(Compressor):
 @pytest.fixture
 def clean_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Restore the registry (and the plugins-loaded flag) after the test."""
-    by_name, by_id = dict(registry._by_name), dict(registry._by_id)
-    monkeypatch.setattr(registry, "_plugins_loaded", registry._plugins_loaded)
-    yield
-    registry._by_name.clear()
-    registry._by_name.update(by_name)
-    registry._by_id.clear()
-    registry._by_id.update(by_id)
+    with registry.isolated():
+        yield
 
 
 def test_dummy_plugin_passes_shared_checks(clean_registry: None) -> None:
@@ -541,8 +568,8 @@ def test_entry_point_plugins(
         calls.append(group)
         return eps
 
-    monkeypatch.setattr(registry, "_entry_points", fake_entry_points)
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(registry, "entry_points", fake_entry_points)
+    registry.forget_plugins()
     with caplog.at_level(logging.WARNING, logger=registry.__name__):
         assert names() == ["none", "zlib", "lz4", "zstd", "reverse-test"]
         names()
@@ -559,8 +586,8 @@ def test_entry_point_listing_failure_is_not_fatal(
     def failing_entry_points(group: str) -> list[Any]:
         raise OSError("bad metadata")
 
-    monkeypatch.setattr(registry, "_entry_points", failing_entry_points)
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(registry, "entry_points", failing_entry_points)
+    registry.forget_plugins()
     with caplog.at_level(logging.WARNING, logger=registry.__name__):
         assert names()[:4] == list(BUILTINS)
     assert "bad metadata" in caplog.text
@@ -568,7 +595,7 @@ def test_entry_point_listing_failure_is_not_fatal(
 
 def test_real_entry_point_lookup() -> None:
     """The importlib.metadata call itself works on this Python."""
-    assert all(hasattr(ep, "load") for ep in registry._entry_points(registry.ENTRY_POINT_GROUP))
+    assert all(hasattr(ep, "load") for ep in registry.entry_points(registry.ENTRY_POINT_GROUP))
 
 
 # -- the incompressibility probe ------------------------------------------------------------------

@@ -38,7 +38,7 @@ from multifd_cli import cli
 from multifd_cli.proc import logsetup
 from multifd_cli.errors import Interrupted
 
-cli._setup(False, "info", None)
+cli.setup_session(False, "info", None)
 logsetup.install_for_channels()
 queue = logging.getLogger("multifd").handlers[0].queue
 

@@ -209,13 +209,13 @@ def test_sigkill_of_main_while_pause_cmd_runs(runner: Runner, tmp_path: Path,
 _SIGTERM_AFTER_SUCCESS = r"""
 import os, signal, sys
 from multifd_cli import cli
-from multifd_cli.send import orchestrator
-real = orchestrator.Orchestrator._release_writer
+from multifd_cli.writer import guard
+real = guard.WriterGuard.release
 def release(self):
     if self.succeeded:
         os.kill(os.getpid(), signal.SIGTERM)  # lands during the cleanup after success
     real(self)
-orchestrator.Orchestrator._release_writer = release
+guard.WriterGuard.release = release
 cli.main(sys.argv[1:])
 """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import xxhash
@@ -299,3 +300,92 @@ def test_tracker_full_pass_describes_every_page_once_and_records_its_hash(
     assert (res.dirty_pages, res.zero_pages) == (len(sent), len(zero))
     assert b"".join(p[4] for p in rec.packets) == b"".join(data[o : o + PS] for o, _ in sent)
     tables.close()
+
+
+# -- main <-> channel messages ---------------------------------------------------------------------
+def test_channel_messages_are_per_work_item_not_per_page() -> None:
+    """Pickling stays off the hot path: one Work and one Done per work item, each a
+    few dozen bytes, and a work item covers thousands of pages. A 1 GiB pass on 4
+    channels takes 128 items, so 256 small messages, not 262,144 per-page ones."""
+    import pickle
+    from types import SimpleNamespace
+
+    from multifd_cli.events import Stats
+    from multifd_cli.send import messages as M
+    from multifd_cli.send.passes import ITEM_BYTES, Blocks, PassRunner
+    from multifd_cli.send.state import MigrationState
+
+    blocks = Blocks([SimpleNamespace()], [], PS, 512 << 10)  # type: ignore[list-item]
+    state = MigrationState(Stats(), 300.0, sizes=[1 << 30])
+    pool = SimpleNamespace(count=4)
+    runner = PassRunner(blocks, pool, None, state, None, None, None, None,  # type: ignore[arg-type]
+                        lambda: 0)
+    items = runner.work_items(full=True)
+    assert len(items) == (1 << 30) // ITEM_BYTES == 128
+    assert min(end - start for _, start, end in items) == ITEM_BYTES // PS  # 2048 pages each
+    work = M.Work(127, 1, 0, 260096, 262144, 1 << 30, True, False)
+    done = M.Done(127, 2048, 0, ITEM_BYTES, ITEM_BYTES, 0.01, False)
+    assert len(pickle.dumps(work)) < 128 and len(pickle.dumps(done)) < 128
+    assert pickle.loads(pickle.dumps(work)) == work
+
+
+def test_channel_messages_are_typed_once_per_direction() -> None:
+    import typing
+
+    from multifd_cli.send import messages as M
+
+    to_channel = set(typing.get_args(M.ToChannel))
+    from_channel = set(typing.get_args(M.FromChannel))
+    assert to_channel == {M.Work, M.Flush, M.SendBlob, M.Sync}
+    assert from_channel == {M.Ready, M.Done, M.BlobSent, M.Flushed, M.Synced}
+    for cls in to_channel | from_channel:
+        assert issubclass(cls, tuple) and cls.__doc__, cls  # NamedTuples, each documented
+
+
+# -- the writer's safety rules, without processes -----------------------------------------------------
+def _guard(after_success: str = "keep-paused") -> tuple[Any, list[str]]:
+    from multifd_cli.writer.guard import WriterGuard
+    from multifd_cli.writer.pause import Pauser, PauseSpec
+
+    calls: list[str] = []
+    pauser = Pauser(PauseSpec(), extra_pause=lambda: calls.append("pause"),
+                    extra_resume=lambda: calls.append("resume"))
+    return WriterGuard(PauseSpec(), after_success, pauser), calls
+
+
+def test_writer_guard_resumes_the_writer_on_failure() -> None:
+    guard, calls = _guard()
+    with pytest.raises(RuntimeError), guard:
+        guard.pause()
+        raise RuntimeError("the final pass failed")
+    assert calls == ["pause", "resume"] and not guard.pauser.paused
+    guard.release()  # a second release is harmless
+    assert calls == ["pause", "resume"]
+
+
+@pytest.mark.parametrize(("after_success", "paused"), [("keep-paused", True), ("resume", False)])
+def test_writer_guard_after_success(after_success: str, paused: bool) -> None:
+    guard, calls = _guard(after_success)
+    with guard:
+        guard.pause()
+        guard.succeeded = True
+    assert guard.pauser.paused is paused
+    assert calls == (["pause"] if paused else ["pause", "resume"])
+
+
+def test_transport_is_chosen_once_from_the_parsed_destination() -> None:
+    from multifd_cli.config import SendConfig
+    from multifd_cli.send.transports import (
+        ImageTransport,
+        PeerTransport,
+        SshTransport,
+        open_transport,
+    )
+
+    def kind(to: str) -> type:
+        return type(open_transport(SendConfig.create(("src",), to), lambda msg: None))
+
+    assert kind("tcp:127.0.0.1:9") is PeerTransport
+    assert kind("unix:/run/x.sock") is PeerTransport
+    assert kind("ssh:host:/dest") is SshTransport
+    assert kind("file:/tmp/x.img") is ImageTransport

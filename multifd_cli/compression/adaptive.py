@@ -17,9 +17,14 @@ receiver needs nothing new.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
-from multifd_cli.compression.base import Compressor
+from multifd_cli.compression.base import Buffer, Compressor
+from multifd_cli.errors import UsageError
+
+#: CONFIG's compression byte for ``auto``: "each packet names its own codec".
+#: The same number as the wire module's COMPRESSION_AUTO (a test pins the two).
+AUTO_CONFIG_ID = 127
 
 ALPHA = 0.2  # weight of a new sample in the running estimates
 PROBE_EVERY = 16
@@ -80,3 +85,29 @@ class AdaptivePolicy:
             (o.codec.name if o.codec else "none"): round(o.cost(self.link) * 1e9, 3)
             for o in self.options
         }
+
+
+class Auto(Compressor):
+    """``--compress auto``: an ordinary registry entry whose instances choose.
+
+    Like borg's ``Auto``, it is looked up by name like any codec; unlike a codec
+    it never compresses a unit itself. Each channel asks it for a policy, and
+    every packet then carries the wire id of the codec the policy picked. The
+    registry keeps it out of the wire-id table, so no packet can name it.
+    """
+
+    name: ClassVar[str] = "auto"
+    wire_id: ClassVar[int] = AUTO_CONFIG_ID
+    adaptive: ClassVar[bool] = True
+
+    def policy(self, cap: Callable[[], float] = lambda: 0.0) -> AdaptivePolicy:
+        """A fresh per-channel policy over none, lz4 and zstd:1."""
+        from multifd_cli.compression.codecs import Lz4Compressor, ZstdCompressor
+
+        return AdaptivePolicy([Lz4Compressor(), ZstdCompressor(1)], cap=cap)
+
+    def compress(self, data: Buffer) -> bytes:
+        raise UsageError("auto picks a codec per packet; it compresses nothing itself")
+
+    def _decompress(self, data: Buffer, raw_size: int) -> bytes:
+        raise UsageError("auto never appears in a packet, so nothing decompresses with it")

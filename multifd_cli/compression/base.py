@@ -45,6 +45,9 @@ class Compressor(ABC):
     min_level: ClassVar[int] = 0
     max_level: ClassVar[int] = 0
     default_level: ClassVar[int] = 0
+    #: True for a policy that picks a real codec per packet (``auto``): its wire
+    #: id may name it in CONFIG, but never in a packet header.
+    adaptive: ClassVar[bool] = False
 
     def __init__(self, level: int | None = None) -> None:
         self.level: int = self.check_level(level)

@@ -15,13 +15,15 @@ have the same plugins installed: the wire id, not the name, travels in packets.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Iterator, Union
 
+from multifd_cli.compression.adaptive import Auto
 from multifd_cli.compression.base import (
     LEVEL_MAX,
     LEVEL_MIN,
@@ -65,6 +67,23 @@ class CompressionSpec:
         """The level actually used, with the codec's default filled in (sent in CONFIG)."""
         return compressor_class(self.name).check_level(self.level)
 
+    @property
+    def wire_id(self) -> int:
+        """The compression byte of CONFIG (auto's marker, or the codec's packet id)."""
+        return compressor_class(self.name).wire_id
+
+    @property
+    def adaptive(self) -> bool:
+        """True for a policy such as auto, which picks a codec per packet."""
+        return compressor_class(self.name).adaptive
+
+    @property
+    def label(self) -> str:
+        """How the completed event names it: "none", "auto", or NAME:LEVEL."""
+        if not compressor_class(self.name).has_levels():
+            return self.name
+        return f"{self.name}:{self.effective_level}"
+
 
 def _check_class(cls: Any, *, builtin: bool) -> None:
     """Refuse a class whose attributes would break parsing, the wire or the registry."""
@@ -96,20 +115,23 @@ def _register(cls: type[Compressor], *, builtin: bool) -> type[Compressor]:
     _check_class(cls, builtin=builtin)
     with _lock:
         old = _by_name.get(cls.name)
-        if old is cls and _by_id.get(cls.wire_id) is cls:
+        if old is cls and (cls.adaptive or _by_id.get(cls.wire_id) is cls):
             return cls  # the same class twice (decorator plus entry point): harmless
         if old is not None:
             raise UsageError(
                 f"compressor name {cls.name!r} is already registered by "
                 f"{old.__module__}.{old.__qualname__}"
             )
-        taken = _by_id.get(cls.wire_id)
+        taken = _by_id.get(cls.wire_id) or next(
+            (c for c in _by_name.values() if c.adaptive and c.wire_id == cls.wire_id), None
+        )
         if taken is not None:
             raise UsageError(
                 f"compressor {cls.name!r}: wire id {cls.wire_id} is already used by {taken.name!r}"
             )
         _by_name[cls.name] = cls
-        _by_id[cls.wire_id] = cls
+        if not cls.adaptive:  # a policy is chosen by name, never named by a packet
+            _by_id[cls.wire_id] = cls
     return cls
 
 
@@ -130,11 +152,40 @@ def unregister(name: str) -> type[Compressor]:
         if cls.wire_id < PLUGIN_WIRE_ID_MIN:
             raise UsageError(f"compressor {name!r} is built in and cannot be unregistered")
         del _by_name[name]
-        del _by_id[cls.wire_id]
+        _by_id.pop(cls.wire_id, None)
         return cls
 
 
-def _entry_points(group: str) -> Iterable[Any]:
+@contextlib.contextmanager
+def isolated() -> Iterator[None]:
+    """Undo, on exit, every registration made inside, and the plugins-loaded state.
+
+    For tests and plugin reloads: they change the registry without leaking
+    those changes into whatever runs next.
+    """
+    global _plugins_loaded
+    with _lock:
+        by_name, by_id, loaded = dict(_by_name), dict(_by_id), _plugins_loaded
+    try:
+        yield
+    finally:
+        with _lock:
+            _by_name.clear()
+            _by_name.update(by_name)
+            _by_id.clear()
+            _by_id.update(by_id)
+            _plugins_loaded = loaded
+
+
+def forget_plugins() -> None:
+    """Look the entry points up again on the next lookup (after installing one)."""
+    global _plugins_loaded
+    with _lock:
+        _plugins_loaded = False
+
+
+def entry_points(group: str) -> Iterable[Any]:
+    """The installed entry points of `group`; a test may replace this function."""
     import importlib.metadata as md
 
     if sys.version_info >= (3, 10):
@@ -151,7 +202,7 @@ def _load_plugins() -> None:
             return
         _plugins_loaded = True  # first, so a plugin that looks up codecs does not recurse
         try:
-            eps = list(_entry_points(ENTRY_POINT_GROUP))
+            eps = list(entry_points(ENTRY_POINT_GROUP))
         except Exception as e:
             log.warning("cannot list compression plugins: %s", e)
             return
@@ -169,7 +220,10 @@ def _load_plugins() -> None:
 
 
 def names() -> list[str]:
-    """Every available codec name, in wire-id order (built-ins first)."""
+    """Every codec that can name a packet, in wire-id order (built-ins first).
+
+    Policies such as auto are left out: they compress nothing themselves.
+    """
     _load_plugins()
     with _lock:
         return [cls.name for _, cls in sorted(_by_id.items())]
@@ -223,7 +277,8 @@ def by_wire_id(wire_id: int, level: int | None = None) -> Compressor:
     """The compressor for a peer's packet header or CONFIG.
 
     The values come off the wire, so an unknown id or an out-of-range level is
-    the peer's fault: ProtocolError, not UsageError.
+    the peer's fault: ProtocolError, not UsageError. A policy (auto) is never
+    returned: its id only marks CONFIG, and a packet must name a real codec.
     """
     if wire_id not in _by_id:
         _load_plugins()
@@ -239,6 +294,6 @@ def by_wire_id(wire_id: int, level: int | None = None) -> Compressor:
     return cls(level)
 
 
-for _cls in (NoCompression, ZlibCompressor, Lz4Compressor, ZstdCompressor):
+for _cls in (NoCompression, ZlibCompressor, Lz4Compressor, ZstdCompressor, Auto):
     _register(_cls, builtin=True)
 del _cls

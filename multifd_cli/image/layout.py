@@ -99,7 +99,7 @@ class ImageLayout:
             raise ProtocolError(f"image magic: got {magic!r}, expected {IMAGE_MAGIC!r}")
         if version != IMAGE_VERSION:
             raise ProtocolError(f"image version: got {version}, expected {IMAGE_VERSION}")
-        if ps & (ps - 1) or not P.MIN_PAGE_SIZE <= ps <= P.MAX_PAGE_SIZE:
+        if not P.page_size_ok(ps):
             raise ProtocolError(f"image page size: got {ps}, expected a power of two")
         if not 1 <= n <= P.MAX_BLOCKS or used > len(data):
             raise ProtocolError(f"image blocks: got {n}, expected 1..{P.MAX_BLOCKS}")

@@ -1,9 +1,10 @@
 """Starting, watching and stopping channel processes.
 
 Channels are forked, so they inherit the source or destination fds and the
-shared tables. Main talks to each over a Pipe carrying small tuples (work
-descriptions and reports, never page bytes) and waits only on
-multiprocessing.connection.wait() with a deadline.
+shared tables. Main talks to each over a Pipe carrying small typed messages
+(each side's messages.py: work descriptions and reports, never page bytes) and
+waits only on multiprocessing.connection.wait() with a deadline. This module
+knows only the two messages of proc/messages.py; the rest it passes through.
 """
 
 from __future__ import annotations
@@ -40,8 +41,12 @@ class Worker:
     pipe: Connection
 
     def send(self, *msg: Any) -> None:
+        """Send one message object; several values still go as one tuple.
+
+        The tuple form is for sides that have not typed their messages yet.
+        """
         try:
-            self.pipe.send(msg)
+            self.pipe.send(msg[0] if len(msg) == 1 else msg)
         except (BrokenPipeError, OSError):
             raise InternalError(f"channel {self.index} is gone") from None
 
@@ -59,7 +64,7 @@ M_MMAP_THRESHOLD = -3
 MALLOC_KEEP = 32 << 20
 
 
-def _setup_child(parent_pid: int) -> None:
+def setup_child(parent_pid: int) -> None:
     """Die with main, and keep packet buffers in the heap."""
     try:
         import ctypes
@@ -98,7 +103,7 @@ def _child(
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # start() forked us with both blocked, so main's handler never ran here.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
-    _setup_child(parent_pid)
+    setup_child(parent_pid)
     # The data path allocates a few lists per chunk and makes no cycles: walks
     # of everything inherited from main, every 700 allocations, were pure cost.
     gc.freeze()
@@ -195,7 +200,11 @@ def terminate(workers: Sequence[Worker]) -> None:
     stop(workers, grace=0.0)
 
 
-def _drain(w: Worker, reports: list[tuple[Worker, tuple[Any, ...]]]) -> bool:
+#: One channel's report to main, as main's poll() returns it.
+Report = tuple[Worker, Any]
+
+
+def _drain(w: Worker, reports: list[Report]) -> bool:
     """Move what `w` has sent into `reports`; False once its pipe is closed.
 
     A channel's ChannelError report raises WorkerFailed at once.
@@ -215,7 +224,7 @@ def poll(
     workers: Sequence[Worker],
     extra: Sequence[Any],
     timeout: float,
-) -> tuple[list[tuple[Worker, tuple[Any, ...]]], list[Any]]:
+) -> tuple[list[Report], list[Any]]:
     """Wait for channel reports or readiness of `extra` objects (e.g. a socket).
 
     Returns the reports received and the ready extras. A channel that died
@@ -224,7 +233,7 @@ def poll(
     by_pipe = {w.pipe: w for w in workers}
     by_sentinel = {w.process.sentinel: w for w in workers}
     ready = wait([*by_pipe, *by_sentinel, *extra], timeout)
-    reports: list[tuple[Worker, tuple[Any, ...]]] = []
+    reports: list[Report] = []
     extras: list[Any] = []
     dead: list[Worker] = []
     for obj in ready:

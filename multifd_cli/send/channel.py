@@ -1,16 +1,9 @@
 """The send side of one channel: read, hash, compress, frame, write.
 
 Each channel connects its own socket, opens the sources itself and preads
-them, so page bytes never cross a pipe. Main sends work descriptions:
-
-    ("work", item, epoch, block, start_page, end_page, size, full, seeded)
-    ("flush",)            push the paged client's partial batch
-    ("blob", epoch, block, path, first, end, size)   send those chunks of a blob whole
-    ("sync", epoch)       send the SYNC packet that closes this channel's epoch
-    ("quit",)
-
-and the channel answers ("ready",), ("done", item, stats), ("flushed",),
-("synced", epoch, counts) or ("error", exit_code, message).
+them, so page bytes never cross a pipe. Main sends the work descriptions of
+send/messages.py (Work, Flush, SendBlob, Sync, or Quit) and the channel answers
+each with its report (Done, Flushed, BlobSent, Synced), or ChannelError.
 """
 
 from __future__ import annotations
@@ -27,8 +20,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from multifd_cli import wire as P
 from multifd_cli.common.tables import SharedTable
-from multifd_cli.compression import Compressor, get_compressor
-from multifd_cli.compression.adaptive import AdaptivePolicy, CodecOption
+from multifd_cli.compression import CompressionSpec, Compressor, NoCompression, get_compressor
+from multifd_cli.compression.adaptive import AdaptivePolicy, Auto, CodecOption
 from multifd_cli.compression.probe import PROBE_PAGES, incompressible_segments
 from multifd_cli.errors import ConnectionFailed, IOFailure, ProtocolError, expect
 from multifd_cli.net import handshake
@@ -36,6 +29,17 @@ from multifd_cli.net.auth import Security
 from multifd_cli.net.transport import Uri, connect, send_all
 from multifd_cli.proc.messages import Quit
 from multifd_cli.send.clients import BlobClient, PagedClient
+from multifd_cli.send.messages import (
+    BlobSent,
+    Done,
+    Flush,
+    Flushed,
+    Ready,
+    SendBlob,
+    Sync,
+    Synced,
+    Work,
+)
 from multifd_cli.send.ratelimit import SharedRateLimit
 from multifd_cli.send.tracker import HashTracker, SourceTables
 
@@ -51,7 +55,7 @@ class SendChannelArgs:
     uri: Uri | None
     session: bytes
     config: P.Config
-    compression: str
+    compression: CompressionSpec
     sources: tuple[str, ...]
     tables: tuple[SourceTables, ...]
     timeout: float
@@ -210,15 +214,13 @@ def channel_main(index: int, pipe: Connection, args: SendChannelArgs) -> None:
         sock, conv = handshake.client(sock, index, args.session, args.timeout, args.security)
         log.debug("connected to %s", args.uri)
         policy = None
-        comp = None
-        if args.compression == "auto":
+        comp: Compressor | None = get_compressor(args.compression)
+        if isinstance(comp, Auto):
             channels = args.config.channels
-            policy = AdaptivePolicy(
-                [get_compressor("lz4"), get_compressor("zstd:1")],
-                cap=lambda: args.limit.rate / channels,
-            )
-        elif args.compression != "none":
-            comp = get_compressor(args.compression)
+            policy = comp.policy(cap=lambda: args.limit.rate / channels)
+            comp = None
+        elif isinstance(comp, NoCompression):
+            comp = None
         _serve(index, pipe, ChannelSender(sock, comp, args.limit, policy, conv), args)
     finally:
         sock.close()
@@ -253,7 +255,7 @@ def _serve(index: int, pipe: Connection, sender: ChannelSender | ImageSink,
     fds = _open_sources(args.sources, args.direct_io, args.identities)
     tracker.direct = args.direct_io
     block_device = [stat.S_ISBLK(os.fstat(fd).st_mode) for fd in fds]
-    pipe.send(("ready",))
+    pipe.send(Ready())
     while True:
         if not pipe.poll(args.heartbeat):
             sender.heartbeat_if_idle(args.heartbeat)
@@ -264,13 +266,12 @@ def _serve(index: int, pipe: Connection, sender: ChannelSender | ImageSink,
             raise ConnectionFailed("main process went away") from None
         if isinstance(cmd, Quit):
             return
-        op = cmd[0]
-        if op == "work":
-            _, item, epoch, block, start, end, size, full, seeded = cmd
-            if epoch != sender.epoch:
+        if isinstance(cmd, Work):
+            if cmd.epoch != sender.epoch:
                 # An epoch's packets never mix with the next one's in a batch.
                 client.flush()
-                sender.epoch = epoch
+                sender.epoch = cmd.epoch
+            block = cmd.block
             tables = args.tables[block]
             tables.refresh()
             t0 = time.monotonic()
@@ -279,38 +280,22 @@ def _serve(index: int, pipe: Connection, sender: ChannelSender | ImageSink,
             # (tmpfs): only ask where the file has holes at all.
             st = os.fstat(fds[block])
             tracker.holes = not block_device[block] and st.st_blocks * 512 < st.st_size
-            res = tracker.scan(fds[block], block, tables, start, end, size, full, client, seeded)
-            pipe.send(
-                (
-                    "done",
-                    item,
-                    {
-                        "dirty_pages": res.dirty_pages,
-                        "zero_pages": res.zero_pages,
-                        "read_bytes": res.read_bytes,
-                        "wire_bytes": sender.wire_bytes - wire0,
-                        "seconds": time.monotonic() - t0,
-                        "short_read": res.short_read,
-                    },
-                )
-            )
-        elif op == "blob":
-            _, epoch, block, path, first, end, size = cmd
-            sender.epoch = epoch
-            table = args.tables[block]
+            res = tracker.scan(fds[block], block, tables, cmd.start, cmd.end, cmd.size, cmd.full,
+                               client, cmd.seeded)
+            pipe.send(Done(cmd.item, res.dirty_pages, res.zero_pages, res.read_bytes,
+                           sender.wire_bytes - wire0, time.monotonic() - t0, res.short_read))
+        elif isinstance(cmd, SendBlob):
+            sender.epoch = cmd.epoch
+            table = args.tables[cmd.block]
             table.refresh()
-            blobs.send(block, path, first, end, size, table.page_hash.view)
-            pipe.send(("blob-sent", block, first, end))
-        elif op == "flush":
+            blobs.send(cmd.block, cmd.path, cmd.first, cmd.end, cmd.size, table.page_hash.view)
+            pipe.send(BlobSent(cmd.block, cmd.first, cmd.end))
+        elif isinstance(cmd, Flush):
             client.flush()
-            pipe.send(("flushed", sender.wire_bytes, sender.payload_bytes))
-        elif op == "sync":
-            epoch = cmd[1]
-            sender.epoch = epoch  # a channel given no work this epoch still syncs it
-            counts = sender.send_sync(epoch)
-            pipe.send(
-                ("synced", epoch, (counts.packets, counts.normal, counts.zero), sender.wire_bytes,
-                 sender.payload_bytes)
-            )
+            pipe.send(Flushed(sender.wire_bytes, sender.payload_bytes))
+        elif isinstance(cmd, Sync):
+            sender.epoch = cmd.epoch  # a channel given no work this epoch still syncs it
+            counts = sender.send_sync(cmd.epoch)
+            pipe.send(Synced(cmd.epoch, counts, sender.wire_bytes, sender.payload_bytes))
         else:
-            raise ProtocolError(f"channel command: got {op!r}")
+            raise ProtocolError(f"channel command: got {type(cmd).__name__}")

@@ -551,12 +551,17 @@ def check_packet(p: Packet, sizes: Sequence[int], page_size: int, max_pages: int
     return raw
 
 
+def page_size_ok(ps: int) -> bool:
+    """The one page-size rule (CONFIG, --page-size, image headers): a power of two in range."""
+    return MIN_PAGE_SIZE <= ps <= MAX_PAGE_SIZE and not ps & (ps - 1)
+
+
 def check_config(c: Config, *, max_channels: int = MAX_CHANNELS) -> None:
     """Reject a CONFIG outside what this implementation accepts."""
     if not 1 <= c.channels <= max_channels:
         raise ProtocolError(f"channels: got {c.channels}, expected 1..{max_channels}")
     ps = c.page_size
-    if ps & (ps - 1) or not MIN_PAGE_SIZE <= ps <= MAX_PAGE_SIZE:
+    if not page_size_ok(ps):
         raise ProtocolError(
             f"page size: got {ps}, expected a power of two in {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}"
         )
