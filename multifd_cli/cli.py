@@ -186,7 +186,7 @@ def cli() -> None:
     """
 
 
-def setup_session(debug: bool, log_level: str, log_file: str | None) -> None:
+def setup_session(debug: bool, log_level: str | None, log_file: str | None) -> None:
     """Logging (main and channels), and SIGINT/SIGTERM turned into Interrupted.
 
     Public so that a test or an embedding program can set up a process the way
@@ -249,7 +249,7 @@ def _run(side: str, json_events: bool, body: Callable[[Any], dict[str, Any]],
 def recv(dest: str, listen: str, force: bool, keep_partial: bool, from_: str, channels: int,
          resume: bool,
          json_events: bool,
-         timeout: float, log_level: str, log_file: str | None, debug: bool,
+         timeout: float, log_level: str | None, log_file: str | None, debug: bool,
          progress: bool | None, quiet: bool, json_interval: float, psk_file: str | None,
          tls_cert: str | None, tls_key: str | None, tls_ca: str | None) -> None:
     """Receive one migration into DEST, then exit."""
@@ -361,7 +361,7 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
          pause_cgroup: str, pause_cmd: str, resume_cmd: str, after_success: str,
          auto_converge: bool, strict_downtime: bool, max_bandwidth: int,
          control: str, no_mtime_shortcut: bool, json_events: bool, timeout: float,
-         log_level: str, log_file: str | None, debug: bool, progress: bool | None, quiet: bool,
+         log_level: str | None, log_file: str | None, debug: bool, progress: bool | None, quiet: bool,
          json_interval: float, state_cmd: str, state_file: str, state_name: str,
          preserve: bool, direct_io: bool, tls_hostname: str | None, psk_file: str | None,
          tls_cert: str | None, tls_key: str | None, tls_ca: str | None) -> None:
