@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MULTIFD, Runner, Writer, sha256, write_random
+from helpers.mfdkit import MULTIFD, Runner, Writer, sha256, write_random
 
 from multifd_cli.events import Stats, human_summary
 

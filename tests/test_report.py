@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MULTIFD, Proc, Runner, write_random
+from helpers.mfdkit import MULTIFD, Proc, Runner, write_random
 
 pytest.importorskip("matplotlib")
 
@@ -40,7 +40,7 @@ def live_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Proc
     """One live migration for the whole module: a writer at ~24 MiB/s on a 32 MiB file,
     sent at 40 MiB/s with --auto-converge, so it takes several passes, throttles, and
     switches over with the writer paused."""
-    from conftest import Writer
+    from helpers.mfdkit import Writer
 
     tmp = tmp_path_factory.mktemp("live")
     src = write_random(tmp / "src", 32 * MiB)

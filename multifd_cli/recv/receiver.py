@@ -118,27 +118,31 @@ class Receiver:
                 conn.close()
                 continue
             main = MainConnection(conn, conv, self.cfg.timeout)
-            self.main = main  # so a protocol error in CONFIG or LAYOUT is answered with ABORT
+            # Until ACCEPT there is no session, and nothing at DEST: a would-be source
+            # that goes away, says nothing or says something malformed is dropped like
+            # any bad connection; one whose well-formed CONFIG we refuse is told why.
+            # Either way recv keeps listening for a real source.
             try:
                 main.send(P.Welcome(P.VERSION, hello.session))
                 setup_deadline = min(deadline, time.monotonic() + min(10.0, self.cfg.timeout))
                 cfg = main.receive(setup_deadline)
                 layout = main.receive(setup_deadline)
-            except (ConnectionFailed, Timeout) as e:
-                # No session yet: a source that went away, or never said more,
-                # is dropped like any bad connection, and recv keeps listening.
+                if not isinstance(cfg, P.Config) or not isinstance(layout, P.Layout):
+                    raise ProtocolError("setup: expected CONFIG then LAYOUT")
+            except (ConnectionFailed, Timeout, ProtocolError) as e:
                 log.warning("dropped a session start: %s", e)
                 main.close()
-                self.main = None
+                continue
+            try:
+                self._check_config(cfg)
+            except ProtocolError as e:
+                log.warning("refused a session start: %s", e)
+                main.abort(e.exit_code, f"destination: {e}")
+                main.close()
                 continue
             break
         self.session = hello.session
         self.main = main
-        if not isinstance(cfg, P.Config) or not isinstance(layout, P.Layout):
-            raise ProtocolError("setup: expected CONFIG then LAYOUT")
-        P.check_config(cfg, max_channels=self.cfg.max_channels)
-        if cfg.compression != P.COMPRESSION_AUTO:
-            by_wire_id(cfg.compression, cfg.level)  # an unknown method fails here, not mid-copy
         self.dest.plan([(b.name, b.size, b.allocated, b.kind) for b in layout.blocks])
         self.config = cfg
         self.blocks = blocks = Blocks(layout, cfg)
@@ -156,6 +160,13 @@ class Receiver:
             self.session.hex()[:8], cfg.channels, cfg.page_size, len(layout.blocks),
             sum(blocks.sizes),
         )
+
+    def _check_config(self, cfg: P.Config) -> None:
+        """What this recv refuses in a well-formed CONFIG (an unknown codec fails
+        here, not mid-copy)."""
+        P.check_config(cfg, max_channels=self.cfg.max_channels)
+        if cfg.compression != P.COMPRESSION_AUTO:
+            by_wire_id(cfg.compression, cfg.level)
 
     def _accept_channels(self, deadline: float) -> dict[int, socket.socket]:
         assert self.config is not None
