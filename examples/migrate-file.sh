@@ -104,9 +104,11 @@ fi
 "$py" - "$work/send.json" <<'EOF'
 import json, sys
 done = [json.loads(line) for line in open(sys.argv[1])][-1]
+# downtime_ms is null when nothing was paused (no --pause-* option).
+down = "none" if done["downtime_ms"] is None else "{:.0f} ms".format(done["downtime_ms"])
 print("completed: {passes} passes, {transferred_bytes} bytes on the wire in {total_time_ms:.0f} ms "
-      "({mbps:.0f} Mbit/s), downtime {downtime_ms:.0f} ms, {channels} channels, "
-      "compression {compression}".format(**done))
+      "({mbps:.0f} Mbit/s), downtime {down}, {channels} channels, "
+      "compression {compression}".format(down=down, **done))
 print("digest", done["digest"])
 EOF
 echo "verify: cmp $src $dest: identical"

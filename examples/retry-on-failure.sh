@@ -75,7 +75,7 @@ try:
                     value = ev.get(key, "")
 except FileNotFoundError:
     pass
-print(value)
+print("" if value is None else value)
 EOF
 }
 
@@ -157,8 +157,9 @@ while true; do
     if [[ $rc -eq 0 ]]; then
         wait "$recv_pid" || { echo "recv failed after send succeeded" >&2; exit 1; }
         recv_pid=
+        down=$(last_field "$send_json" completed downtime_ms)  # empty when nothing was paused
         echo "attempt $attempt: completed: $(last_field "$send_json" completed passes) passes," \
-            "downtime $(last_field "$send_json" completed downtime_ms) ms"
+            "downtime ${down:+$down ms}${down:-none}"
         if [[ -f $src ]]; then
             cmp "$src" "$dest" && echo "verify: $dest == $src"
         fi

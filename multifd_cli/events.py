@@ -77,7 +77,7 @@ class Stats:
             "setup_time_ms": round(((self.setup_done or end) - self.started) * 1000, 1),
             "downtime_ms": round((end - self.final_pass_started) * 1000, 1)
             if self.final_pass_started
-            else 0.0,
+            else None,
             "transferred_bytes": self.transferred_bytes,
             "normal_pages": self.normal_pages,
             "zero_pages": self.zero_pages,
@@ -98,7 +98,7 @@ def human_summary(side: str, status: str, s: dict[str, Any]) -> str:
     lines = [
         f"{side}: status: {status}",
         f"  total time: {s['total_time_ms']:.0f} ms  setup: {s['setup_time_ms']:.0f} ms"
-        f"  downtime: {s['downtime_ms']:.0f} ms",
+        f"  downtime: {_downtime(s)}",
         f"  passes: {s['passes']}  channels: {s['channels']}  compression: {s['compression']}",
         f"  transferred: {s['transferred_bytes']} bytes  throughput: {_mib_per_s(s):.1f} MiB/s"
         f"  compression ratio: {ratio}",
@@ -106,6 +106,12 @@ def human_summary(side: str, status: str, s: dict[str, Any]) -> str:
         f"  digest: {s['digest']}",
     ]
     return "\n".join(lines)
+
+
+def _downtime(s: dict[str, Any]) -> str:
+    if s["downtime_ms"] is None:
+        return "none, the writer was not paused"
+    return f"{s['downtime_ms']:.0f} ms"
 
 
 def _mib_per_s(s: dict[str, Any]) -> float:

@@ -126,7 +126,8 @@ class PassRunner:
         state.pass_no = epoch
         if not final:
             state.phase = "pass"
-        state.stats.final_pass_started = paused_at if final else pass_start
+        # Downtime is the writer's pause (QEMU's meaning): a run that never paused has none.
+        state.stats.final_pass_started = paused_at if final else 0.0
         self._begin_epoch(epoch, sizes)
         wire_before = sum(self.pool.wire)
         res = self._hand_out(epoch, full)
