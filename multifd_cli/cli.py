@@ -331,6 +331,10 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, from_: str, ch
               help="Throttle the writer when it dirties faster than the link sends.")
 @click.option("--strict-downtime", is_flag=True,
               help="Exit 9 instead of switching over when --max-passes is reached above the limit.")
+@click.option("--wait-for-recv", type=FiniteFloat(0, MAX_TIMEOUT), default=0.0, metavar="SECONDS",
+              envvar="MULTIFD_WAIT_FOR_RECV", show_envvar=True,
+              help="Keep trying this long while nobody listens at --to (for scripts that start "
+                   "both sides at once); by default send fails at once, as ssh does.")
 @click.option("--max-bandwidth", type=RATE, default="0", metavar="RATE",
               envvar="MULTIFD_MAX_BANDWIDTH", show_envvar=True,
               help="Bytes/s for all channels together (100M, 1G); lifted during the downtime.")
@@ -359,7 +363,7 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
          remote_force: bool, channels: int, compress: str, page_size: int,
          packet_size: int, max_passes: int, downtime_limit: float, pause_pid: tuple[int, ...],
          pause_cgroup: str, pause_cmd: str, resume_cmd: str, after_success: str,
-         auto_converge: bool, strict_downtime: bool, max_bandwidth: int,
+         auto_converge: bool, strict_downtime: bool, wait_for_recv: float, max_bandwidth: int,
          control: str, no_mtime_shortcut: bool, json_events: bool, timeout: float,
          log_level: str | None, log_file: str | None, debug: bool, progress: bool | None, quiet: bool,
          json_interval: float, state_cmd: str, state_file: str, state_name: str,
@@ -382,7 +386,7 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
     security = _load_security("send", psk_file, tls_cert, tls_key, tls_ca, tls_hostname, host)
     cfg = SendConfig.create(
         sources, dest, compress, channels=channels, page_size=page_size,
-        packet_size=packet_size, timeout=timeout, json=json_events,
+        packet_size=packet_size, timeout=timeout, wait_for_recv=wait_for_recv, json=json_events,
         convergence=Convergence(
             downtime_limit_ms=downtime_limit, max_passes=max_passes,
             auto_converge=auto_converge, strict_downtime=strict_downtime,

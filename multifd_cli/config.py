@@ -111,6 +111,7 @@ class SendConfig:
     page_size: int = 4096
     packet_size: int = 512 << 10
     timeout: float = 60.0
+    wait_for_recv: float = 0.0  # how long a refused connection to recv is retried
     json: bool = False
     convergence: Convergence = field(default_factory=Convergence)
     pause: PauseSpec = field(default_factory=PauseSpec)
@@ -179,6 +180,7 @@ class SendConfig:
         if conv.max_passes < 1:
             raise UsageError(f"--max-passes {conv.max_passes}: expected at least 1")
         _check_range("--timeout", self.timeout, 0.1, MAX_TIMEOUT)
+        _check_range("--wait-for-recv", self.wait_for_recv, 0, MAX_TIMEOUT)
         _check_range("--downtime-limit", conv.downtime_limit_ms, 1, MAX_TIMEOUT * 1000)
         _check_range("--json-interval", self.json_interval, 0.05, MAX_TIMEOUT)
         if not 0 <= conv.max_bandwidth <= MAX_SIZE:

@@ -13,7 +13,7 @@ import stat
 import sys
 import time
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 from multifd_cli.errors import ConnectionFailed, Timeout, UsageError
 
@@ -137,9 +137,18 @@ def remove_stale_unix_socket(path: str) -> None:
         probe.close()
 
 
-def connect(uri: Uri, timeout: float) -> socket.socket:
-    """Connect within `timeout` seconds, retrying while the listener is not up yet."""
-    deadline = time.monotonic() + timeout
+def connect(uri: Uri, timeout: float, *, wait_for: float | None = None,
+            on_refused: Callable[[], None] | None = None) -> socket.socket:
+    """Connect within `timeout` seconds.
+
+    A refused connection (nobody listening yet, or no unix socket file) is retried
+    for `wait_for` seconds; `None` retries for the whole `timeout`, for channels,
+    whose listener is known to be up. `on_refused` runs once, at the first refusal,
+    so a caller that waits can say what for.
+    """
+    now = time.monotonic()
+    deadline = now + timeout
+    give_up = deadline if wait_for is None else now + wait_for
     last: OSError | None = None
     while True:
         sock = socket.socket(uri.family, socket.SOCK_STREAM)
@@ -151,13 +160,19 @@ def connect(uri: Uri, timeout: float) -> socket.socket:
             return sock
         except OSError as e:
             sock.close()
+            refused = e.errno in (errno.ECONNREFUSED, errno.ENOENT)
+            if refused and last is None and on_refused is not None:
+                on_refused()
             last = e
-            # A refused connection right after a recv was started is common in
-            # scripts; give the listener the time the user allowed.
-            if e.errno not in (errno.ECONNREFUSED, errno.ENOENT) or time.monotonic() >= deadline:
+            if not refused or time.monotonic() >= give_up:
                 break
             time.sleep(0.05)
     reason = last.strerror if last is not None and last.strerror else str(last)
+    if last is not None and last.errno in (errno.ECONNREFUSED, errno.ENOENT) and wait_for is not None:
+        if wait_for > 0:
+            reason += f": nobody listened within {wait_for:g} s (--wait-for-recv)"
+        else:
+            reason += "; is multifd recv listening there? (--wait-for-recv SECONDS waits for it)"
     raise ConnectionFailed(f"cannot connect to {uri}: {reason}")
 
 

@@ -126,7 +126,14 @@ class PeerTransport(Transport):
     def setup(self, sources: Sequence[Source], blobs: Sequence[Blob], session: bytes) -> P.Config:
         cfg = self.cfg
         assert self.uri is not None
-        sock = connect(self.uri, cfg.timeout)
+        uri = self.uri
+
+        def waiting() -> None:
+            if cfg.wait_for_recv > 0:  # a warning, so it shows at a terminal's quiet level
+                log.warning("waiting up to %g s for recv to listen at %s (--wait-for-recv)",
+                            cfg.wait_for_recv, uri)
+
+        sock = connect(uri, cfg.timeout, wait_for=cfg.wait_for_recv, on_refused=waiting)
         sock, conv = handshake.client(sock, P.ROLE_MAIN, session, cfg.timeout, cfg.security)
         self.main = main = MainConnection(sock, conv, cfg.timeout)
         spec = cfg.compression
