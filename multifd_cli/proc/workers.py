@@ -23,7 +23,6 @@ from typing import Any, Callable, Iterable, Sequence
 from multifd_cli.errors import (
     EXIT_CHANNEL_KILLED,
     EXIT_INTERNAL,
-    InternalError,
     MultifdError,
     WorkerFailed,
 )
@@ -40,15 +39,12 @@ class Worker:
     process: multiprocessing.process.BaseProcess
     pipe: Connection
 
-    def send(self, *msg: Any) -> None:
-        """Send one message object; several values still go as one tuple.
-
-        The tuple form is for sides that have not typed their messages yet.
-        """
+    def send(self, msg: object) -> None:
+        """Send one typed message (send/messages.py, recv/messages.py, proc/messages.py)."""
         try:
-            self.pipe.send(msg[0] if len(msg) == 1 else msg)
+            self.pipe.send(msg)
         except (BrokenPipeError, OSError):
-            raise InternalError(f"channel {self.index} is gone") from None
+            raise death_of(self) from None
 
 
 PR_SET_PDEATHSIG = 1
@@ -248,15 +244,22 @@ def poll(
     for w in dead:
         _drain(w, reports)  # a last report may sit in the pipe of a channel that just exited
         if not any(r[0] is w for r in reports) or w.process.exitcode not in (0, None):
-            w.process.join(0.5)
-            code = w.process.exitcode
-            if code is not None and code < 0:
-                # Channels die by a signal only when something outside sent it (an
-                # OOM kill, a stray kill): not one of our bugs, so not exit 1.
-                raise WorkerFailed(f"the channel process was killed by {_signal_name(-code)}",
-                                   EXIT_CHANNEL_KILLED, w.index)
-            raise WorkerFailed(f"channel process died (exit status {code})", EXIT_INTERNAL, w.index)
+            raise death_of(w)
     return reports, extras
+
+
+def death_of(w: Worker) -> WorkerFailed:
+    """What a channel that went away without reporting an error died of."""
+    w.process.join(0.5)
+    code = w.process.exitcode
+    if code is not None and code < 0:
+        # Channels die by a signal only when something outside sent it (an OOM
+        # kill, a stray kill): not one of our bugs, so not exit 1.
+        return WorkerFailed(f"the channel process was killed by {_signal_name(-code)}",
+                            EXIT_CHANNEL_KILLED, w.index)
+    if code is None:
+        return WorkerFailed("the channel process is gone", EXIT_INTERNAL, w.index)
+    return WorkerFailed(f"channel process died (exit status {code})", EXIT_INTERNAL, w.index)
 
 
 def _signal_name(signo: int) -> str:

@@ -67,7 +67,6 @@ class ChannelReceiver:
         self.sock = sock
         self.args = args
         self.ps = cfg.page_size  # page size of the block being applied
-        self.max_pages = cfg.pages_per_packet
         self.limits = P.Limits(
             max_pages=cfg.pages_per_packet,
             max_payload=cfg.packet_size,
@@ -146,7 +145,7 @@ class ChannelReceiver:
         if h.block < len(self.args.page_sizes):
             self.ps = self.args.page_sizes[h.block]
         ps = self.ps
-        raw = P.check_packet(p, self.sizes, ps, self.max_pages)
+        raw = P.check_packet(p, self.sizes, ps, self.limits.max_pages)
         size = self.sizes[h.block]
         fd = self.args.fds[h.block]
         tables = self.args.tables[h.block]

@@ -97,7 +97,7 @@ class EpochLoop:
         for r in self.barrier.releases():
             if self.blocks.sizes != r.sizes:
                 self.blocks.resize(r.sizes, self.dest)
-            M.tell(self.channels[r.channel], M.Release(r.epoch, r.sizes))
+            self.channels[r.channel].send(M.Release(r.epoch, r.sizes))
 
     def _on_closed(self, closed: Closed) -> None:
         k, total = closed

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple, Union
 
-from multifd_cli.errors import InternalError
 from multifd_cli.wire import Counts
 
 if TYPE_CHECKING:
-    from multifd_cli.proc.workers import Worker
+    pass
 
 # -- main → channel -------------------------------------------------------------------------
 
@@ -96,11 +95,3 @@ class Restored(NamedTuple):
 
 #: What a receive channel may report to main (ChannelError aside).
 Report = Union[Progress, Synced, Hashed]
-
-
-def tell(worker: Worker, msg: Release | HashRange | RestoreRange) -> None:
-    """Send one message to a channel; a channel that is gone is an internal error."""
-    try:
-        worker.pipe.send(msg)
-    except (BrokenPipeError, OSError):
-        raise InternalError(f"channel {worker.index} is gone") from None

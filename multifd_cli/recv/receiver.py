@@ -129,16 +129,17 @@ class Receiver:
                 layout = main.receive(setup_deadline)
                 if not isinstance(cfg, P.Config) or not isinstance(layout, P.Layout):
                     raise ProtocolError("setup: expected CONFIG then LAYOUT")
-            except (ConnectionFailed, Timeout, ProtocolError) as e:
+            except (ConnectionFailed, Timeout) as e:
                 log.warning("dropped a session start: %s", e)
                 main.close()
+                continue
+            except ProtocolError as e:
+                self._refuse(main, "dropped a session start", e)
                 continue
             try:
                 self._check_config(cfg)
             except ProtocolError as e:
-                log.warning("refused a session start: %s", e)
-                main.abort(e.exit_code, f"destination: {e}")
-                main.close()
+                self._refuse(main, "refused a session start", e)
                 continue
             break
         self.session = hello.session
@@ -160,6 +161,13 @@ class Receiver:
             self.session.hex()[:8], cfg.channels, cfg.page_size, len(layout.blocks),
             sum(blocks.sizes),
         )
+
+    @staticmethod
+    def _refuse(main: MainConnection, what: str, e: ProtocolError) -> None:
+        """Tell a would-be source why (best effort: it may be garbage), and drop it."""
+        log.warning("%s: %s", what, e)
+        main.abort(e.exit_code, f"destination: {e}")
+        main.close()
 
     def _check_config(self, cfg: P.Config) -> None:
         """What this recv refuses in a well-formed CONFIG (an unknown codec fails

@@ -112,7 +112,7 @@ def run(cfg: RecvConfig, events: Events, image: str) -> dict[str, Any]:
         while ranges or any(outstanding):
             for w in pool:
                 while ranges and outstanding[w.index] < 2:
-                    M.tell(w, M.RestoreRange(*ranges.popleft()))
+                    w.send(M.RestoreRange(*ranges.popleft()))
                     outstanding[w.index] += 1
             reports, _ = workers.poll(pool, [], 0.5)
             for w, r in reports:

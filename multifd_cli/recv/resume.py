@@ -45,7 +45,7 @@ def hash_old_copy(
         for w in channels:
             while ranges and outstanding[w.index] < IN_FLIGHT:
                 start, end = ranges.popleft()
-                M.tell(w, M.HashRange(0, start, end, size))
+                w.send(M.HashRange(0, start, end, size))
                 outstanding[w.index] += 1
         reports, ready = workers.poll(channels, [main], min(heartbeat, 0.25))
         for w, r in reports:
