@@ -318,6 +318,46 @@ def test_atomic_save_is_a_new_id_and_rename_keeps_the_id(tmp_path: Path) -> None
     rep.close()
 
 
+def test_a_renamed_directory_moves_its_files_ids(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "pg_wal").mkdir(parents=True)
+    for n in range(3):
+        (src / "pg_wal" / f"seg{n}").write_bytes(b"%d" % n * 4096)
+    rep = Replica(tmp_path)
+    tracker = TreeTracker()
+    play_pass(src, tracker, rep)
+    os.rename(src / "pg_wal", src / "pg_xlog")
+    delta = play_pass(src, tracker, rep)
+    assert delta.dropped == [] and not [op for op in delta.ops if op.op == Op.CREATE]
+    assert [(op.op, op.path) for op in delta.ops if op.op in (Op.RMDIR, Op.MKDIR)] == [
+        (Op.RMDIR, b"pg_wal"), (Op.MKDIR, b"pg_xlog")
+    ]
+    assert sorted(op.path for op in delta.ops if op.op == Op.LINK) == [
+        b"pg_xlog/seg0", b"pg_xlog/seg1", b"pg_xlog/seg2"
+    ]
+    assert_replica_equals(src, rep)
+    rep.close()
+
+
+def test_hard_links_gain_and_lose_single_paths(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x").write_bytes(b"data")
+    rep = Replica(tmp_path)
+    tracker = TreeTracker()
+    play_pass(src, tracker, rep)
+    os.link(src / "x", src / "y")
+    delta = play_pass(src, tracker, rep)
+    assert [(op.op, op.path, op.fid) for op in delta.ops] == [(Op.LINK, b"y", 0)]
+    assert_replica_equals(src, rep)
+    os.unlink(src / "x")
+    delta = play_pass(src, tracker, rep)
+    assert [(op.op, op.path, op.fid) for op in delta.ops] == [(Op.UNLINK, b"x", 0)]
+    assert delta.dropped == []
+    assert_replica_equals(src, rep)
+    rep.close()
+
+
 # -- bounded descriptors, hostile paths, names too long --------------------------------
 
 
@@ -329,6 +369,7 @@ def test_a_thousand_files_under_a_256_fd_limit(tmp_path: Path) -> None:
             (src / f"d{d}" / f"f{f}").write_bytes(b"%d/%d" % (d, f))
     rep = Replica(tmp_path, fd_cache=64, dir_cache=16)
     tracker = TreeTracker()
+    open_before = len(os.listdir("/proc/self/fd"))
     with fd_limit(256):
         play_pass(src, tracker, rep)
         for d in range(20):
@@ -336,6 +377,7 @@ def test_a_thousand_files_under_a_256_fd_limit(tmp_path: Path) -> None:
                 fh.write(b"more")
         play_pass(src, tracker, rep)
     assert len(rep.applier.files) <= 64
+    assert len(os.listdir("/proc/self/fd")) - open_before <= 64 + 16
     assert_replica_equals(src, rep)
     rep.close()
 

@@ -89,7 +89,7 @@ class _Differ:
         self.added_dirs: list[tuple[bytes, int]] = []
         self.added_files: list[tuple[int, bytes]] = []
         self.added_other: list[tuple[int, bytes]] = []
-        self.same: list[tuple[int, int, bytes]] = []  # files whose path kept its inode
+        self.same: list[tuple[int, int, bytes]] = []  # linked files whose path kept its inode
         self.meta: list[TreeOp] = []
         self.times: list[TreeOp] = []
         self.scan: list[tuple[int, bytes]] = []
@@ -141,7 +141,10 @@ class _Differ:
             if old.ino[o] != new.ino[c] or old.dev[o] != new.dev[c]:
                 return False
             new.fid[c] = old.fid[o]
-            self.same.append((o, c, path))
+            if new.nlink[c] > 1 or old.nlink[o] > 1:
+                self.same.append((o, c, path))  # resolved with moves and links
+            else:
+                self._file_changes(old, o, c, new.fid[c], path)
             return True
         if kind == SYMLINK:
             if old.target[o] != new.target[c]:
@@ -219,11 +222,10 @@ class _Differ:
         linked: set[int] = set()  # fids with several paths, compared once
         for o, c, path in self.same:
             fid = new.fid[c]
-            if new.nlink[c] > 1 or (old is not None and old.nlink[o] > 1):
-                known[new.key(c)] = fid
-                if fid in linked:
-                    continue
-                linked.add(fid)
+            known[new.key(c)] = fid
+            if fid in linked:
+                continue
+            linked.add(fid)
             assert old is not None
             self._file_changes(old, o, c, fid, path)
         moved_in: dict[int, list[bytes]] = {}
