@@ -13,7 +13,7 @@ import shutil
 import stat
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,13 @@ from multifd_cli.common.manifest import ManifestOptions, walk_manifest
 from multifd_cli.common.treeops import Op, TreeDelta, TreeOp
 from multifd_cli.errors import IOFailure, ProtocolError
 from multifd_cli.recv.tree import TreeApplier
-from multifd_cli.send.tree import TreeTracker, dir_finish, scan_tree, snapshot_manifest
+from multifd_cli.send.tree import (
+    TreeTracker,
+    dir_finish,
+    open_scanned,
+    scan_tree,
+    snapshot_manifest,
+)
 
 ROOT = os.geteuid() == 0
 OPTS = ManifestOptions(mtimes=True, owners=ROOT, devices=ROOT)
@@ -48,15 +54,23 @@ class Replica:
         os.close(self.ids_fd)
 
 
-def play_pass(src: Path, tracker: TreeTracker, rep: Replica, order=None) -> TreeDelta:  # type: ignore[no-untyped-def]
+def play_pass(
+    src: Path,
+    tracker: TreeTracker,
+    rep: Replica,
+    order: Callable[[list[TreeOp]], list[TreeOp]] | None = None,
+) -> TreeDelta:
     """One pass: scan, diff, apply, copy the scanned files' content, set times."""
     snap = scan_tree(src)
     delta = tracker.advance(snap)
     ops = delta.ops if order is None else order(delta.ops)
     rep.applier.apply(ops)
-    for fid, path in delta.scan:
-        data = (src / os.fsdecode(path)).read_bytes()
-        fd = rep.applier.file_fd(fid)
+    for item in delta.scan:
+        rfd = open_scanned(bytes(src), item.path, item.dev, item.ino)
+        assert rfd is not None, f"{item.path!r} no longer holds the inode the walk saw"
+        with os.fdopen(rfd, "rb") as f:
+            data = f.read()
+        fd = rep.applier.file_fd(item.fid)
         os.pwrite(fd, data, 0)
         os.ftruncate(fd, len(data))
     rep.applier.apply(delta.times)
@@ -268,7 +282,9 @@ def test_swap_and_cycle_are_moves_not_resends(tmp_path: Path, names: list[str]) 
     rep = Replica(tmp_path)
     tracker = TreeTracker()
     play_pass(src, tracker, rep)
-    fids = {n: tracker.snapshot.fid[i] for i, n in _by_name(tracker)}  # type: ignore[union-attr]
+    snap = tracker.snapshot
+    assert snap is not None
+    fids = {n: snap.fid[i] for i, n in _by_name(tracker)}
     _cycle(src, names)
     delta = play_pass(src, tracker, rep)
     assert delta.dropped == []

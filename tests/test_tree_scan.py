@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from multifd_cli.common.treeops import EntryType, Op
+from multifd_cli.common.treeops import EntryType, Op, skipped_warning
 from multifd_cli.errors import EXIT_IO, EXIT_USAGE, IOFailure, UsageError
 from multifd_cli.send.tree import (
     TreeTracker,
@@ -25,16 +25,18 @@ from multifd_cli.send.tree import (
     shared_writable_mapped,
 )
 from multifd_cli.send.tree.diff import RACY_NS
+from multifd_cli.send.tree.scan import Snapshot, open_scanned
 
 ROOT = os.geteuid() == 0
 
 
-def _paths(snap) -> dict[str, int]:  # type: ignore[no-untyped-def]
+def _paths(snap: Snapshot) -> dict[str, int]:
     return {os.fsdecode(snap.path(i)): i for i in range(len(snap))}
 
 
 def _old(path: Path) -> None:
-    """Backdate ctime's role: wait until PATH's last change is older than RACY_NS."""
+    """Wait until PATH's last change is older than the racy window, so that the
+    stat shortcut, not the racy rule, decides what is read."""
     time.sleep(RACY_NS / 1e9 * 1.5)
 
 
@@ -180,7 +182,7 @@ def test_an_unchanged_pass_reads_nothing_and_changes_nothing(tmp_path: Path) -> 
     _old(tmp_path)
     tracker = TreeTracker()
     first = tracker.advance(scan_tree(tmp_path))
-    assert len(first.scan) == 50 and len({fid for fid, _ in first.scan}) == 50
+    assert len(first.scan) == 50 and len({item.fid for item in first.scan}) == 50
     again = tracker.advance(scan_tree(tmp_path))
     assert again.ops == [] and again.scan == [] and again.times == [] and again.dropped == []
 
@@ -194,7 +196,7 @@ def test_the_stat_shortcut_reads_what_changed(tmp_path: Path) -> None:
         f.write(b"y")  # same size: only mtime and ctime tell
     os.chmod(tmp_path / "d2" / "f4", 0o600)  # ctime only: read again, harmless
     delta = tracker.advance(scan_tree(tmp_path))
-    assert sorted(p for _, p in delta.scan) == [b"d1/f3", b"d2/f4"]
+    assert sorted(item.path for item in delta.scan) == [b"d1/f3", b"d2/f4"]
     assert [(op.op, op.path, op.mode) for op in delta.ops] == [(Op.META, b"d2/f4", 0o600)]
 
 
@@ -204,7 +206,7 @@ def test_a_racily_clean_file_is_read_again(tmp_path: Path) -> None:
     (tmp_path / "hot").write_bytes(b"a")
     tracker = TreeTracker()
     tracker.advance(scan_tree(tmp_path))
-    assert [p for _, p in tracker.advance(scan_tree(tmp_path)).scan] == [b"hot"]
+    assert [item.path for item in tracker.advance(scan_tree(tmp_path)).scan] == [b"hot"]
     _old(tmp_path)
     tracker.advance(scan_tree(tmp_path))
     assert tracker.advance(scan_tree(tmp_path)).scan == []
@@ -221,7 +223,9 @@ def test_shared_writable_mappings_are_found_and_scanned(tmp_path: Path) -> None:
         st = os.stat(shm)
         mapped = shared_writable_mapped()
         assert (st.st_dev, st.st_ino) in mapped
-        assert tracker.advance(scan_tree(tmp_path), mapped).scan == [(0, b"db-shm")]
+        assert [(i.fid, i.path) for i in tracker.advance(scan_tree(tmp_path), mapped).scan] == [
+            (0, b"db-shm")
+        ]
 
 
 def test_parse_maps_keeps_only_shared_writable_file_mappings() -> None:
@@ -253,3 +257,26 @@ def test_a_snapshot_stays_under_200_bytes_per_entry() -> None:
         tracemalloc.stop()
     assert len(snap) == 1 + n // 1000 * 1000
     assert held / len(snap) < 200, f"{held / len(snap):.0f} bytes per entry"
+
+
+def test_open_scanned_refuses_a_path_that_no_longer_holds_the_inode(tmp_path: Path) -> None:
+    (tmp_path / "seg").write_bytes(b"s")
+    snap = scan_tree(tmp_path)
+    i = _paths(snap)["seg"]
+    root = bytes(tmp_path)
+    fd = open_scanned(root, b"seg", snap.dev[i], snap.ino[i])
+    assert fd is not None
+    os.close(fd)
+    (tmp_path / "seg.new").write_bytes(b"t")
+    os.replace(tmp_path / "seg.new", tmp_path / "seg")  # an atomic save since the walk
+    assert open_scanned(root, b"seg", snap.dev[i], snap.ino[i]) is None
+    os.unlink(tmp_path / "seg")
+    assert open_scanned(root, b"seg", snap.dev[i], snap.ino[i]) is None
+    os.symlink("elsewhere", tmp_path / "seg")
+    assert open_scanned(root, b"seg", snap.dev[i], snap.ino[i]) is None
+
+
+def test_skipped_entries_make_one_warning() -> None:
+    assert skipped_warning("sockets", []) is None
+    line = skipped_warning("sockets", [b"run/s%d" % n for n in range(25)], limit=3)
+    assert line == "skipped 25 sockets: run/s0, run/s1, run/s2 and 22 more"

@@ -154,7 +154,7 @@ def encode_entry(e: ManifestEntry) -> bytes:
 
 
 def walk_manifest(
-    root: str | bytes,
+    root: str | bytes | os.PathLike[str],
     options: ManifestOptions = DEFAULT_OPTIONS,
     *,
     skip_names: frozenset[bytes] = frozenset(),
@@ -169,7 +169,7 @@ def walk_manifest(
     """
     builder = ManifestBuilder(options, keep=keep)
     rootb = os.fsencode(root)
-    for path, st in _walk(rootb, b"", os.lstat(rootb), skip_names):
+    for path, st in _walk(rootb, skip_names):
         kind = entry_type(st.st_mode)
         target = os.readlink(os.path.join(rootb, path)) if kind == EntryType.SYMLINK else b""
         builder.add(
@@ -187,20 +187,20 @@ def walk_manifest(
     return builder
 
 
-def _walk(
-    rootb: bytes, rel: bytes, st: os.stat_result, skip: frozenset[bytes]
-) -> Iterator[tuple[bytes, os.stat_result]]:
-    yield rel, st
-    if not stat.S_ISDIR(st.st_mode):
-        return
-    full = os.path.join(rootb, rel) if rel else rootb
-    with os.scandir(full) as it:
-        children = sorted(
-            (e.name, e.stat(follow_symlinks=False))
-            for e in it
-            if rel or e.name not in skip
-        )
-    for name, cst in children:
-        if stat.S_ISSOCK(cst.st_mode):
-            continue  # never part of a tree copy
-        yield from _walk(rootb, rel + b"/" + name if rel else name, cst, skip)
+def _walk(rootb: bytes, skip: frozenset[bytes]) -> Iterator[tuple[bytes, os.stat_result]]:
+    """(path, lstat) in canonical order, without recursion: trees can be deep."""
+    # The root may be a symlink to the tree, as send's SOURCE may; below it, nothing is followed.
+    stack: list[tuple[bytes, os.stat_result]] = [(b"", os.stat(rootb))]
+    while stack:
+        rel, st = stack.pop()
+        yield rel, st
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        with os.scandir(os.path.join(rootb, rel) if rel else rootb) as it:
+            children = [
+                (e.name, e.stat(follow_symlinks=False)) for e in it if rel or e.name not in skip
+            ]
+        children.sort(reverse=True)  # popped in ascending order
+        for name, cst in children:
+            if not stat.S_ISSOCK(cst.st_mode):  # sockets are never part of a tree copy
+                stack.append((rel + b"/" + name if rel else name, cst))

@@ -14,6 +14,7 @@ devices) is named by its path, because it carries no pages worth keeping.
 
 from __future__ import annotations
 
+import os
 import stat
 from enum import IntEnum
 from typing import NamedTuple
@@ -97,22 +98,42 @@ class TreeOp(NamedTuple):
     mtime_ns: int = 0
 
 
+class ScanItem(NamedTuple):
+    """A file whose content a pass must read. dev and ino let the reader check that
+    the path still holds that inode when it opens it (a live tree renames)."""
+
+    fid: int
+    path: bytes
+    dev: int
+    ino: int
+    size: int
+
+
 class TreeDelta(NamedTuple):
     """What one pass changed in a tree.
 
     ops: the structural and metadata operations, in phase order, applied at the start
     of the epoch, before its pages.
-    scan: (fid, path) of the files whose content must be read this pass (new, changed
-    by the stat shortcut, or mapped shared-writable by some process).
+    scan: the files whose content must be read this pass (new, changed by the stat
+    shortcut, or mapped shared-writable by some process). Send-local: not framed.
     times: TIMES ops, applied after the epoch's pages were written, because writing a
     page moves the receiver's mtime.
     dropped: file ids that no longer exist; their page tables can go.
     """
 
     ops: list[TreeOp]
-    scan: list[tuple[int, bytes]]
+    scan: list[ScanItem]
     times: list[TreeOp]
     dropped: list[int]
+
+
+def skipped_warning(what: str, paths: list[bytes], limit: int = 20) -> str | None:
+    """One warning line naming every skipped entry (up to LIMIT, then a count)."""
+    if not paths:
+        return None
+    shown = ", ".join(os.fsdecode(p) for p in paths[:limit])
+    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+    return f"skipped {len(paths)} {what}: {shown}{more}"
 
 
 def split_path(path: bytes) -> list[bytes]:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from multifd_cli.send.tree.diff import TreeTracker, diff_snapshots, dir_finish
 from multifd_cli.send.tree.procmaps import parse_maps, shared_writable_mapped
-from multifd_cli.send.tree.scan import Snapshot, scan_tree, snapshot_manifest
+from multifd_cli.send.tree.scan import Snapshot, open_scanned, scan_tree, snapshot_manifest
 
 __all__ = [
     "Snapshot",
     "TreeTracker",
     "diff_snapshots",
     "dir_finish",
+    "open_scanned",
     "parse_maps",
     "scan_tree",
     "shared_writable_mapped",

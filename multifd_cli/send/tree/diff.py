@@ -17,7 +17,7 @@ from __future__ import annotations
 import stat
 from collections.abc import Collection
 
-from multifd_cli.common.treeops import EntryType, Op, TreeDelta, TreeOp
+from multifd_cli.common.treeops import EntryType, Op, ScanItem, TreeDelta, TreeOp
 from multifd_cli.send.tree.scan import DIR, FILE, SYMLINK, Snapshot
 
 Key = tuple[int, int]
@@ -92,7 +92,7 @@ class _Differ:
         self.same: list[tuple[int, int, bytes]] = []  # linked files whose path kept its inode
         self.meta: list[TreeOp] = []
         self.times: list[TreeOp] = []
-        self.scan: list[tuple[int, bytes]] = []
+        self.scan: list[ScanItem] = []
 
     def run(self) -> TreeDelta:
         if self.old is None:
@@ -205,7 +205,7 @@ class _Differ:
             or (bool(self.mapped) and new.key(c) in self.mapped)
         )
         if content:
-            self.scan.append((fid, path))
+            self.scan.append(ScanItem(fid, path, new.dev[c], new.ino[c], new.size[c]))
         if (old.mode[o], old.uid[o], old.gid[o], old.size[o]) != (
             new.mode[c], new.uid[c], new.gid[c], new.size[c]
         ):
@@ -281,7 +281,7 @@ class _Differ:
                        size=new.size[c])
             )
             ops.extend(TreeOp(Op.LINK, p, fid) for _, p in entries[1:])
-            self.scan.append((fid, first))
+            self.scan.append(ScanItem(fid, first, new.dev[c], new.ino[c], new.size[c]))
             self.times.append(TreeOp(Op.TIMES, first, fid, mtime_ns=new.mtime[c]))
         for c, path in self.added_other:
             ops.append(self._create_other(c, path))

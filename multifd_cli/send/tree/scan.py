@@ -54,7 +54,7 @@ class Snapshot:
         self.dev = array("Q")
         self.ino = array("Q")
         self.nlink = array("I")
-        self.parent = array("l")
+        self.parent = array("i")
         self.fid = array("q")  # assigned by the diff; -1 until then and for non-files
         self.names = bytearray()
         self.name_end = array("Q")
@@ -121,7 +121,7 @@ class Snapshot:
                 stack.append((c, path + b"/" + name if path else name))
 
 
-def scan_tree(root: str | bytes, *, one_file_system: bool = False) -> Snapshot:
+def scan_tree(root: str | bytes | os.PathLike[str], *, one_file_system: bool = False) -> Snapshot:
     """Walk ROOT once with scandir and lstat and return its Snapshot.
 
     Errors and their codes:
@@ -185,6 +185,26 @@ def _walk(snap: Snapshot, rootb: bytes, only_dev: int | None) -> None:
             raise IOFailure(f"{os.fsdecode(dpath)}: cannot read directory: {e.strerror}") from None
         if len(snap) > first:
             snap.children[di] = (first, len(snap) - first)
+
+
+def open_scanned(root: bytes, path: bytes, dev: int, ino: int) -> int | None:
+    """Open a file a delta says to scan, read-only, or None when PATH no longer holds
+    that inode: a live tree may have renamed or replaced it since the walk, and the
+    next pass's delta says where it went. Under the pause nothing moves, so the final
+    pass reads every file it names."""
+    try:
+        fd = os.open(os.path.join(root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None  # replaced by a symlink
+        raise IOFailure(f"{os.fsdecode(path)}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (dev, ino) or not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return None
+    return fd
 
 
 def _rel(rootb: bytes, path: bytes) -> bytes:
