@@ -21,10 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from multifd_cli.common.manifest import ManifestOptions, walk_manifest
-from multifd_cli.common.treeops import Op, TreeDelta, TreeOp
+from multifd_cli.common.treeops import Op, TreeOp
 from multifd_cli.errors import IOFailure, ProtocolError
 from multifd_cli.recv.tree import TreeApplier
 from multifd_cli.send.tree import (
+    TreeDelta,
     TreeTracker,
     dir_finish,
     open_scanned,
@@ -63,9 +64,11 @@ def play_pass(
     """One pass: scan, diff, apply, copy the scanned files' content, set times."""
     snap = scan_tree(src)
     delta = tracker.advance(snap)
-    ops = delta.ops if order is None else order(delta.ops)
+    ops = list(delta.ops())
+    if order is not None:
+        ops = order(ops)
     rep.applier.apply(ops)
-    for item in delta.scan:
+    for item in delta.scan():
         rfd = open_scanned(bytes(src), item.path, item.dev, item.ino)
         assert rfd is not None, f"{item.path!r} no longer holds the inode the walk saw"
         with os.fdopen(rfd, "rb") as f:
@@ -73,7 +76,7 @@ def play_pass(
         fd = rep.applier.file_fd(item.fid)
         os.pwrite(fd, data, 0)
         os.ftruncate(fd, len(data))
-    rep.applier.apply(delta.times)
+    rep.applier.apply(delta.times())
     rep.applier.apply(dir_finish(snap))
     return delta
 
@@ -288,8 +291,8 @@ def test_swap_and_cycle_are_moves_not_resends(tmp_path: Path, names: list[str]) 
     _cycle(src, names)
     delta = play_pass(src, tracker, rep)
     assert delta.dropped == []
-    assert not [op for op in delta.ops if op.op == Op.CREATE]
-    moved = {os.fsdecode(op.path): op.fid for op in delta.ops if op.op == Op.LINK}
+    assert not [op for op in delta.ops() if op.op == Op.CREATE]
+    moved = {os.fsdecode(op.path): op.fid for op in delta.ops() if op.op == Op.LINK}
     assert moved == {names[(i + 1) % len(names)]: fids[n] for i, n in enumerate(names)}
     assert_replica_equals(src, rep)
     rep.close()
@@ -327,7 +330,7 @@ def test_atomic_save_is_a_new_id_and_rename_keeps_the_id(tmp_path: Path) -> None
     (src / "db.tmp").write_bytes(b"new content")
     os.replace(src / "db.tmp", src / "db")
     delta = play_pass(src, tracker, rep)
-    kinds = [(op.op, os.fsdecode(op.path)) for op in delta.ops]
+    kinds = [(op.op, os.fsdecode(op.path)) for op in delta.ops()]
     assert (Op.LINK, "wal2") in kinds and (Op.UNLINK, "wal1") in kinds
     assert (Op.CREATE, "db") in kinds and len(delta.dropped) == 1
     assert_replica_equals(src, rep)
@@ -344,11 +347,11 @@ def test_a_renamed_directory_moves_its_files_ids(tmp_path: Path) -> None:
     play_pass(src, tracker, rep)
     os.rename(src / "pg_wal", src / "pg_xlog")
     delta = play_pass(src, tracker, rep)
-    assert delta.dropped == [] and not [op for op in delta.ops if op.op == Op.CREATE]
-    assert [(op.op, op.path) for op in delta.ops if op.op in (Op.RMDIR, Op.MKDIR)] == [
+    assert delta.dropped == [] and not [op for op in delta.ops() if op.op == Op.CREATE]
+    assert [(op.op, op.path) for op in delta.ops() if op.op in (Op.RMDIR, Op.MKDIR)] == [
         (Op.RMDIR, b"pg_wal"), (Op.MKDIR, b"pg_xlog")
     ]
-    assert sorted(op.path for op in delta.ops if op.op == Op.LINK) == [
+    assert sorted(op.path for op in delta.ops() if op.op == Op.LINK) == [
         b"pg_xlog/seg0", b"pg_xlog/seg1", b"pg_xlog/seg2"
     ]
     assert_replica_equals(src, rep)
@@ -364,11 +367,11 @@ def test_hard_links_gain_and_lose_single_paths(tmp_path: Path) -> None:
     play_pass(src, tracker, rep)
     os.link(src / "x", src / "y")
     delta = play_pass(src, tracker, rep)
-    assert [(op.op, op.path, op.fid) for op in delta.ops] == [(Op.LINK, b"y", 0)]
+    assert [(op.op, op.path, op.fid) for op in delta.ops()] == [(Op.LINK, b"y", 0)]
     assert_replica_equals(src, rep)
     os.unlink(src / "x")
     delta = play_pass(src, tracker, rep)
-    assert [(op.op, op.path, op.fid) for op in delta.ops] == [(Op.UNLINK, b"x", 0)]
+    assert [(op.op, op.path, op.fid) for op in delta.ops()] == [(Op.UNLINK, b"x", 0)]
     assert delta.dropped == []
     assert_replica_equals(src, rep)
     rep.close()
@@ -472,3 +475,49 @@ def test_release_ids_leaves_the_tree_whole(tmp_path: Path) -> None:
     assert os.lstat(rep.tree / "x").st_nlink == 2
     assert_replica_equals(src, rep)
     rep.close()
+
+
+def _as_nobody_if_root(body: Callable[[], None]) -> None:
+    """Run BODY as an unprivileged user: in a forked child when we are root."""
+    if not ROOT:
+        body()
+        return
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            body()
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_without_root_a_read_only_file_still_takes_pages() -> None:
+    """A 0400 source file: recv as a user opens its id file for writing by lifting
+    the mode for the open only, even after the descriptor was evicted."""
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chown(tmp, 65534, 65534)
+
+        def body() -> None:
+            rep = Replica(Path(tmp), fd_cache=1)
+            assert not rep.applier.keep_owner and not rep.applier.can_mknod
+            rep.applier.apply([
+                TreeOp(Op.CREATE, b"ro", 0, mode=0o400, size=3),
+                TreeOp(Op.CREATE, b"other", 1, mode=0o644, size=0),  # evicts fid 0
+                TreeOp(Op.MKNOD, b"null", mode=stat.S_IFCHR | 0o666, rdev=os.makedev(1, 3)),
+            ])
+            os.pwrite(rep.applier.file_fd(0), b"abc", 0)
+            rep.applier.apply([TreeOp(Op.META, b"ro", 0, mode=0o440, size=3)])
+            rep.close()
+            assert (rep.tree / "ro").read_bytes() == b"abc"
+            assert stat.S_IMODE(os.lstat(rep.tree / "ro").st_mode) == 0o440
+            assert rep.applier.skipped == [b"null"]
+
+        _as_nobody_if_root(body)

@@ -182,9 +182,10 @@ def test_an_unchanged_pass_reads_nothing_and_changes_nothing(tmp_path: Path) -> 
     _old(tmp_path)
     tracker = TreeTracker()
     first = tracker.advance(scan_tree(tmp_path))
-    assert len(first.scan) == 50 and len({item.fid for item in first.scan}) == 50
+    assert len({item.fid for item in first.scan()}) == 50
     again = tracker.advance(scan_tree(tmp_path))
-    assert again.ops == [] and again.scan == [] and again.times == [] and again.dropped == []
+    assert again.empty() and again.dropped == []
+    assert not list(again.ops()) and not list(again.scan()) and not list(again.times())
 
 
 def test_the_stat_shortcut_reads_what_changed(tmp_path: Path) -> None:
@@ -196,8 +197,8 @@ def test_the_stat_shortcut_reads_what_changed(tmp_path: Path) -> None:
         f.write(b"y")  # same size: only mtime and ctime tell
     os.chmod(tmp_path / "d2" / "f4", 0o600)  # ctime only: read again, harmless
     delta = tracker.advance(scan_tree(tmp_path))
-    assert sorted(item.path for item in delta.scan) == [b"d1/f3", b"d2/f4"]
-    assert [(op.op, op.path, op.mode) for op in delta.ops] == [(Op.META, b"d2/f4", 0o600)]
+    assert sorted(item.path for item in delta.scan()) == [b"d1/f3", b"d2/f4"]
+    assert [(op.op, op.path, op.mode) for op in delta.ops()] == [(Op.META, b"d2/f4", 0o600)]
 
 
 def test_a_racily_clean_file_is_read_again(tmp_path: Path) -> None:
@@ -206,10 +207,10 @@ def test_a_racily_clean_file_is_read_again(tmp_path: Path) -> None:
     (tmp_path / "hot").write_bytes(b"a")
     tracker = TreeTracker()
     tracker.advance(scan_tree(tmp_path))
-    assert [item.path for item in tracker.advance(scan_tree(tmp_path)).scan] == [b"hot"]
+    assert [item.path for item in tracker.advance(scan_tree(tmp_path)).scan()] == [b"hot"]
     _old(tmp_path)
     tracker.advance(scan_tree(tmp_path))
-    assert tracker.advance(scan_tree(tmp_path)).scan == []
+    assert list(tracker.advance(scan_tree(tmp_path)).scan()) == []
 
 
 def test_shared_writable_mappings_are_found_and_scanned(tmp_path: Path) -> None:
@@ -223,7 +224,7 @@ def test_shared_writable_mappings_are_found_and_scanned(tmp_path: Path) -> None:
         st = os.stat(shm)
         mapped = shared_writable_mapped()
         assert (st.st_dev, st.st_ino) in mapped
-        assert [(i.fid, i.path) for i in tracker.advance(scan_tree(tmp_path), mapped).scan] == [
+        assert [(i.fid, i.path) for i in tracker.advance(scan_tree(tmp_path), mapped).scan()] == [
             (0, b"db-shm")
         ]
 

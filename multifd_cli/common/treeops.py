@@ -1,10 +1,10 @@
 """The vocabulary of a live directory tree that both sides share: entry types, the
 operations of a tree delta, and the check every path from the peer must pass.
 
-A tree delta is plain data (a list of TreeOp in phase order) so that a later codec
-can frame it per epoch without knowing how it was computed or how it is applied.
-send/ produces deltas, recv/ applies them; neither imports the other, so what they
-agree on lives here.
+A tree delta is plain data (a sequence of TreeOp in phase order) so that a later
+codec can frame it per epoch without knowing how it was computed or how it is
+applied. send/ produces the ops (send.tree.TreeDelta), recv/ applies them
+(recv.tree.TreeApplier); neither imports the other, so what they agree on lives here.
 
 Regular files are named by a file id, assigned per (dev, ino) when send first sees
 the inode, not by path: a rename within the tree is then a move of the id, and the
@@ -96,35 +96,6 @@ class TreeOp(NamedTuple):
     target: bytes = b""
     rdev: int = 0
     mtime_ns: int = 0
-
-
-class ScanItem(NamedTuple):
-    """A file whose content a pass must read. dev and ino let the reader check that
-    the path still holds that inode when it opens it (a live tree renames)."""
-
-    fid: int
-    path: bytes
-    dev: int
-    ino: int
-    size: int
-
-
-class TreeDelta(NamedTuple):
-    """What one pass changed in a tree.
-
-    ops: the structural and metadata operations, in phase order, applied at the start
-    of the epoch, before its pages.
-    scan: the files whose content must be read this pass (new, changed by the stat
-    shortcut, or mapped shared-writable by some process). Send-local: not framed.
-    times: TIMES ops, applied after the epoch's pages were written, because writing a
-    page moves the receiver's mtime.
-    dropped: file ids that no longer exist; their page tables can go.
-    """
-
-    ops: list[TreeOp]
-    scan: list[ScanItem]
-    times: list[TreeOp]
-    dropped: list[int]
 
 
 def skipped_warning(what: str, paths: list[bytes], limit: int = 20) -> str | None:

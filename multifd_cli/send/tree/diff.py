@@ -1,5 +1,5 @@
 """From two snapshots of a tree, the ordered delta that brings a replica from one to
-the other, and the file ids whose content this pass must read.
+the other, and the files whose content this pass must read.
 
 Directories, symlinks, fifos and devices are matched by path. Regular files are
 matched by path first and, where a path's inode changed or vanished, by (dev, ino):
@@ -7,17 +7,20 @@ an inode that left one path and appears at another is a move of its file id, so 
 receiver keeps its page tables (PostgreSQL recycles WAL segments by rename). A new
 inode at an old path (an atomic save) is a removal of the old id plus a new id.
 
-An unchanged pass costs one comparison of stat fields per entry; the dicts that
-resolve moves and links hold only the entries whose path changed, plus files with
-more than one link.
+Memory: what the diff finds is kept as arrays of snapshot indices (4 bytes each), and
+TreeOps with their paths are built only as the delta is consumed, so the first pass
+over a million files does not hold a million TreeOps. The dicts that resolve moves
+and links hold only the files whose path changed, plus files with several links.
 """
 
 from __future__ import annotations
 
 import stat
-from collections.abc import Collection
+from array import array
+from collections.abc import Collection, Iterator
+from typing import NamedTuple
 
-from multifd_cli.common.treeops import EntryType, Op, ScanItem, TreeDelta, TreeOp
+from multifd_cli.common.treeops import EntryType, Op, TreeOp
 from multifd_cli.send.tree.scan import DIR, FILE, SYMLINK, Snapshot
 
 Key = tuple[int, int]
@@ -35,8 +38,117 @@ _IFMT = {
 }
 
 
-def _join(path: bytes, name: bytes) -> bytes:
-    return path + b"/" + name if path else name
+class ScanItem(NamedTuple):
+    """A file whose content this pass must read. dev and ino let the reader check that
+    the path still holds that inode when it opens it (see open_scanned)."""
+
+    fid: int
+    path: bytes
+    dev: int
+    ino: int
+    size: int
+
+
+class _Found:
+    """Snapshot indices the diff collected, by what they become."""
+
+    def __init__(self) -> None:
+        self.left = array("i")  # old: paths of regular files that went away
+        self.gone_other = array("i")  # old: symlinks, fifos, devices that went away
+        self.gone_dirs = array("i")  # old, pre-order: ancestors first
+        self.new_dirs = array("i")  # new, pre-order
+        self.new_other = array("i")  # new: symlinks, fifos, devices
+        self.moved_in = array("i")  # new: new paths of files that existed before
+        self.created = array("i")  # new: first path of each new file
+        self.extra_links = array("i")  # new: further paths of new files
+        self.meta = array("i")  # new: mode or owner (files: or size) changed
+        self.times = array("i")  # new: mtime to set after the epoch's pages
+        self.scan = array("i")  # new: files to read
+        self.staying: set[int] = set()  # fids that left a path but still exist
+
+
+class TreeDelta:
+    """What one pass changed, built lazily from the two snapshots; every method
+    returns a fresh iterator, so the delta can be read more than once.
+
+    ops(): phase-ordered TreeOps (common.treeops.PHASES), applied at the start of the
+    epoch, before its pages. times(): TIMES ops, applied after the epoch's pages,
+    because writing a page moves the receiver's mtime. scan(): the files to read.
+    dropped: file ids that no longer exist; their page tables can go.
+    """
+
+    def __init__(self, old: Snapshot | None, new: Snapshot, found: _Found) -> None:
+        self.old = old
+        self.new = new
+        self.found = found
+        gone: set[int] = set()
+        if old is not None:
+            gone = {old.fid[o] for o in found.left} - found.staying
+        self.dropped = sorted(gone)
+
+    def empty(self) -> bool:
+        f = self.found
+        return not (f.left or f.gone_other or f.gone_dirs or f.new_dirs or f.new_other
+                    or f.moved_in or f.created or f.meta or f.times or f.scan)
+
+    def summary(self) -> dict[str, int]:
+        """Counts for the progress log."""
+        f = self.found
+        return {"moved": len(f.moved_in), "created": len(f.created), "dropped": len(self.dropped),
+                "dirs_added": len(f.new_dirs), "dirs_removed": len(f.gone_dirs),
+                "scan": len(f.scan)}
+
+    def ops(self) -> Iterator[TreeOp]:
+        old, new, f = self.old, self.new, self.found
+        if old is not None:
+            lefts = [(o, old.fid[o]) for o in f.left]
+            for o, fid in lefts:
+                if fid in f.staying:
+                    yield TreeOp(Op.UNLINK, old.path(o), fid)
+            for o, fid in lefts:
+                if fid not in f.staying:
+                    yield TreeOp(Op.UNLINK, old.path(o), fid)
+            for fid in self.dropped:
+                yield TreeOp(Op.DROP, fid=fid)
+            for o in f.gone_other:
+                yield TreeOp(Op.REMOVE, old.path(o))
+            for o in reversed(f.gone_dirs):
+                yield TreeOp(Op.RMDIR, old.path(o))
+        for c in f.new_dirs:
+            yield TreeOp(Op.MKDIR, new.path(c), mode=new.mode[c])
+        for c in f.moved_in:
+            yield TreeOp(Op.LINK, new.path(c), new.fid[c])
+        for c in f.created:
+            yield TreeOp(Op.CREATE, new.path(c), new.fid[c], mode=new.mode[c], uid=new.uid[c],
+                         gid=new.gid[c], size=new.size[c])
+        for c in f.extra_links:
+            yield TreeOp(Op.LINK, new.path(c), new.fid[c])
+        for c in f.new_other:
+            yield _create_other(new, c)
+        for c in f.meta:
+            file = new.kind[c] == FILE
+            yield TreeOp(Op.META, new.path(c), new.fid[c] if file else -1, mode=new.mode[c],
+                         uid=new.uid[c], gid=new.gid[c], size=new.size[c] if file else -1)
+
+    def times(self) -> Iterator[TreeOp]:
+        new = self.new
+        for c in self.found.times:
+            fid = new.fid[c] if new.kind[c] == FILE else -1
+            yield TreeOp(Op.TIMES, new.path(c), fid, mtime_ns=new.mtime[c])
+
+    def scan(self) -> Iterator[ScanItem]:
+        new = self.new
+        for c in self.found.scan:
+            yield ScanItem(new.fid[c], new.path(c), new.dev[c], new.ino[c], new.size[c])
+
+
+def _create_other(new: Snapshot, c: int) -> TreeOp:
+    kind = new.kind[c]
+    if kind == SYMLINK:
+        return TreeOp(Op.SYMLINK, new.path(c), uid=new.uid[c], gid=new.gid[c],
+                      target=new.target[c])
+    return TreeOp(Op.MKNOD, new.path(c), mode=_IFMT[kind] | new.mode[c], uid=new.uid[c],
+                  gid=new.gid[c], rdev=new.rdev.get(c, 0))
 
 
 class TreeTracker:
@@ -54,12 +166,10 @@ class TreeTracker:
         """The delta from the last snapshot to NEW, which becomes the last snapshot.
 
         mapped: (dev, ino) of files some process maps shared and writable (see
-        procmaps.shared_writable_mapped); they are scanned even when their stat
-        did not change, because writes through a mapping do not move mtime.
+        procmaps.shared_writable_mapped); they are read even when their stat did not
+        change, because writes through a mapping do not move mtime.
         """
-        differ = _Differ(self.snapshot, new, self.next_fid, mapped)
-        delta = differ.run()
-        self.next_fid = differ.next_fid
+        delta, self.next_fid = diff_snapshots(self.snapshot, new, self.next_fid, mapped)
         self.snapshot = new
         return delta
 
@@ -70,7 +180,13 @@ def diff_snapshots(
     """The delta from OLD (None: an empty replica) to NEW, and the next free file id.
     Assigns NEW's file ids as a side effect."""
     differ = _Differ(old, new, next_fid, mapped)
-    return differ.run(), differ.next_fid
+    if old is None:
+        for c in new.child_range(0):
+            differ.add(c)
+    else:
+        differ.match(old)
+    differ.resolve()
+    return TreeDelta(old, new, differ.found), differ.next_fid
 
 
 class _Differ:
@@ -81,56 +197,41 @@ class _Differ:
         self.new = new
         self.next_fid = next_fid
         self.mapped = mapped
-        self.left: dict[int, list[bytes]] = {}  # old fid -> paths it no longer has
+        self.found = _Found()
+        self.added_files = array("i")  # new, resolved to moves, links or new ids later
         self.left_key: dict[Key, int] = {}
-        self.left_idx: dict[int, int] = {}  # old fid -> an old index of it
-        self.gone_other: list[bytes] = []
-        self.gone_dirs: list[bytes] = []  # pre-order: ancestors before descendants
-        self.added_dirs: list[tuple[bytes, int]] = []
-        self.added_files: list[tuple[int, bytes]] = []
-        self.added_other: list[tuple[int, bytes]] = []
-        self.same: list[tuple[int, int, bytes]] = []  # linked files whose path kept its inode
-        self.meta: list[TreeOp] = []
-        self.times: list[TreeOp] = []
-        self.scan: list[ScanItem] = []
+        self.left_at: dict[int, int] = {}  # old fid -> an old index of it
+        self.same: list[tuple[int, int]] = []  # linked files whose path kept its inode
 
-    def run(self) -> TreeDelta:
-        if self.old is None:
-            for c in self.new.child_range(0):
-                self._add(c, self.new.name(c))
-        else:
-            self._match(self.old)
-        return self._resolve()
-
-    def _match(self, old: Snapshot) -> None:
+    def match(self, old: Snapshot) -> None:
+        """Pair old and new entries by path, directory by directory from the root."""
         new = self.new
-        stack = [(0, 0, b"")]
+        stack = [(0, 0)]
         while stack:
-            od, nd, path = stack.pop()
+            od, nd = stack.pop()
             orange, nrange = old.child_range(od), new.child_range(nd)
             onames = [old.name(i) for i in orange]
             nnames = [new.name(i) for i in nrange]
-            if onames == nnames:
-                pairs: list[tuple[int, int, bytes]] = list(zip(orange, nrange, nnames))
-                unmatched: Collection[tuple[bytes, int]] = ()
+            if onames == nnames:  # the common case: the same names in the same order
+                pairs: Collection[tuple[int, int]] = list(zip(orange, nrange))
+                unmatched: Collection[int] = ()
             else:
                 index = dict(zip(onames, orange))
-                pairs = [(index.pop(nm, -1), c, nm) for c, nm in zip(nrange, nnames)]
-                unmatched = index.items()
-            for o, c, name in pairs:
-                cpath = _join(path, name)
-                if o >= 0 and self._same_entry(old, o, c, cpath):
+                pairs = [(index.pop(nm, -1), c) for c, nm in zip(nrange, nnames)]
+                unmatched = index.values()
+            for o, c in pairs:
+                if o >= 0 and self._same_entry(old, o, c):
                     if new.kind[c] == DIR:
-                        stack.append((o, c, cpath))
+                        stack.append((o, c))
                     continue
                 if o >= 0:
-                    self._remove(old, o, cpath)
-                self._add(c, cpath)
-            for name, o in unmatched:
-                self._remove(old, o, _join(path, name))
+                    self._remove(old, o)
+                self.add(c)
+            for o in unmatched:
+                self._remove(old, o)
 
-    def _same_entry(self, old: Snapshot, o: int, c: int, path: bytes) -> bool:
-        """True when the entry at PATH is still the same thing (metadata aside)."""
+    def _same_entry(self, old: Snapshot, o: int, c: int) -> bool:
+        """True when the entry at a path is still the same thing (metadata aside)."""
         new = self.new
         kind = new.kind[c]
         if old.kind[o] != kind:
@@ -142,61 +243,58 @@ class _Differ:
                 return False
             new.fid[c] = old.fid[o]
             if new.nlink[c] > 1 or old.nlink[o] > 1:
-                self.same.append((o, c, path))  # resolved with moves and links
+                self.same.append((o, c))  # resolved with moves and links
             else:
-                self._file_changes(old, o, c, new.fid[c], path)
+                self._file_changes(old, o, c)
             return True
         if kind == SYMLINK:
             if old.target[o] != new.target[c]:
                 return False
         elif old.rdev.get(o) != new.rdev.get(c):
             return False
-        self._other_meta(old, o, c, path)
+        if (old.mode[o], old.uid[o], old.gid[o]) != (new.mode[c], new.uid[c], new.gid[c]):
+            self.found.meta.append(c)
+        if old.mtime[o] != new.mtime[c]:
+            self.found.times.append(c)
         return True
 
-    def _remove(self, old: Snapshot, o: int, path: bytes) -> None:
-        stack = [(o, path)]
+    def _remove(self, old: Snapshot, o: int) -> None:
+        found = self.found
+        stack = [o]
         while stack:
-            o, path = stack.pop()
+            o = stack.pop()
             kind = old.kind[o]
             if kind == FILE:
                 fid = old.fid[o]
-                self.left.setdefault(fid, []).append(path)
+                found.left.append(o)
                 self.left_key[old.key(o)] = fid
-                self.left_idx[fid] = o
+                self.left_at[fid] = o
             elif kind == DIR:
-                self.gone_dirs.append(path)
-                stack.extend((k, _join(path, old.name(k))) for k in old.child_range(o))
+                found.gone_dirs.append(o)
+                stack.extend(reversed(old.child_range(o)))
             else:
-                self.gone_other.append(path)
+                found.gone_other.append(o)
 
-    def _add(self, c: int, path: bytes) -> None:
-        new = self.new
-        stack = [(c, path)]
+    def add(self, c: int) -> None:
+        new, found = self.new, self.found
+        stack = [c]
         while stack:
-            c, path = stack.pop()
+            c = stack.pop()
             kind = new.kind[c]
             if kind == FILE:
-                self.added_files.append((c, path))
+                self.added_files.append(c)
             elif kind == DIR:
-                self.added_dirs.append((path, c))
-                stack.extend((k, _join(path, new.name(k))) for k in new.child_range(c))
+                found.new_dirs.append(c)
+                stack.extend(reversed(new.child_range(c)))
             else:
-                self.added_other.append((c, path))
+                found.new_other.append(c)
+                found.times.append(c)
 
-    def _other_meta(self, old: Snapshot, o: int, c: int, path: bytes) -> None:
-        new = self.new
-        if (old.mode[o], old.uid[o], old.gid[o]) != (new.mode[c], new.uid[c], new.gid[c]):
-            self.meta.append(
-                TreeOp(Op.META, path, mode=new.mode[c], uid=new.uid[c], gid=new.gid[c])
-            )
-        if old.mtime[o] != new.mtime[c]:
-            self.times.append(TreeOp(Op.TIMES, path, mtime_ns=new.mtime[c]))
-
-    def _file_changes(self, old: Snapshot, o: int, c: int, fid: int, path: bytes) -> None:
+    def _file_changes(self, old: Snapshot, o: int, c: int) -> None:
         """The stat shortcut: read a file only when size, mtime or ctime moved (the
-        inode is equal by construction), or when a process maps it shared-writable."""
-        new = self.new
+        inode is equal by construction), when it was racily clean, or when a process
+        maps it shared-writable."""
+        new, found = self.new, self.found
         content = (
             old.ctime[o] >= old.started_ns - RACY_NS
             or old.size[o] != new.size[c]
@@ -205,99 +303,53 @@ class _Differ:
             or (bool(self.mapped) and new.key(c) in self.mapped)
         )
         if content:
-            self.scan.append(ScanItem(fid, path, new.dev[c], new.ino[c], new.size[c]))
+            found.scan.append(c)
         if (old.mode[o], old.uid[o], old.gid[o], old.size[o]) != (
             new.mode[c], new.uid[c], new.gid[c], new.size[c]
         ):
-            self.meta.append(
-                TreeOp(Op.META, path, fid, mode=new.mode[c], uid=new.uid[c], gid=new.gid[c],
-                       size=new.size[c])
-            )
+            found.meta.append(c)
         if content or old.mtime[o] != new.mtime[c]:
-            self.times.append(TreeOp(Op.TIMES, path, fid, mtime_ns=new.mtime[c]))
+            found.times.append(c)
 
-    def _resolve(self) -> TreeDelta:
-        old, new = self.old, self.new
+    def resolve(self) -> None:
+        """Turn the paths files gained into moves, links and new file ids."""
+        old, new, found = self.old, self.new, self.found
         known = dict(self.left_key)
         linked: set[int] = set()  # fids with several paths, compared once
-        for o, c, path in self.same:
+        for o, c in self.same:
+            assert old is not None
             fid = new.fid[c]
             known[new.key(c)] = fid
-            if fid in linked:
-                continue
-            linked.add(fid)
-            assert old is not None
-            self._file_changes(old, o, c, fid, path)
-        moved_in: dict[int, list[bytes]] = {}
-        created: dict[int, list[tuple[int, bytes]]] = {}
-        for c, path in self.added_files:
+            if fid not in linked:
+                linked.add(fid)
+                self._file_changes(old, o, c)
+        moved: set[int] = set()
+        fresh: set[int] = set()  # new fids with more than one link
+        for c in self.added_files:
             key = new.key(c)
-            found = known.get(key)
-            if found is None:
+            found_fid = known.get(key)
+            if found_fid is None:
                 fid = self.next_fid
                 self.next_fid += 1
-                known[key] = fid
-                created[fid] = [(c, path)]
                 new.fid[c] = fid
+                if new.nlink[c] > 1:  # a single-link file can't be met again
+                    known[key] = fid
+                    fresh.add(fid)
+                found.created.append(c)
+                found.scan.append(c)
+                found.times.append(c)
                 continue
-            fid = found
-            if fid in created:
-                created[fid].append((c, path))
-            else:
-                if fid not in moved_in and fid not in linked:
-                    assert old is not None
-                    self._file_changes(old, self.left_idx[fid], c, fid, path)
-                moved_in.setdefault(fid, []).append(path)
+            fid = found_fid
             new.fid[c] = fid
-        return self._ordered(moved_in, linked, created)
-
-    def _ordered(
-        self,
-        moved_in: dict[int, list[bytes]],
-        linked: set[int],
-        created: dict[int, list[tuple[int, bytes]]],
-    ) -> TreeDelta:
-        new = self.new
-        out: list[TreeOp] = []
-        gone: list[TreeOp] = []
-        dropped: list[int] = []
-        for fid, paths in self.left.items():
-            if fid in moved_in or fid in linked:
-                out.extend(TreeOp(Op.UNLINK, p, fid) for p in paths)
-            else:
-                gone.extend(TreeOp(Op.UNLINK, p, fid) for p in paths)
-                gone.append(TreeOp(Op.DROP, fid=fid))
-                dropped.append(fid)
-        gone.extend(TreeOp(Op.REMOVE, p) for p in self.gone_other)
-        ops = out + gone
-        ops.extend(TreeOp(Op.RMDIR, p) for p in reversed(self.gone_dirs))
-        ops.extend(TreeOp(Op.MKDIR, p, mode=new.mode[c]) for p, c in self.added_dirs)
-        for fid, paths in moved_in.items():
-            ops.extend(TreeOp(Op.LINK, p, fid) for p in paths)
-        for fid, entries in created.items():
-            c, first = entries[0]
-            ops.append(
-                TreeOp(Op.CREATE, first, fid, mode=new.mode[c], uid=new.uid[c], gid=new.gid[c],
-                       size=new.size[c])
-            )
-            ops.extend(TreeOp(Op.LINK, p, fid) for _, p in entries[1:])
-            self.scan.append(ScanItem(fid, first, new.dev[c], new.ino[c], new.size[c]))
-            self.times.append(TreeOp(Op.TIMES, first, fid, mtime_ns=new.mtime[c]))
-        for c, path in self.added_other:
-            ops.append(self._create_other(c, path))
-            self.times.append(TreeOp(Op.TIMES, path, mtime_ns=new.mtime[c]))
-        ops.extend(self.meta)
-        return TreeDelta(ops=ops, scan=self.scan, times=self.times, dropped=dropped)
-
-    def _create_other(self, c: int, path: bytes) -> TreeOp:
-        new = self.new
-        kind = new.kind[c]
-        if kind == SYMLINK:
-            return TreeOp(Op.SYMLINK, path, uid=new.uid[c], gid=new.gid[c], target=new.target[c])
-        return TreeOp(
-            Op.MKNOD, path, mode=_IFMT[kind] | new.mode[c], uid=new.uid[c], gid=new.gid[c],
-            rdev=new.rdev.get(c, 0),
-        )
+            if fid in fresh:
+                found.extra_links.append(c)
+                continue
+            if fid not in moved and fid not in linked:
+                assert old is not None
+                self._file_changes(old, self.left_at[fid], c)
+            moved.add(fid)
+            found.moved_in.append(c)
+        found.staying = moved | linked
 
 
 def dir_finish(snap: Snapshot) -> list[TreeOp]:
