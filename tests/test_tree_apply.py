@@ -64,6 +64,7 @@ def play_pass(
     """One pass: scan, diff, apply, copy the scanned files' content, set times."""
     snap = scan_tree(src)
     delta = tracker.advance(snap)
+    rep.applier.begin_epoch()
     ops = list(delta.ops())
     if order is not None:
         ops = order(ops)
@@ -313,8 +314,26 @@ def test_negative_control_skipping_the_out_step_breaks_a_swap(tmp_path: Path) ->
     tracker = TreeTracker()
     play_pass(src, tracker, rep)
     _cycle(src, ["a", "b"])
-    with pytest.raises(ProtocolError):
-        play_pass(src, tracker, rep, order=_moved_first)
+    broken = _moved_first(list(tracker.advance(scan_tree(src)).ops()))
+    assert sorted(op.path for op in broken[:2]) == [b"a", b"b"]  # the control's premise
+    rep.applier.begin_epoch()
+    with pytest.raises(ProtocolError, match="LINK of [ab] does not fit the replica: File exists"):
+        rep.applier.apply(broken)
+    rep.close()
+
+
+def test_an_op_out_of_phase_order_is_refused(tmp_path: Path) -> None:
+    """A move applied link-first would work here (no other file holds the new path),
+    but the order is what makes swaps sound, so the receiver enforces it."""
+    rep = Replica(tmp_path)
+    rep.applier.apply([TreeOp(Op.CREATE, b"a", 0, mode=0o644, size=0)])
+    rep.applier.begin_epoch()
+    with pytest.raises(ProtocolError, match="UNLINK out of order"):
+        rep.applier.apply([TreeOp(Op.LINK, b"c", 0), TreeOp(Op.UNLINK, b"a", 0)])
+    rep.applier.begin_epoch()
+    rep.applier.apply([TreeOp(Op.CREATE, b"n", 1, mode=0o644, size=0), TreeOp(Op.LINK, b"m", 1)])
+    with pytest.raises(ProtocolError, match="MKDIR out of order"):
+        rep.applier.apply([TreeOp(Op.MKDIR, b"late", mode=0o755)])
     rep.close()
 
 

@@ -82,6 +82,35 @@ PHASES = (
 )
 
 
+#: The rank of each op in the legal order of one epoch: a receiver refuses an op whose
+#: rank is below one it has already applied this epoch. LINK ranks with "in", and is
+#: also legal among "new" (a new file's further hard links follow its CREATE).
+RANK = {
+    Op.UNLINK: 1,
+    Op.DROP: 2,
+    Op.REMOVE: 2,
+    Op.RMDIR: 3,
+    Op.MKDIR: 4,
+    Op.LINK: 5,
+    Op.CREATE: 6,
+    Op.SYMLINK: 6,
+    Op.MKNOD: 6,
+    Op.META: 7,
+    Op.TIMES: 8,
+    Op.DIRMETA: 9,
+}
+
+
+def check_rank(op: Op, current: int) -> int:
+    """The rank after OP when CURRENT was reached, or ProtocolError if OP comes too
+    late in the epoch: an op out of phase order can land on a path another op has
+    yet to free, which is how a swap would lose a file."""
+    rank = RANK[op]
+    if rank >= current or (op == Op.LINK and current == RANK[Op.CREATE]):
+        return max(rank, current)
+    raise ProtocolError(f"tree {op.name} out of order within the epoch")
+
+
 class TreeOp(NamedTuple):
     """One operation. Unused fields keep their defaults, so a codec can encode only the
     fields an op uses. uid/gid of -1 mean "leave as is"; size -1 means unchanged."""

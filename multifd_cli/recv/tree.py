@@ -23,7 +23,7 @@ import stat
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from multifd_cli.common.treeops import Op, TreeOp, split_path
+from multifd_cli.common.treeops import Op, TreeOp, check_rank, split_path
 from multifd_cli.errors import IOFailure, ProtocolError
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -173,6 +173,11 @@ class TreeApplier:
         self.can_mknod = root if can_mknod is None else can_mknod
         self.skipped: list[bytes] = []
         self._skipped: set[bytes] = set()
+        self._rank = 0
+
+    def begin_epoch(self) -> None:
+        """A new epoch's ops start again from the first phase."""
+        self._rank = 0
 
     def file_fd(self, fid: int) -> int:
         """A read-write descriptor of file id FID for its pages; owned by the cache,
@@ -182,8 +187,12 @@ class TreeApplier:
     def apply(self, ops: Iterable[TreeOp]) -> None:
         """Apply OPS in order. IOFailure for the destination's own failures (a name
         too long for its filesystem, ENOSPC), ProtocolError for a delta that does not
-        fit the replica."""
+        fit the replica or breaks the phase order (common.treeops.RANK) of the epoch
+        since begin_epoch()."""
         for op in ops:
+            if not isinstance(op.op, Op):
+                raise ProtocolError(f"unknown tree operation {op.op!r}")
+            self._rank = check_rank(op.op, self._rank)
             try:
                 self._apply(op)
             except OSError as e:
