@@ -462,6 +462,9 @@ def test_devices_are_skipped_with_one_list_without_mknod(tmp_path: Path) -> None
     rep.applier.apply(ops)
     rep.applier.apply([TreeOp(Op.TIMES, b"null", mtime_ns=10**18)])
     assert rep.applier.skipped == [b"null", b"sock"]
+    rep.applier.begin_epoch()
+    rep.applier.apply([TreeOp(Op.REMOVE, b"null"), TreeOp(Op.MKDIR, b"null", mode=0o755)])
+    assert os.path.isdir(rep.tree / "null")
     assert stat.S_ISFIFO(os.lstat(rep.tree / "pipe").st_mode)
     assert stat.S_IMODE(os.lstat(rep.tree / "pipe").st_mode) == 0o640
     rep.close()
@@ -538,5 +541,32 @@ def test_without_root_a_read_only_file_still_takes_pages() -> None:
             assert (rep.tree / "ro").read_bytes() == b"abc"
             assert stat.S_IMODE(os.lstat(rep.tree / "ro").st_mode) == 0o440
             assert rep.applier.skipped == [b"null"]
+
+        _as_nobody_if_root(body)
+
+
+def test_replica_follows_a_changing_tree_without_root() -> None:
+    """The property test's loop, run as a user: no owners kept, 0400 files reopened
+    for pages, devices never created. Seeded, so that a failure replays."""
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chown(tmp, 65534, 65534)
+
+        def body() -> None:
+            import random
+
+            for seed in range(12):
+                rng = random.Random(seed)
+                base = Path(tmp) / str(seed)
+                src = base / "src"
+                src.mkdir(parents=True)
+                rep = Replica(base)
+                tracker = TreeTracker()
+                for _ in range(4):
+                    for _ in range(15):
+                        mutate(src, rng.choice(WEIGHTED), rng.randrange(50), rng.randrange(50),
+                               rng.randbytes(rng.randrange(300)))
+                    play_pass(src, tracker, rep)
+                    assert_replica_equals(src, rep)
+                rep.close()
 
         _as_nobody_if_root(body)

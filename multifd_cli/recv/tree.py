@@ -225,6 +225,8 @@ class TreeApplier:
             os.unlink(id_name(op.fid), dir_fd=self.ids_fd)
             return
         if op.path in self._skipped:
+            if kind == Op.REMOVE:  # the path is free again for what comes next
+                self._skipped.discard(op.path)
             return
         pfd, name = self.dirs.parent(op.path)
         if kind == Op.UNLINK:
