@@ -13,6 +13,13 @@ Directory descriptors used to resolve paths are cached the same way.
 The delta comes from the peer and is not trusted: every path is split and checked
 (no "..", no absolute path), and each component is opened with O_NOFOLLOW, so no
 symlink inside the tree can redirect an operation outside the staging directory.
+
+Per epoch recv does ``begin_epoch()``, ``apply(ops)``, writes the epoch's pages
+through ``file_fd(fid)``, then ``apply(times)``. At completion: ``apply(dir ops)``
+(DIRMETA), compare ``walk_manifest(staging).digest()`` with send's, then
+``release_ids()`` and move the staging tree into place. Recv channels in other
+processes can keep FdCaches of their own over the same id directory: a file id is
+never reused, so a descriptor of a dropped id only ever writes to an unlinked inode.
 """
 
 from __future__ import annotations
