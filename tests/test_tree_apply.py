@@ -443,6 +443,13 @@ def test_a_symlink_in_the_replica_is_never_followed(tmp_path: Path) -> None:
     rep.close()
 
 
+def test_pages_for_an_unknown_file_id_are_a_protocol_error(tmp_path: Path) -> None:
+    rep = Replica(tmp_path)
+    with pytest.raises(ProtocolError, match="file id 42"):
+        rep.applier.file_fd(42)
+    rep.close()
+
+
 def test_a_name_too_long_for_dest_is_an_io_failure_naming_it(tmp_path: Path) -> None:
     rep = Replica(tmp_path)
     name = b"n" * 300

@@ -189,7 +189,12 @@ class TreeApplier:
     def file_fd(self, fid: int) -> int:
         """A read-write descriptor of file id FID for its pages; owned by the cache,
         valid until the next call into this applier."""
-        return self.files.get(fid)
+        try:
+            return self.files.get(fid)
+        except FileNotFoundError:
+            raise ProtocolError(f"pages for file id {fid}, which the tree does not hold") from None
+        except OSError as e:
+            raise IOFailure(f"file id {fid}: {e.strerror}") from None
 
     def apply(self, ops: Iterable[TreeOp]) -> None:
         """Apply OPS in order. IOFailure for the destination's own failures (a name
