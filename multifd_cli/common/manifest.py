@@ -1,0 +1,206 @@
+"""A tree's manifest: a canonical encoding of its shape and metadata, and its digest.
+
+The completion digest covers page hashes; for a directory source it must cover the
+tree too (paths, types, modes, sizes, symlink targets, hard-link groups, and where
+selected mtimes and owners), or a copy with a missing empty directory or a lost mode
+would verify. Send computes it from its final snapshot, recv by walking its staging
+tree; both feed the same ManifestBuilder in the same canonical order, so equal trees
+give equal digests.
+
+Canonical order: depth-first pre-order from the root (path b""), the children of each
+directory in bytewise order of their names. It needs only one directory's names
+sorted at a time, never the whole tree's paths.
+
+Hard-link groups are encoded as the ordinal of the group's first path in that order,
+so the numbers do not depend on inode numbers, which differ between the two sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import struct
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from multifd_cli.common.treeops import EntryType, entry_type
+from multifd_cli.errors import IOFailure
+
+MAGIC = b"MFDTREE\x01"
+FLAG_MTIME = 0x01
+FLAG_OWNER = 0x02
+FLAG_DEVICES = 0x04
+
+_ENTRY = struct.Struct(">HBHQqIIQq")
+_NO_LINK = -1
+
+
+class ManifestOptions(NamedTuple):
+    """What the digest covers beyond shape, modes and sizes.
+
+    mtimes: file and directory mtimes (always for a directory source).
+    owners: uid/gid; only where the receiver keeps them (it runs as root).
+    devices: char/block device nodes; off when the receiver cannot create them, so
+    that both sides leave out the same entries.
+    """
+
+    mtimes: bool = True
+    owners: bool = False
+    devices: bool = True
+
+    def flags(self) -> int:
+        return (
+            (FLAG_MTIME if self.mtimes else 0)
+            | (FLAG_OWNER if self.owners else 0)
+            | (FLAG_DEVICES if self.devices else 0)
+        )
+
+
+DEFAULT_OPTIONS = ManifestOptions()
+
+
+class ManifestEntry(NamedTuple):
+    """One entry as the manifest sees it. link is the ordinal of the first entry of its
+    hard-link group, or -1 where the file has no other path in the tree."""
+
+    path: bytes
+    kind: EntryType
+    mode: int
+    size: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    rdev: int
+    link: int
+    target: bytes
+
+
+class ManifestBuilder:
+    """Encodes entries given in canonical order and hashes them.
+
+    Feed each entry with its identity key (any hashable that equals for two paths of
+    the same inode, or None when the file has a single path); the builder turns keys
+    into link ordinals. Keep `entries` only in tests: a million-file tree would hold
+    them all.
+    """
+
+    def __init__(self, options: ManifestOptions = DEFAULT_OPTIONS, *, keep: bool = False) -> None:
+        self.options = options
+        self._hash = hashlib.sha256()
+        self._hash.update(MAGIC + bytes([options.flags()]))
+        self._first: dict[object, int] = {}
+        self.count = 0
+        self.entries: list[ManifestEntry] | None = [] if keep else None
+        self.encoded: bytearray | None = bytearray(MAGIC + bytes([options.flags()])) if keep else None
+
+    def add(
+        self,
+        path: bytes,
+        kind: EntryType,
+        *,
+        mode: int,
+        size: int = 0,
+        mtime_ns: int = 0,
+        uid: int = 0,
+        gid: int = 0,
+        rdev: int = 0,
+        target: bytes = b"",
+        key: object = None,
+    ) -> None:
+        """Add one entry; modes are masked to permission bits, irrelevant fields zeroed."""
+        opts = self.options
+        if kind in (EntryType.CHR, EntryType.BLK) and not opts.devices:
+            return
+        link = _NO_LINK
+        if key is not None and kind == EntryType.FILE:
+            link = self._first.setdefault(key, self.count)
+            if link == self.count:
+                link = _NO_LINK  # the first path of its group carries no link
+        entry = ManifestEntry(
+            path=path,
+            kind=kind,
+            mode=0 if kind == EntryType.SYMLINK else stat.S_IMODE(mode),
+            size=size if kind == EntryType.FILE else len(target) if kind == EntryType.SYMLINK else 0,
+            mtime_ns=mtime_ns if opts.mtimes else 0,
+            uid=uid if opts.owners else 0,
+            gid=gid if opts.owners else 0,
+            rdev=rdev if kind in (EntryType.CHR, EntryType.BLK) else 0,
+            link=link,
+            target=target if kind == EntryType.SYMLINK else b"",
+        )
+        data = encode_entry(entry)
+        self._hash.update(data)
+        if self.entries is not None and self.encoded is not None:
+            self.entries.append(entry)
+            self.encoded += data
+        self.count += 1
+
+    def digest(self) -> bytes:
+        """The 32-byte digest of everything added so far, and of the count."""
+        h = self._hash.copy()
+        h.update(struct.pack(">Q", self.count))
+        return h.digest()
+
+
+def encode_entry(e: ManifestEntry) -> bytes:
+    """The canonical bytes of one entry; paths and targets are length-prefixed."""
+    if len(e.path) > 0xFFFF or len(e.target) > 0xFFFF:
+        raise IOFailure(f"tree path too long for the manifest: {e.path!r}")
+    head = _ENTRY.pack(
+        len(e.path), int(e.kind), e.mode, e.size, e.mtime_ns, e.uid, e.gid, e.rdev, e.link
+    )
+    return head + e.path + struct.pack(">H", len(e.target)) + e.target
+
+
+def walk_manifest(
+    root: str | bytes | os.PathLike[str],
+    options: ManifestOptions = DEFAULT_OPTIONS,
+    *,
+    skip_names: frozenset[bytes] = frozenset(),
+    keep: bool = False,
+) -> ManifestBuilder:
+    """The manifest of a directory tree on disk, never following symlinks.
+
+    recv uses it on its staging tree at completion. skip_names leaves out top-level
+    names (the receiver's hidden id directory, if it lives inside the tree). Only
+    files with more than one link are remembered for link groups, so memory stays
+    proportional to hard-linked files.
+    """
+    builder = ManifestBuilder(options, keep=keep)
+    rootb = os.fsencode(root)
+    for path, st in _walk(rootb, skip_names):
+        kind = entry_type(st.st_mode)
+        target = os.readlink(os.path.join(rootb, path)) if kind == EntryType.SYMLINK else b""
+        builder.add(
+            path,
+            kind,
+            mode=st.st_mode,
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            rdev=st.st_rdev,
+            target=target,
+            key=(st.st_dev, st.st_ino) if st.st_nlink > 1 else None,
+        )
+    return builder
+
+
+def _walk(rootb: bytes, skip: frozenset[bytes]) -> Iterator[tuple[bytes, os.stat_result]]:
+    """(path, lstat) in canonical order, without recursion: trees can be deep."""
+    # The root may be a symlink to the tree, as send's SOURCE may; below it, nothing is followed.
+    stack: list[tuple[bytes, os.stat_result]] = [(b"", os.stat(rootb))]
+    while stack:
+        rel, st = stack.pop()
+        yield rel, st
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        with os.scandir(os.path.join(rootb, rel) if rel else rootb) as it:
+            children = [
+                (e.name, e.stat(follow_symlinks=False)) for e in it if rel or e.name not in skip
+            ]
+        children.sort(reverse=True)  # popped in ascending order
+        for name, cst in children:
+            if not stat.S_ISSOCK(cst.st_mode):  # sockets are never part of a tree copy
+                stack.append((rel + b"/" + name if rel else name, cst))

@@ -1,0 +1,233 @@
+"""One snapshot of a source directory tree per pass, in a compact form.
+
+A tree may hold a million files, and the issue allows about 200 bytes per file on
+each side besides page tables. A Python object per entry (an os.stat_result is ~200
+bytes alone) would spend that budget before a path is stored, so a Snapshot keeps
+parallel typed arrays, one slot per entry, and names packed into one bytearray.
+A path is never stored whole: each entry has its parent's index and its own name.
+
+The walk lstat()s every entry and never follows a symlink. The children of one
+directory are appended together, so they are one contiguous index range, and a
+parent always has a smaller index than its children.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from array import array
+from collections.abc import Iterator
+
+from multifd_cli.common.manifest import DEFAULT_OPTIONS, ManifestBuilder, ManifestOptions
+from multifd_cli.common.treeops import EntryType
+from multifd_cli.errors import IOFailure, UsageError
+
+FILE = int(EntryType.FILE)
+DIR = int(EntryType.DIR)
+SYMLINK = int(EntryType.SYMLINK)
+_KINDS = {
+    stat.S_IFREG: FILE,
+    stat.S_IFDIR: DIR,
+    stat.S_IFLNK: SYMLINK,
+    stat.S_IFIFO: int(EntryType.FIFO),
+    stat.S_IFCHR: int(EntryType.CHR),
+    stat.S_IFBLK: int(EntryType.BLK),
+}
+
+
+class Snapshot:
+    """The state of a tree at one walk. Index 0 is the root, whose path is b""."""
+
+    def __init__(self, root: bytes, started_ns: int = 0) -> None:
+        self.root = root
+        # When the walk began, by the wall clock that stamps ctimes (see diff's RACY_NS).
+        self.started_ns = started_ns
+        self.kind = array("B")
+        self.mode = array("H")
+        self.uid = array("I")
+        self.gid = array("I")
+        self.size = array("q")
+        self.mtime = array("q")
+        self.ctime = array("q")
+        self.dev = array("Q")
+        self.ino = array("Q")
+        self.nlink = array("I")
+        self.parent = array("i")
+        self.fid = array("q")  # assigned by the diff; -1 until then and for non-files
+        self.names = bytearray()
+        self.name_end = array("Q")
+        # Rare per-entry values live in dicts keyed by index, not in a slot per entry.
+        self.target: dict[int, bytes] = {}
+        self.rdev: dict[int, int] = {}
+        self.children: dict[int, tuple[int, int]] = {}  # dir index -> (first, count)
+        self.sockets: list[bytes] = []
+
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def add(self, name: bytes, parent: int, st: os.stat_result, kind: int) -> int:
+        """Append one entry; returns its index."""
+        self.kind.append(kind)
+        self.mode.append(st.st_mode & 0o7777)
+        self.uid.append(st.st_uid)
+        self.gid.append(st.st_gid)
+        self.size.append(st.st_size)
+        self.mtime.append(st.st_mtime_ns)
+        self.ctime.append(st.st_ctime_ns)
+        self.dev.append(st.st_dev)
+        self.ino.append(st.st_ino)
+        self.nlink.append(st.st_nlink)
+        self.parent.append(parent)
+        self.fid.append(-1)
+        self.names += name
+        self.name_end.append(len(self.names))
+        return len(self.kind) - 1
+
+    def name(self, i: int) -> bytes:
+        start = self.name_end[i - 1] if i else 0
+        return bytes(self.names[start : self.name_end[i]])
+
+    def path(self, i: int) -> bytes:
+        """The entry's path relative to the root (b"" for the root)."""
+        parts = []
+        while i > 0:
+            parts.append(self.name(i))
+            i = self.parent[i]
+        return b"/".join(reversed(parts))
+
+    def child_range(self, i: int) -> range:
+        first, count = self.children.get(i, (0, 0))
+        return range(first, first + count)
+
+    def key(self, i: int) -> tuple[int, int]:
+        return self.dev[i], self.ino[i]
+
+    def nbytes(self) -> int:
+        """Bytes held by the per-entry arrays (what grows with the tree)."""
+        arrays = (self.kind, self.mode, self.uid, self.gid, self.size, self.mtime, self.ctime,
+                  self.dev, self.ino, self.nlink, self.parent, self.fid, self.name_end)
+        return sum(a.itemsize * len(a) for a in arrays) + len(self.names)
+
+    def walk(self, i: int = 0, path: bytes = b"") -> Iterator[tuple[int, bytes]]:
+        """(index, path) in canonical manifest order: pre-order, names sorted."""
+        stack = [(i, path)]
+        while stack:
+            i, path = stack.pop()
+            yield i, path
+            kids = sorted(((self.name(c), c) for c in self.child_range(i)), reverse=True)
+            for name, c in kids:
+                stack.append((c, path + b"/" + name if path else name))
+
+
+def scan_tree(root: str | bytes | os.PathLike[str], *, one_file_system: bool = False) -> Snapshot:
+    """Walk ROOT once with scandir and lstat and return its Snapshot.
+
+    Errors and their codes:
+    - ROOT missing, not a directory, or a symlink loop: UsageError (exit 2). These are
+      bad arguments, found before pass 1, so nothing was paused.
+    - A subdirectory that cannot be read (EACCES, EIO): IOFailure (exit 7). The same
+      condition can appear mid-run (a chmod during the migration), and one condition
+      should have one code whatever pass finds it; exit 7 is "source I/O error".
+    Entries that vanish between readdir and lstat are skipped: the tree is live, and
+    the next pass sees the change anyway.
+    """
+    rootb = os.fsencode(root)
+    try:
+        st = os.stat(rootb)  # the root itself may be a symlink to a directory, as for rsync DIR/
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError(f"{os.fsdecode(rootb)}: a symlink loop") from None
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise UsageError(f"{os.fsdecode(rootb)}: no such directory") from None
+        raise IOFailure(f"{os.fsdecode(rootb)}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{os.fsdecode(rootb)}: not a directory")
+    snap = Snapshot(rootb, time.time_ns())
+    snap.add(b"", -1, st, DIR)
+    _walk(snap, rootb, st.st_dev if one_file_system else None)
+    return snap
+
+
+def _walk(snap: Snapshot, rootb: bytes, only_dev: int | None) -> None:
+    kinds = _KINDS
+    add = snap.add
+    stack: list[tuple[bytes, int]] = [(rootb, 0)]
+    while stack:
+        dpath, di = stack.pop()
+        first = len(snap)
+        try:
+            with os.scandir(dpath) as it:
+                for entry in it:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                        kind = kinds.get(stat.S_IFMT(st.st_mode))
+                        if kind is None:
+                            snap.sockets.append(_rel(rootb, entry.path))
+                            continue
+                        target = os.readlink(entry.path) if kind == SYMLINK else None
+                    except FileNotFoundError:
+                        continue  # vanished since readdir
+                    i = add(entry.name, di, st, kind)
+                    if target is not None:
+                        snap.target[i] = target
+                    elif kind == DIR:
+                        if only_dev is None or st.st_dev == only_dev:
+                            stack.append((entry.path, i))
+                    elif kind != FILE:
+                        snap.rdev[i] = st.st_rdev
+        except (FileNotFoundError, NotADirectoryError):
+            if di == 0:
+                raise IOFailure(f"{os.fsdecode(rootb)}: the source directory vanished") from None
+            continue  # a subdirectory removed or replaced since its parent was read
+        except OSError as e:
+            raise IOFailure(f"{os.fsdecode(dpath)}: cannot read directory: {e.strerror}") from None
+        if len(snap) > first:
+            snap.children[di] = (first, len(snap) - first)
+
+
+def open_scanned(root: bytes, path: bytes, dev: int, ino: int) -> int | None:
+    """Open a file a delta says to scan, read-only, or None when PATH no longer holds
+    that inode: a live tree may have renamed or replaced it since the walk, and the
+    next pass's delta says where it went. Under the pause nothing moves, so the final
+    pass reads every file it names."""
+    try:
+        fd = os.open(os.path.join(root, path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None  # replaced by a symlink
+        raise IOFailure(f"{os.fsdecode(path)}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (dev, ino) or not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _rel(rootb: bytes, path: bytes) -> bytes:
+    return path[len(rootb) :].lstrip(b"/")
+
+
+def snapshot_manifest(
+    snap: Snapshot, options: ManifestOptions = DEFAULT_OPTIONS, *, keep: bool = False
+) -> ManifestBuilder:
+    """The manifest of a snapshot; equals walk_manifest() of an identical tree."""
+    builder = ManifestBuilder(options, keep=keep)
+    for i, path in snap.walk():
+        kind = EntryType(snap.kind[i])
+        builder.add(
+            path,
+            kind,
+            mode=snap.mode[i],
+            size=snap.size[i],
+            mtime_ns=snap.mtime[i],
+            uid=snap.uid[i],
+            gid=snap.gid[i],
+            rdev=snap.rdev.get(i, 0),
+            target=snap.target.get(i, b""),
+            key=snap.key(i) if snap.nlink[i] > 1 else None,
+        )
+    return builder
