@@ -167,8 +167,9 @@ class KernelTracker:
 
     Use as a context manager, or call close() on every exit path: the instance
     must be removed, and it cannot be while our own reader holds it open.
-    `order="unsound"` exists only so a test can show the other order missing a
-    write.
+    `order="unsound"` and `edge_hook` exist only for tests: the hook runs between
+    the two steps of a pass start, where a racing store shows the unsound order
+    missing a write.
     """
 
     def __init__(
@@ -179,11 +180,13 @@ class KernelTracker:
         tag: str | None = None,
         root_method: str = "auto",
         order: str = "sound",
+        edge_hook: Callable[[], None] | None = None,
     ) -> None:
         global _instances_made
         if order not in ("sound", "unsound"):
             raise ValueError(f"order {order!r}: sound or unsound")
         self.order = order
+        self._edge_hook = edge_hook
         self.paths = list(paths)
         self._fds: dict[str, int] = {}
         self._inodes: dict[int, list[str]] = {}
@@ -259,9 +262,11 @@ class KernelTracker:
             self._next = _Window()
             if self.order == "unsound":
                 self._writeback()
+                self._edge()
                 self._mark()
             else:
                 self._mark()
+                self._edge()
                 self._writeback()
             tail_lost = self._drain(until=self._seq)
             if not tail_lost:
@@ -284,6 +289,10 @@ class KernelTracker:
         w.absorb(self._window)
         w.absorb(self._next)
         return self._ranges(w)
+
+    def _edge(self) -> None:
+        if self._edge_hook is not None:
+            self._edge_hook()
 
     def _mark(self) -> None:
         os.write(self._marker, f"multifd {os.getpid()} {self._seq}".encode())
