@@ -168,8 +168,9 @@ class KernelTracker:
     Use as a context manager, or call close() on every exit path: the instance
     must be removed, and it cannot be while our own reader holds it open.
     `order="unsound"` and `edge_hook` exist only for tests: the hook runs between
-    the two steps of a pass start, where a racing store shows the unsound order
-    missing a write.
+    the two steps of a pass start ("between") and before the drain ("before
+    drain"), where a racing store shows the unsound order missing a write and
+    the carried tail of a window being needed.
     """
 
     def __init__(
@@ -180,7 +181,7 @@ class KernelTracker:
         tag: str | None = None,
         root_method: str = "auto",
         order: str = "sound",
-        edge_hook: Callable[[], None] | None = None,
+        edge_hook: Callable[[str], None] | None = None,
     ) -> None:
         global _instances_made
         if order not in ("sound", "unsound"):
@@ -262,12 +263,13 @@ class KernelTracker:
             self._next = _Window()
             if self.order == "unsound":
                 self._writeback()
-                self._edge()
+                self._edge("between")
                 self._mark()
             else:
                 self._mark()
-                self._edge()
+                self._edge("between")
                 self._writeback()
+            self._edge("before drain")
             tail_lost = self._drain(until=self._seq)
             if not tail_lost:
                 break
@@ -290,9 +292,9 @@ class KernelTracker:
         w.absorb(self._next)
         return self._ranges(w)
 
-    def _edge(self) -> None:
+    def _edge(self, stage: str) -> None:
         if self._edge_hook is not None:
-            self._edge_hook()
+            self._edge_hook(stage)
 
     def _mark(self) -> None:
         os.write(self._marker, f"multifd {os.getpid()} {self._seq}".encode())
