@@ -5,6 +5,7 @@ Usage: python ktrace_writer.py PATH MODE SEED
 MODE is one of:
   pwrite  buffered 4 KiB pwrites, mostly into a hot set of pages, some anywhere
   mmap    the same stores through a shared mapping
+  direct  the same pwrites with O_DIRECT, bypassing the page cache
   flush   no writes: force writeback of PATH in a loop, like the kernel's flusher
 
 Every store writes a new counter, so a page missed by the tracker differs from
@@ -66,6 +67,21 @@ def write_mmap(path: str, rng: random.Random) -> None:
             time.sleep(0.001)
 
 
+def write_direct(path: str, rng: random.Random) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    size = os.fstat(fd).st_size
+    buf = mmap.mmap(-1, PAGE)  # page-aligned, as O_DIRECT wants
+    counter = 0
+    print("ready", flush=True)
+    while True:
+        counter += 1
+        page = _pages(size, rng)
+        buf[:] = _stamp(counter, page)
+        os.pwritev(fd, [buf], page * PAGE)
+        if counter % 8 == 0:
+            time.sleep(0.001)
+
+
 def flush(path: str) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(path, os.O_RDONLY)
@@ -82,6 +98,8 @@ def main() -> None:
         write_pwrite(path, rng)
     elif mode == "mmap":
         write_mmap(path, rng)
+    elif mode == "direct":
+        write_direct(path, rng)
     elif mode == "flush":
         flush(path)
     else:

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
+from multifd_cli.send.ktrace.bio import Bio, parse_bio
+
 FOLIO_EVENT = "writeback/writeback_dirty_folio"
 FOLIO_FORMAT = '"bdi %s: ino=%lu index=%lu"'
 
@@ -77,11 +79,11 @@ class Unknown:
     line: str
 
 
-Event = Union[Folio, NoPage, Marker, Lost, Unknown]
+Event = Union[Folio, NoPage, Marker, Lost, Unknown, Bio]
 
 
 def parse_line(line: str) -> Event | None:
-    """One trace_pipe line; None for blank lines."""
+    """One trace_pipe line; None for blank lines and block events that write nothing."""
     if not line.strip():
         return None
     lost = _LOST.match(line.strip())
@@ -99,6 +101,11 @@ def parse_line(line: str) -> Event | None:
         if f is None:
             return Unknown(line)
         return Folio(ts_us, int(f.group(2)), int(f.group(3)), f.group(1))
+    if name in ("block_bio_queue", "block_rq_complete"):
+        try:
+            return parse_bio(ts_us, body, completion=name == "block_rq_complete")
+        except ValueError:
+            return Unknown(line)
     if name == MARKER_EVENT:
         return Marker(ts_us, body.strip())
     if any(name == e.split("/")[1] for e in NOPAGE_EVENTS):

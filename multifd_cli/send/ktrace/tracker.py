@@ -30,11 +30,12 @@ import errno
 import os
 import stat
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, cast
 
-from multifd_cli.send.ktrace import parse, tracefs
+from multifd_cli.send.ktrace import bio, parse, tracefs
 from multifd_cli.send.ktrace.safety import SourceStat, grown_range, rescan_reason
 
 WAIT_BEFORE, WRITE, WAIT_AFTER = 1, 2, 4
@@ -43,6 +44,7 @@ MAX_FOLIO_BYTES = 2 << 20  # the page cache's largest folio on x86-64 and arm64 
 SUPPORTED_FS = ("ext4", "ext3", "ext2", "xfs")
 _STAT_COUNTERS = ("overrun:", "commit overrun:", "dropped events:")
 _RESYNC_ATTEMPTS = 3
+_MAX_INFLIGHT = 8192
 
 _instances_made = 0
 
@@ -54,11 +56,13 @@ class _Window:
     folios: dict[int, set[int]] = field(default_factory=dict)  # ino -> folio indexes
     nopage: dict[int, str] = field(default_factory=dict)  # ino -> event name
     lost: list[str] = field(default_factory=list)  # why events may be missing
+    bios: list[bio.Bio] = field(default_factory=list)  # writes that bypassed the page cache
     events: int = 0
 
     def absorb(self, other: _Window) -> None:
         for ino, idx in other.folios.items():
             self.folios.setdefault(ino, set()).update(idx)
+        self.bios.extend(other.bios)
         self.nopage.update(other.nopage)
         self.lost.extend(other.lost)
         self.events += other.events
@@ -109,6 +113,16 @@ def _fs_reason(path: str) -> str | None:
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         return f"{path} is not a regular file"
     fstype = _fstype_of(st)
+    if stat.S_ISREG(st.st_mode) and fstype in SUPPORTED_FS:
+        try:
+            bio.disk_of(st.st_dev)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                bio.fiemap(fd)
+            finally:
+                os.close(fd)
+        except (bio.DirectUnavailable, OSError) as e:
+            return f"O_DIRECT writes could not be mapped back to {path}: {e}"
     if fstype in ("tmpfs", "ramfs", "hugetlbfs"):
         return f"{fstype} has no writeback, so it emits no dirty events"
     if fstype == "overlay":
@@ -181,6 +195,7 @@ class KernelTracker:
         tag: str | None = None,
         root_method: str = "auto",
         order: str = "sound",
+        direct: bool = True,
         edge_hook: Callable[[str], None] | None = None,
     ) -> None:
         global _instances_made
@@ -201,6 +216,10 @@ class KernelTracker:
         self._max_folio_pages = max(MAX_FOLIO_BYTES // self._page, 1)
         self._sfr = _sync_file_range()
         self._inst: tracefs.Instance | None = None
+        self._extents: dict[str, bio.ExtentMap] = {}
+        self._inflight: list[bio.Bio] = []  # queued by others, not yet seen completing
+        self._tid = 0
+        self.direct_off: dict[str, str] = {}  # sources whose O_DIRECT writes go unseen, and why
         self._root, self.method = tracefs.open_root(root_method)
         if tag is None:
             _instances_made += 1
@@ -214,6 +233,8 @@ class KernelTracker:
                 st = os.fstat(fd)
                 self._inodes.setdefault(st.st_ino, []).append(p)
                 self._stats[p] = SourceStat.of(st)
+                if direct:
+                    self._map_direct(p, fd, st)
             self._inst = tracefs.Instance(self._root, name)
             self._configure(self._inst, buffer_kb)
             self._pipe = self._inst.open_fd("trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
@@ -222,6 +243,15 @@ class KernelTracker:
         except BaseException:
             self.close()
             raise
+
+    def _map_direct(self, path: str, fd: int, st: os.stat_result) -> None:
+        try:
+            m = bio.ExtentMap(fd, bio.disk_of(st.st_dev))
+            m.refresh()
+        except (bio.DirectUnavailable, OSError) as e:
+            self.direct_off[path] = str(e)
+            return
+        self._extents[path] = m
 
     @property
     def instance_name(self) -> str:
@@ -246,7 +276,20 @@ class KernelTracker:
         for ev in events:
             inst.write(f"events/{ev}/filter", filt)
             inst.write(f"events/{ev}/enable", "1")
+        if self._extents:
+            self._set_bio_filters(inst)
+            for ev in (bio.QUEUE_EVENT, bio.COMPLETE_EVENT):
+                inst.write(f"events/{ev}/enable", "1")
         inst.write("tracing_on", "1")
+
+    def _set_bio_filters(self, inst: tracefs.Instance) -> None:
+        """Block events of the sources' disks, without the bios of our own writeback."""
+        disks = sorted({m.disk.disk_dev for m in self._extents.values()})
+        # No sector filter: a new extent allocated after it was set would be missed.
+        dev_filt = " || ".join(f"dev == {bio.kernel_dev(d)}" for d in disks)
+        self._tid = threading.get_native_id()
+        inst.write(f"events/{bio.QUEUE_EVENT}/filter", f"({dev_filt}) && common_pid != {self._tid}")
+        inst.write(f"events/{bio.COMPLETE_EVENT}/filter", dev_filt)
 
     # -- passes ----------------------------------------------------------
 
@@ -300,6 +343,8 @@ class KernelTracker:
         os.write(self._marker, f"multifd {os.getpid()} {self._seq}".encode())
 
     def _writeback(self) -> None:
+        if self._extents and self._inst is not None and threading.get_native_id() != self._tid:
+            self._set_bio_filters(self._inst)  # the writeback's bios carry this thread's id
         for fd in self._fds.values():
             if self._sfr is not None and self._sfr(fd, 0, 0, WAIT_BEFORE | WRITE | WAIT_AFTER) == 0:
                 continue
@@ -361,6 +406,19 @@ class KernelTracker:
                 win.folios.setdefault(ev.ino, set()).add(ev.index)
                 win.events += 1
             return False
+        if isinstance(ev, bio.Bio):
+            if not ev.completion:
+                self._inflight.append(ev)
+                if len(self._inflight) > _MAX_INFLIGHT:
+                    # A bio-based disk never completes a request; keep the newest.
+                    del self._inflight[: _MAX_INFLIGHT // 2]
+                win.bios.append(ev)
+                win.events += 1
+            elif any(q.overlaps(ev) for q in self._inflight):
+                self._inflight = [q for q in self._inflight if not q.overlaps(ev)]
+                win.bios.append(ev)
+                win.events += 1
+            return False
         if isinstance(ev, parse.NoPage):
             if ev.ino in self._inodes:
                 win.nopage[ev.ino] = ev.event
@@ -386,12 +444,22 @@ class KernelTracker:
     def _ranges(self, w: _Window) -> dict[str, list[tuple[int, int]]]:
         out: dict[str, list[tuple[int, int]]] = {}
         for ino, idx in w.folios.items():
-            spans = parse.merge_ranges(
-                [parse.folio_extent(i, self._page, self._max_folio_pages) for i in idx]
-            )
+            spans = [parse.folio_extent(i, self._page, self._max_folio_pages) for i in idx]
             for p in self._inodes.get(ino, []):
                 out[p] = spans
-        return out
+        if w.bios:
+            for p, m in self._extents.items():
+                # After the drain: a write into a hole allocated its extent before its bio.
+                try:
+                    m.refresh()
+                except (bio.DirectUnavailable, OSError) as e:
+                    w.nopage[os.fstat(m.fd).st_ino] = f"FIEMAP ({e})"
+                    continue
+                disk = m.disk.disk_dev
+                hits = [r for b in w.bios if b.dev == disk for r in m.map(b)]
+                if hits:
+                    out[p] = out.get(p, []) + hits
+        return {p: parse.merge_ranges(spans) for p, spans in out.items()}
 
     def _report(
         self,
