@@ -377,7 +377,8 @@ def _live_copy(
     src: Path, writer_mode: str, flusher: bool, passes: int = 8, seed: int = 5
 ) -> list[PassWindow]:
     """Migrate src into memory while a writer runs; verify equal at the pause."""
-    size = src.stat().st_size
+    with open(src, "rb") as f:
+        size = f.seek(0, os.SEEK_END)  # a block device's st_size is 0
     copy = bytearray(size)
     procs = [_start([str(WRITER), str(src), writer_mode, str(seed)])]
     if flusher:
@@ -548,6 +549,63 @@ def test_odirect_on_a_partitioned_loop_device(kdir: Path) -> None:
         assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@pytest.fixture
+def loop_disk(kdir: Path) -> Iterator[str]:
+    """A 64 MiB loop device with one partition at sector 2048, added with BLKPG."""
+    import shutil
+
+    missing = [t for t in ("losetup", "addpart") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"missing {missing}")
+    img = kdir / "loop.img"
+    make_source(img, 64 << 20, seed=9)
+    dev = subprocess.run(
+        ["losetup", "-P", "-f", "--show", str(img)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        subprocess.run(["addpart", dev, "1", "2048", str((32 << 20) // 512)], check=True)
+        for _ in range(100):
+            if os.path.exists(f"{dev}p1"):
+                break
+            time.sleep(0.02)
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_block_device_sources(loop_disk: str) -> None:
+    """Whole disk and partition: buffered, mmap and O_DIRECT writes, each mapped back."""
+    part = f"{loop_disk}p1"
+    ok, why = available(part)
+    assert ok, why
+    with KernelTracker([loop_disk, part]) as t:
+        assert not t.direct_off, t.direct_off
+        t.begin_pass()
+        fd = os.open(part, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"b" * PAGE, 10 * PAGE)
+            m = mmap.mmap(fd, 32 << 20, mmap.MAP_SHARED)
+            m[(20 << 20) + 5] = 1
+            m.close()
+        finally:
+            os.close(fd)
+        _direct_write(Path(part), 3 << 20, b"D" * PAGE)
+        _direct_write(Path(loop_disk), 50 << 20, b"E" * PAGE)
+        w = t.begin_pass()
+        assert not w.full, w.reason
+        for off in (10 * PAGE, (20 << 20) + 5, 3 << 20):
+            assert in_ranges(w, Path(part), off), (off, w.ranges)
+        assert in_ranges(w, Path(loop_disk), 50 << 20), w.ranges
+        # The partition's O_DIRECT write is the disk's too, 1 MiB (2048 sectors) further on.
+        assert in_ranges(w, Path(loop_disk), (3 << 20) + (2048 * 512)), w.ranges
+
+
+@pytest.mark.parametrize("mode", ["pwrite", "direct"])
+def test_live_writer_on_a_block_device(loop_disk: str, mode: str) -> None:
+    windows = _live_copy(Path(loop_disk), mode, flusher=False, seed=3)
+    assert any(w.ranges and not w.rescan for w in windows[1:])
 
 
 _OWNER = """

@@ -39,7 +39,7 @@ def _pages(size: int, rng: random.Random) -> int:
 
 def write_pwrite(path: str, rng: random.Random) -> None:
     fd = os.open(path, os.O_RDWR)
-    size = os.fstat(fd).st_size
+    size = os.lseek(fd, 0, os.SEEK_END)  # st_size is 0 for a block device
     counter = 0
     print("ready", flush=True)
     while True:
@@ -52,7 +52,7 @@ def write_pwrite(path: str, rng: random.Random) -> None:
 
 def write_mmap(path: str, rng: random.Random) -> None:
     fd = os.open(path, os.O_RDWR)
-    size = os.fstat(fd).st_size
+    size = os.lseek(fd, 0, os.SEEK_END)  # st_size is 0 for a block device
     m = mmap.mmap(fd, size, mmap.MAP_SHARED)
     counter = 0
     print("ready", flush=True)
@@ -69,7 +69,7 @@ def write_mmap(path: str, rng: random.Random) -> None:
 
 def write_direct(path: str, rng: random.Random) -> None:
     fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-    size = os.fstat(fd).st_size
+    size = os.lseek(fd, 0, os.SEEK_END)  # st_size is 0 for a block device
     buf = mmap.mmap(-1, PAGE)  # page-aligned, as O_DIRECT wants
     counter = 0
     print("ready", flush=True)

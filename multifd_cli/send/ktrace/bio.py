@@ -12,6 +12,10 @@ are filtered out in the kernel by thread id, and a completion is reported only
 when it overlaps a write someone else queued, so buffered writes are not
 reported a second time one pass later.
 
+A block-device source needs no FIEMAP: its offsets are its own sectors. Its
+buffered writes dirty the device's own page cache, whose inode number is the
+device number, so the folio event covers those.
+
 Both events carry the whole disk's device and whole-disk sectors (a partition's
 bios are remapped before they are traced), while FIEMAP gives physical offsets
 relative to the filesystem's own device, the partition. So the partition's start
@@ -177,3 +181,21 @@ class ExtentMap:
                 out.append((logical + s - ds, logical + e - ds))
             i += 1
         return out
+
+
+class DeviceMap:
+    """A block-device source: its byte offsets are its sectors, past its partition start."""
+
+    def __init__(self, fd: int, disk: Disk) -> None:
+        self.fd = fd
+        self.disk = disk
+
+    def refresh(self) -> None:
+        """Nothing moves on a device."""
+
+    def map(self, bio: Bio) -> list[tuple[int, int]]:
+        size = os.lseek(self.fd, 0, os.SEEK_END)
+        lo = (bio.sector - self.disk.start_sector) * SECTOR
+        hi = lo + bio.sectors * SECTOR
+        lo, hi = max(lo, 0), min(hi, size)
+        return [(lo, hi)] if lo < hi else []

@@ -26,6 +26,7 @@ until the window after its marker is intact, so the pass after is exact again.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import os
 import stat
@@ -109,7 +110,11 @@ def _fs_reason(path: str) -> str | None:
     except OSError as e:
         return f"cannot stat {path}: {e.strerror}"
     if stat.S_ISBLK(st.st_mode):
-        return "a block-device source needs the block_bio_queue path, which is not built yet"
+        try:
+            bio.disk_of(st.st_rdev)
+        except (bio.DirectUnavailable, OSError) as e:
+            return f"block device {path}: {e}"
+        return None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         return f"{path} is not a regular file"
     fstype = _fstype_of(st)
@@ -132,6 +137,22 @@ def _fs_reason(path: str) -> str | None:
     if fstype not in SUPPORTED_FS:
         return f"{fstype or 'unknown filesystem'}: dirty events not verified there"
     return None
+
+
+def _page_cache_ino(st: os.stat_result) -> int:
+    """The inode the folio event names: a device's page cache is keyed by its number."""
+    if stat.S_ISBLK(st.st_mode):
+        return bio.kernel_dev(st.st_rdev)
+    return st.st_ino
+
+
+def _stat(fd: int) -> SourceStat:
+    """stat for the safety net; a device's size is where its end is, not st_size (0)."""
+    st = os.fstat(fd)
+    s = SourceStat.of(st)
+    if stat.S_ISBLK(st.st_mode):
+        s = dataclasses.replace(s, size=os.lseek(fd, 0, os.SEEK_END))
+    return s
 
 
 def _check_format(inst: tracefs.Instance) -> str | None:
@@ -216,7 +237,7 @@ class KernelTracker:
         self._max_folio_pages = max(MAX_FOLIO_BYTES // self._page, 1)
         self._sfr = _sync_file_range()
         self._inst: tracefs.Instance | None = None
-        self._extents: dict[str, bio.ExtentMap] = {}
+        self._extents: dict[str, bio.ExtentMap | bio.DeviceMap] = {}
         self._inflight: list[bio.Bio] = []  # queued by others, not yet seen completing
         self._tid = 0
         self.direct_off: dict[str, str] = {}  # sources whose O_DIRECT writes go unseen, and why
@@ -231,8 +252,8 @@ class KernelTracker:
                 fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
                 self._fds[p] = fd
                 st = os.fstat(fd)
-                self._inodes.setdefault(st.st_ino, []).append(p)
-                self._stats[p] = SourceStat.of(st)
+                self._inodes.setdefault(_page_cache_ino(st), []).append(p)
+                self._stats[p] = _stat(fd)
                 if direct:
                     self._map_direct(p, fd, st)
             self._inst = tracefs.Instance(self._root, name)
@@ -245,8 +266,12 @@ class KernelTracker:
             raise
 
     def _map_direct(self, path: str, fd: int, st: os.stat_result) -> None:
+        m: bio.ExtentMap | bio.DeviceMap
         try:
-            m = bio.ExtentMap(fd, bio.disk_of(st.st_dev))
+            if stat.S_ISBLK(st.st_mode):
+                m = bio.DeviceMap(fd, bio.disk_of(st.st_rdev))
+            else:
+                m = bio.ExtentMap(fd, bio.disk_of(st.st_dev))
             m.refresh()
         except (bio.DirectUnavailable, OSError) as e:
             self.direct_off[path] = str(e)
@@ -296,7 +321,7 @@ class KernelTracker:
     def begin_pass(self) -> PassWindow:
         """Close the current window: stat, marker, writeback, drain. Then the caller reads."""
         t0 = time.perf_counter()
-        now = {p: SourceStat.of(os.fstat(fd)) for p, fd in self._fds.items()}
+        now = {p: _stat(fd) for p, fd in self._fds.items()}
         before = self._stats
         first = self._seq == 0
         for _attempt in range(_RESYNC_ATTEMPTS):
