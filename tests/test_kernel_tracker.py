@@ -611,7 +611,7 @@ def test_live_writer_on_a_block_device(loop_disk: str, mode: str) -> None:
 _OWNER = """
 import sys, time
 from multifd_cli.send.ktrace import KernelTracker
-t = KernelTracker([sys.argv[1]])
+t = KernelTracker([sys.argv[1]], guardian=False)  # as if its guardian died too
 print(t.instance_name, flush=True)
 time.sleep(600)
 """
@@ -629,6 +629,38 @@ def test_stale_instance_swept_after_sigkill(kdir: Path) -> None:
         with KernelTracker([str(src)]) as t:
             assert name in t.swept
         assert name not in tracefs.list_instances(root)
+    finally:
+        os.close(root)
+
+
+_OWNER_ALONE = """
+import sys, time
+from multifd_cli.send.ktrace import KernelTracker
+t = KernelTracker([sys.argv[1]], guardian=sys.argv[2] == "1")
+print(t.instance_name, flush=True)
+time.sleep(600)
+"""
+
+
+def test_guardian_removes_the_instance_after_a_process_group_sigkill(kdir: Path) -> None:
+    src = make_source(kdir / "src", 1 << 20)
+    p = subprocess.Popen(
+        [sys.executable, "-c", _OWNER_ALONE, str(src), "1"],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert p.stdout is not None
+    name = p.stdout.readline().strip()
+    root, _ = tracefs.open_root()
+    try:
+        assert name in tracefs.list_instances(root)
+        os.killpg(p.pid, signal.SIGKILL)  # send and everything in its group
+        p.wait()
+        deadline = time.monotonic() + 10
+        while name in tracefs.list_instances(root):
+            assert time.monotonic() < deadline, f"{name} outlived its owner"
+            time.sleep(0.05)
     finally:
         os.close(root)
 

@@ -209,6 +209,60 @@ def list_instances(root: int) -> list[str]:
         os.close(fd)
 
 
+# Started in its own session, so a SIGKILL of send's whole process group spares
+# it. It holds only the read end of a pipe whose write end lives in send: EOF
+# means send (and anything that inherited the write end) is gone.
+_GUARDIAN = r"""
+import errno, os, sys, time
+root, rd, name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+while True:
+    try:
+        if not os.read(rd, 4096):
+            break
+    except InterruptedError:
+        continue
+for _ in range(250):
+    try:
+        os.rmdir("instances/" + name, dir_fd=root)
+        break
+    except FileNotFoundError:
+        break
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            break
+        time.sleep(0.02)
+"""
+
+
+class Guardian:
+    """Removes an instance once its owner is gone, however it went."""
+
+    def __init__(self, root: int, name: str) -> None:
+        rd, self._wr = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _GUARDIAN, str(root), str(rd), name],
+                pass_fds=(root, rd),
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(rd)
+
+    def release(self) -> None:
+        """The owner closed cleanly: let the guardian go (it finds nothing to remove)."""
+        if self._wr >= 0:
+            os.close(self._wr)
+            self._wr = -1
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 class Instance:
     """One tracefs instance: created on open, removed on close, whatever happened."""
 

@@ -217,6 +217,7 @@ class KernelTracker:
         root_method: str = "auto",
         order: str = "sound",
         direct: bool = True,
+        guardian: bool = True,
         edge_hook: Callable[[str], None] | None = None,
     ) -> None:
         global _instances_made
@@ -240,6 +241,7 @@ class KernelTracker:
         self._extents: dict[str, bio.ExtentMap | bio.DeviceMap] = {}
         self._inflight: list[bio.Bio] = []  # queued by others, not yet seen completing
         self._tid = 0
+        self._guardian: tracefs.Guardian | None = None
         self.direct_off: dict[str, str] = {}  # sources whose O_DIRECT writes go unseen, and why
         self._root, self.method = tracefs.open_root(root_method)
         if tag is None:
@@ -256,6 +258,9 @@ class KernelTracker:
                 self._stats[p] = _stat(fd)
                 if direct:
                     self._map_direct(p, fd, st)
+            if guardian:
+                # Before the instance exists, so no moment is left unguarded.
+                self._guardian = tracefs.Guardian(self._root, name)
             self._inst = tracefs.Instance(self._root, name)
             self._configure(self._inst, buffer_kb)
             self._pipe = self._inst.open_fd("trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
@@ -293,6 +298,11 @@ class KernelTracker:
                 break
             except OSError:
                 continue
+        else:
+            # The default, local, is not ordered across CPUs: the marker would not split.
+            raise tracefs.TracefsUnavailable(
+                "the trace instance takes neither mono nor global clock"
+            )
         inst.write("buffer_size_kb", str(buffer_kb))
         filt = parse.inode_filter(list(self._inodes))
         events = [parse.FOLIO_EVENT] + [
@@ -519,6 +529,9 @@ class KernelTracker:
                 inst, self._inst = self._inst, None
                 inst.close()
         finally:
+            if self._guardian is not None:
+                self._guardian.release()
+                self._guardian = None
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
