@@ -305,6 +305,68 @@ def test_store_after_writeback_is_carried_into_the_next_window(kdir: Path) -> No
         os.close(fd)
 
 
+def _foreign_sync(path: Path) -> None:
+    """sync_file_range from another thread: its bios are not the tracker's own."""
+
+    def sync() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_uint(7))
+        finally:
+            os.close(fd)
+
+    th = threading.Thread(target=sync)
+    th.start()
+    th.join()
+
+
+def test_narrowing_counts_blocks_someone_else_wrote_back(kdir: Path) -> None:
+    """A large folio's extent is narrowed to written blocks; others' writeback counts too.
+
+    b1 is dirtied and written back by another thread before the marker; b2 of the
+    same folio is dirtied after, and only our writeback writes it. Both must be read.
+    """
+    src = make_source(kdir / "src", 8 << 20)  # 1 MiB writes: 1 MiB folios in the cache
+    b1, b2 = 3 * PAGE, 100 * PAGE
+    fd = os.open(src, os.O_RDWR)
+    try:
+        with KernelTracker([str(src)]) as t:
+            t.begin_pass()
+            os.pwrite(fd, b"1" * PAGE, b1)
+            _foreign_sync(src)
+            os.pwrite(fd, b"2" * PAGE, b2)
+            w = t.begin_pass()
+            assert in_ranges(w, src, b1) and in_ranges(w, src, b2), w.ranges
+            assert w.dirty_bytes() < (1 << 20), w.ranges  # narrowed, not the whole folio
+    finally:
+        os.close(fd)
+
+
+def test_narrowing_counts_writeback_after_the_marker(kdir: Path) -> None:
+    """Another thread writes b1 back between our marker and our writeback."""
+    src = make_source(kdir / "src", 8 << 20)
+    b1, b2 = 3 * PAGE, 100 * PAGE
+    fd = os.open(src, os.O_RDWR)
+    armed = [False]
+
+    def edge(stage: str) -> None:
+        if armed[0] and stage == "between":
+            _foreign_sync(src)
+            os.pwrite(fd, b"2" * PAGE, b2)
+
+    try:
+        with KernelTracker([str(src)], edge_hook=edge) as t:
+            t.begin_pass()
+            os.pwrite(fd, b"1" * PAGE, b1)
+            armed[0] = True
+            w = t.begin_pass()
+            armed[0] = False
+            assert in_ranges(w, src, b1), w.ranges
+    finally:
+        os.close(fd)
+
+
 def test_nopage_changes_force_a_rescan(kdir: Path) -> None:
     src = make_source(kdir / "src", 8 << 20)
     fd = os.open(src, os.O_RDWR)

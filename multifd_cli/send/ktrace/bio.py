@@ -71,6 +71,7 @@ class Bio:
     sector: int
     sectors: int
     completion: bool
+    pid: int  # the thread that queued it (for a completion, whoever ran the interrupt)
 
     def overlaps(self, other: Bio) -> bool:
         return (
@@ -80,7 +81,7 @@ class Bio:
         )
 
 
-def parse_bio(ts_us: int, body: str, completion: bool) -> Bio | None:
+def parse_bio(ts_us: int, pid: int, body: str, completion: bool) -> Bio | None:
     """A write's disk range from a queue or completion line; None for reads and flushes."""
     m = (_COMPLETE if completion else _QUEUE).match(body)
     if m is None:
@@ -89,7 +90,8 @@ def parse_bio(ts_us: int, body: str, completion: bool) -> Bio | None:
     # W: write (WZ: write zeroes); D: discard, which unmaps blocks like a punch.
     if n == 0 or not ("W" in rwbs or rwbs.startswith("D")):
         return None
-    return Bio(ts_us, os.makedev(int(m.group(1)), int(m.group(2))), int(m.group(4)), n, completion)
+    dev = os.makedev(int(m.group(1)), int(m.group(2)))
+    return Bio(ts_us, dev, int(m.group(4)), n, completion, pid)
 
 
 def kernel_dev(dev: int) -> int:
@@ -199,3 +201,27 @@ class DeviceMap:
         hi = lo + bio.sectors * SECTOR
         lo, hi = max(lo, 0), min(hi, size)
         return [(lo, hi)] if lo < hi else []
+
+
+def refine(folios: list[tuple[int, int]], written: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Narrow each folio extent to the blocks that writeback put on disk.
+
+    A large folio's event names only its start, but writeback writes only its
+    dirty blocks, and every block dirtied since the event is written back by the
+    end of the pass start's writeback (by us, the flusher or another fsync). An
+    extent no write falls in keeps its whole span: that is the safe answer
+    whenever the data went somewhere else (a journal, say).
+    `written` must be sorted and merged.
+    """
+    starts = [s for s, _ in written]
+    out: list[tuple[int, int]] = []
+    for fs, fe in folios:
+        i = max(bisect.bisect_right(starts, fs) - 1, 0)
+        hits = []
+        while i < len(written) and written[i][0] < fe:
+            s, e = max(fs, written[i][0]), min(fe, written[i][1])
+            if s < e:
+                hits.append((s, e))
+            i += 1
+        out.extend(hits or [(fs, fe)])
+    return out

@@ -36,7 +36,7 @@ NOPAGE_EVENTS = (
 
 # The comm may hold any byte, spaces and brackets included; anchoring on the
 # end of the line makes the last "[cpu] flags ts: event:" the one that counts.
-_LINE = re.compile(r"^.*\[(\d+)\] \S+ +(\d+)\.(\d+): (\w+): (.*)$")
+_LINE = re.compile(r"^.*-(\d+) +\[(\d+)\] \S+ +(\d+)\.(\d+): (\w+): (.*)$")
 _FOLIO = re.compile(r"^bdi (\S*): ino=(\d+) index=(\d+)$")
 _NOPAGE_INO = re.compile(r"\bino (\d+)\b")
 _LOST = re.compile(r"^CPU:(\d+) \[LOST (\d+) EVENTS\]$")
@@ -92,10 +92,10 @@ def parse_line(line: str) -> Event | None:
     m = _LINE.match(line)
     if m is None:
         return Unknown(line)
-    frac = m.group(3)
+    pid, frac = int(m.group(1)), m.group(4)
     # mono prints microseconds, counter-style clocks print more digits: normalise.
-    ts_us = int(m.group(2)) * 1_000_000 + int((frac + "000000")[:6])
-    name, body = m.group(4), m.group(5)
+    ts_us = int(m.group(3)) * 1_000_000 + int((frac + "000000")[:6])
+    name, body = m.group(5), m.group(6)
     if name == "writeback_dirty_folio":
         f = _FOLIO.match(body)
         if f is None:
@@ -103,7 +103,7 @@ def parse_line(line: str) -> Event | None:
         return Folio(ts_us, int(f.group(2)), int(f.group(3)), f.group(1))
     if name in ("block_bio_queue", "block_rq_complete"):
         try:
-            return parse_bio(ts_us, body, completion=name == "block_rq_complete")
+            return parse_bio(ts_us, pid, body, completion=name == "block_rq_complete")
         except ValueError:
             return Unknown(line)
     if name == MARKER_EVENT:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import os
 import stat
 import sys
@@ -48,6 +49,8 @@ SUPPORTED_FS = ("ext4", "ext3", "ext2")
 _STAT_COUNTERS = ("overrun:", "commit overrun:", "dropped events:")
 _RESYNC_ATTEMPTS = 3
 _MAX_INFLIGHT = 8192
+FS_IOC_GETFLAGS = 0x80086601
+FS_JOURNAL_DATA_FL = 0x00004000
 
 _instances_made = 0
 
@@ -60,12 +63,14 @@ class _Window:
     nopage: dict[int, str] = field(default_factory=dict)  # ino -> event name
     lost: list[str] = field(default_factory=list)  # why events may be missing
     bios: list[bio.Bio] = field(default_factory=list)  # writes that bypassed the page cache
+    own: list[bio.Bio] = field(default_factory=list)  # our writeback's bios: narrow the folios
     events: int = 0
 
     def absorb(self, other: _Window) -> None:
         for ino, idx in other.folios.items():
             self.folios.setdefault(ino, set()).update(idx)
         self.bios.extend(other.bios)
+        self.own.extend(other.own)
         self.nopage.update(other.nopage)
         self.lost.extend(other.lost)
         self.events += other.events
@@ -92,17 +97,37 @@ class PassWindow:
         return sum(e - s for rs in self.ranges.values() for s, e in rs)
 
 
-def _fstype_of(st: os.stat_result) -> str | None:
+def _mount_of(st: os.stat_result) -> tuple[str | None, set[str]]:
+    """The filesystem type and superblock options of the mount a file lives on."""
     want = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 pre, _, post = line.partition(" - ")
                 if pre.split()[2:3] == [want]:
-                    return post.split()[0]
+                    fields = post.split()
+                    return fields[0], set(fields[2].split(",")) if len(fields) > 2 else set()
     except OSError:
-        return None
-    return None
+        pass
+    return None, set()
+
+
+def _fstype_of(st: os.stat_result) -> str | None:
+    return _mount_of(st)[0]
+
+
+def _journals_data(fd: int, st: os.stat_result) -> bool:
+    """Whether file data goes through the journal, so writeback bios miss its blocks."""
+    if stat.S_ISBLK(st.st_mode):
+        return False
+    if "data=journal" in _mount_of(st)[1]:
+        return True
+    buf = bytearray(8)
+    try:
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
+    except OSError:
+        return True  # cannot tell: do not narrow
+    return bool(int.from_bytes(buf[:4], sys.byteorder) & FS_JOURNAL_DATA_FL)
 
 
 def _fs_reason(path: str) -> str | None:
@@ -119,7 +144,9 @@ def _fs_reason(path: str) -> str | None:
         return None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         return f"{path} is not a regular file"
-    fstype = _fstype_of(st)
+    fstype, options = _mount_of(st)
+    if "dax" in options or "dax=always" in options:
+        return "DAX mounts have no page cache, so no dirty events"
     if stat.S_ISREG(st.st_mode) and fstype in SUPPORTED_FS:
         try:
             bio.disk_of(st.st_dev)
@@ -242,7 +269,8 @@ class KernelTracker:
         self._inst: tracefs.Instance | None = None
         self._extents: dict[str, bio.ExtentMap | bio.DeviceMap] = {}
         self._inflight: list[bio.Bio] = []  # queued by others, not yet seen completing
-        self._tid = 0
+        self._tid = -1
+        self._narrow: set[str] = set()  # sources whose folio extents writeback may narrow
         self._guardian: tracefs.Guardian | None = None
         self.direct_off: dict[str, str] = {}  # sources whose O_DIRECT writes go unseen, and why
         self._root, self.method = tracefs.open_root(root_method)
@@ -284,6 +312,8 @@ class KernelTracker:
             self.direct_off[path] = str(e)
             return
         self._extents[path] = m
+        if not _journals_data(fd, st):
+            self._narrow.add(path)
 
     @property
     def instance_name(self) -> str:
@@ -320,13 +350,12 @@ class KernelTracker:
         inst.write("tracing_on", "1")
 
     def _set_bio_filters(self, inst: tracefs.Instance) -> None:
-        """Block events of the sources' disks, without the bios of our own writeback."""
+        """Block events of the sources' disks; our own writeback's are told apart by thread."""
         disks = sorted({m.disk.disk_dev for m in self._extents.values()})
         # No sector filter: a new extent allocated after it was set would be missed.
         dev_filt = " || ".join(f"dev == {bio.kernel_dev(d)}" for d in disks)
-        self._tid = threading.get_native_id()
-        inst.write(f"events/{bio.QUEUE_EVENT}/filter", f"({dev_filt}) && common_pid != {self._tid}")
-        inst.write(f"events/{bio.COMPLETE_EVENT}/filter", dev_filt)
+        for ev in (bio.QUEUE_EVENT, bio.COMPLETE_EVENT):
+            inst.write(f"events/{ev}/filter", dev_filt)
 
     # -- passes ----------------------------------------------------------
 
@@ -370,7 +399,7 @@ class KernelTracker:
         w = _Window()
         w.absorb(self._window)
         w.absorb(self._next)
-        return self._ranges(w)
+        return self._ranges(w, narrow=False)
 
     def _edge(self, stage: str) -> None:
         if self._edge_hook is not None:
@@ -380,8 +409,7 @@ class KernelTracker:
         os.write(self._marker, f"multifd {os.getpid()} {self._seq}".encode())
 
     def _writeback(self) -> None:
-        if self._extents and self._inst is not None and threading.get_native_id() != self._tid:
-            self._set_bio_filters(self._inst)  # the writeback's bios carry this thread's id
+        self._tid = threading.get_native_id()  # the writeback's bios carry this thread's id
         for fd in self._fds.values():
             if self._sfr is not None and self._sfr(fd, 0, 0, WAIT_BEFORE | WRITE | WAIT_AFTER) == 0:
                 continue
@@ -447,6 +475,11 @@ class KernelTracker:
                 win.events += 1
             return False
         if isinstance(ev, bio.Bio):
+            if not ev.completion and ev.pid == self._tid:
+                # Our own writeback, queued after the marker: it narrows the window
+                # being closed, and is no write of anyone's.
+                self._window.own.append(ev)
+                return False
             if not ev.completion:
                 self._inflight.append(ev)
                 if len(self._inflight) > _MAX_INFLIGHT:
@@ -481,25 +514,45 @@ class KernelTracker:
                         total += int(line[len(key) :].split()[0])
         return total
 
-    def _ranges(self, w: _Window) -> dict[str, list[tuple[int, int]]]:
-        out: dict[str, list[tuple[int, int]]] = {}
+    def _ranges(
+        self, w: _Window, later: _Window | None = None, narrow: bool = True
+    ) -> dict[str, list[tuple[int, int]]]:
+        """Per source: folio extents, narrowed to what writeback wrote, and O_DIRECT writes.
+
+        `later` is the tail after the marker: a flusher may have written a block of
+        this window's folio there, before our writeback reached it. Narrowing is
+        only sound after a writeback, so a mid-pass peek keeps whole extents.
+        """
+        folios: dict[str, list[tuple[int, int]]] = {}
         for ino, idx in w.folios.items():
             spans = [parse.folio_extent(i, self._page, self._max_folio_pages) for i in idx]
             for p in self._inodes.get(ino, []):
-                out[p] = spans
-        if w.bios:
-            for p, m in self._extents.items():
-                # After the drain: a write into a hole allocated its extent before its bio.
-                try:
-                    m.refresh()
-                except (bio.DirectUnavailable, OSError) as e:
-                    w.nopage[os.fstat(m.fd).st_ino] = f"FIEMAP ({e})"
-                    continue
-                disk = m.disk.disk_dev
-                hits = [r for b in w.bios if b.dev == disk for r in m.map(b)]
-                if hits:
-                    out[p] = out.get(p, []) + hits
-        return {p: parse.merge_ranges(spans) for p, spans in out.items()}
+                folios[p] = spans
+        direct: dict[str, list[tuple[int, int]]] = {}
+        written: dict[str, list[tuple[int, int]]] = {}
+        every = w.bios + w.own + (later.bios if later is not None else [])
+        for p, m in self._extents.items() if every else ():
+            # After the drain: a write into a hole allocated its extent before its bio.
+            try:
+                m.refresh()
+            except (bio.DirectUnavailable, OSError) as e:
+                w.nopage[os.fstat(m.fd).st_ino] = f"FIEMAP ({e})"
+                continue
+            disk = m.disk.disk_dev
+            direct[p] = [r for b in w.bios if b.dev == disk for r in m.map(b)]
+            if narrow and p in self._narrow and p in folios:
+                written[p] = parse.merge_ranges(
+                    [r for b in every if b.dev == disk for r in m.map(b)]
+                )
+        out: dict[str, list[tuple[int, int]]] = {}
+        for p in set(folios) | set(direct):
+            spans = folios.get(p, [])
+            if p in written:
+                spans = bio.refine(spans, written[p])
+            spans = spans + direct.get(p, [])
+            if spans:
+                out[p] = parse.merge_ranges(spans)
+        return out
 
     def _report(
         self,
@@ -509,7 +562,7 @@ class KernelTracker:
         first: bool,
         cost: float,
     ) -> PassWindow:
-        ranges = self._ranges(w)
+        ranges = self._ranges(w, later=self._window)
         rescan: dict[str, str] = {}
         for ino, ev in w.nopage.items():
             for p in self._inodes.get(ino, []):
