@@ -141,6 +141,17 @@ def test_inode_filter_stays_under_a_page() -> None:
     assert scattered == "ino >= 0 && ino <= 99995"
 
 
+def test_writeback_batches_cover_every_span_within_the_limit() -> None:
+    from multifd_cli.send.ktrace.tracker import writeback_batches
+
+    spans = [(0, 10), (20, 25), (30, 100), (200, 203)]
+    got = writeback_batches(spans, 12)
+    assert len(got) == 9, got
+    covered_ = {x for s, e in got for x in range(s, e)}
+    assert all(x in covered_ for s, e in spans for x in range(s, e))
+    assert writeback_batches([], 5) == []
+
+
 def test_line_splitter_keeps_partial_lines() -> None:
     s = parse.LineSplitter()
     assert s.feed(b"ab\ncd") == ["ab"]
@@ -233,6 +244,44 @@ def test_page_written_twice_within_a_pass(kdir: Path) -> None:
             # The pass start wrote it back, so the next store is a new event.
             os.pwrite(fd, b"c" * PAGE, 40 * PAGE)
             assert in_ranges(t.begin_pass(), src, 40 * PAGE)
+    finally:
+        os.close(fd)
+
+
+def test_several_sources_and_a_hard_link(kdir: Path) -> None:
+    a = make_source(kdir / "a", 4 << 20, seed=1)
+    b = make_source(kdir / "b", 4 << 20, seed=2)
+    c = kdir / "c"
+    os.link(a, c)
+    with KernelTracker([str(a), str(b), str(c)]) as t:
+        t.begin_pass()
+        with open(a, "r+b") as f:
+            f.seek(PAGE * 7)
+            f.write(b"A")
+        with open(b, "r+b") as f:
+            f.seek(3 << 20)
+            f.write(b"B")
+        w = t.begin_pass()
+        assert in_ranges(w, a, PAGE * 7) and in_ranges(w, c, PAGE * 7), w.ranges
+        assert in_ranges(w, b, 3 << 20), w.ranges
+        assert not in_ranges(w, b, PAGE * 7) and not in_ranges(w, a, 3 << 20), w.ranges
+
+
+def test_poll_keeps_a_small_buffer_from_overrunning(kdir: Path) -> None:
+    src = make_source(kdir / "src", 64 << 20)
+    fd = os.open(src, os.O_RDWR)
+    try:
+        with KernelTracker([str(src)], buffer_kb=64) as t:
+            t.begin_pass()
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # small folios from here on
+            pages = range(0, (64 << 20) // PAGE, 4)
+            for n, page in enumerate(pages):
+                os.pwrite(fd, b"q" * 64, page * PAGE)
+                if n % 50 == 0:
+                    t.poll()
+            w = t.begin_pass()
+            assert not w.full, w.reason
+            assert all(in_ranges(w, src, p * PAGE) for p in pages)
     finally:
         os.close(fd)
 
@@ -363,6 +412,34 @@ def test_narrowing_counts_writeback_after_the_marker(kdir: Path) -> None:
             w = t.begin_pass()
             armed[0] = False
             assert in_ranges(w, src, b1), w.ranges
+    finally:
+        os.close(fd)
+
+
+def test_narrowing_a_carried_folio_counts_the_writeback_that_carried_it(kdir: Path) -> None:
+    """b1 is stored after the marker and written back by that same pass start.
+
+    Its folio is reported next pass, when our writeback writes only b2: the
+    extent must still cover b1, which no pass has read.
+    """
+    src = make_source(kdir / "src", 8 << 20)
+    b1, b2 = 3 * PAGE, 100 * PAGE
+    fd = os.open(src, os.O_RDWR)
+    armed = [False]
+
+    def edge(stage: str) -> None:
+        if armed[0] and stage == "between":
+            os.pwrite(fd, b"1" * PAGE, b1)
+
+    try:
+        with KernelTracker([str(src)], edge_hook=edge) as t:
+            t.begin_pass()
+            armed[0] = True
+            t.begin_pass()
+            armed[0] = False
+            os.pwrite(fd, b"2" * PAGE, b2)
+            w = t.begin_pass()
+            assert in_ranges(w, src, b1) and in_ranges(w, src, b2), w.ranges
     finally:
         os.close(fd)
 

@@ -87,6 +87,28 @@ class PassWindow:
         return sum(e - s for rs in self.ranges.values() for s, e in rs)
 
 
+def writeback_batches(spans: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
+    """Sorted spans as covering ranges of at most `limit` dirty bytes each; long spans split."""
+    out: list[tuple[int, int]] = []
+    lo, hi, size = -1, -1, 0
+    for s, e in spans:
+        while e - s > limit:
+            if lo >= 0:
+                out.append((lo, hi))
+                lo = -1
+            out.append((s, s + limit))
+            s += limit
+        if lo >= 0 and size + (e - s) > limit:
+            out.append((lo, hi))
+            lo = -1
+        if lo < 0:
+            lo, size = s, 0
+        hi, size = e, size + (e - s)
+    if lo >= 0:
+        out.append((lo, hi))
+    return out
+
+
 def available(path: str) -> tuple[bool, str]:
     """Whether the kernel tracker can watch `path`, and in one line why not."""
     if not sys.platform.startswith("linux"):
@@ -142,6 +164,12 @@ class KernelTracker:
         self._seq = 0
         self._inflight: list[bio.Bio] = []  # queued by others, not yet seen completing
         self._tid = -1  # the thread whose bios are our own writeback
+        self._target: str | None = None  # the marker text this pass start waits for
+        self._past = False  # the target marker has come back: events belong to _next
+        self._tail_lost = False
+        # Bytes of dirty extents written back between drains: about 4 events per
+        # 4 KiB block (queue and completion) must fit in a quarter of the buffer.
+        self._flush_bytes = max(buffer_kb * 1024 // 4 // 200 * 4096, 64 << 10)
         page = os.sysconf("SC_PAGE_SIZE")
         max_pages = max(MAX_FOLIO_BYTES // page, 1)
         self._extent: Callable[[int], tuple[int, int]] = lambda i: parse.folio_extent(
@@ -195,6 +223,7 @@ class KernelTracker:
             # The next marker's window starts empty; a retry folds the old tail in.
             self._window.absorb(self._next)
             self._next = _Window()
+            self._tail_lost = False
             if self.order == "unsound":
                 self._writeback()
                 self._edge("between")
@@ -204,11 +233,12 @@ class KernelTracker:
                 self._edge("between")
                 self._writeback()
             self._edge("before drain")
-            tail_lost = self._drain(until=self._seq)
-            if not tail_lost:
+            self._drain(wait_marker=True)
+            if not self._tail_lost:
                 break
         window, self._window, self._next = self._window, self._next, _Window()
-        if tail_lost:
+        self._target = None  # until the next pass start, events belong to the carried window
+        if self._tail_lost:
             # Even the last marker's tail is incomplete: the next pass is blind too.
             self._window.lost.append("the trace kept overrunning while re-marking")
         self._src.stats = now
@@ -216,7 +246,7 @@ class KernelTracker:
 
     def poll(self) -> None:
         """Drain mid-pass so a long pass does not overrun the buffer."""
-        self._drain(until=None)
+        self._drain(wait_marker=False)
 
     def dirty_ranges(self) -> dict[str, list[tuple[int, int]]]:
         """Byte ranges dirtied since the last marker so far (a peek; begin_pass closes it).
@@ -234,17 +264,38 @@ class KernelTracker:
             self._edge_hook(stage)
 
     def _mark(self) -> None:
-        self._trace.mark(f"multifd {os.getpid()} {self._seq}")
+        self._target = f"multifd {os.getpid()} {self._seq}"
+        self._past = False
+        self._trace.mark(self._target)
 
     def _writeback(self) -> None:
+        """Write back in pieces the buffer can hold, draining between them.
+
+        Our own writeback's block events are what narrow large folios; written in
+        one go, a big dirty set would overrun the buffer and cost a full pass.
+        The known dirty extents go first, a batch at a time, then the whole file,
+        which is what makes every folio clean whatever the events said.
+        """
         self._tid = threading.get_native_id()  # the writeback's bios carry this thread's id
+        self._drain(wait_marker=False)  # room for the writeback's events, and every folio known
+        folios: dict[int, set[int]] = {}
+        for w in (self._window, self._next):
+            for ino, idx in w.folios.items():
+                folios.setdefault(ino, set()).update(idx)
+        for ino, idx in folios.items():
+            spans = parse.merge_ranges([self._extent(i) for i in idx])
+            for lo, hi in writeback_batches(spans, self._flush_bytes):
+                self._src.writeback(self._src.inodes.get(ino, []), lo, hi - lo)
+                self._drain(wait_marker=False)
         self._src.writeback()
 
-    def _drain(self, until: int | None) -> bool:
-        """Read the pipe dry. Returns True if events after marker `until` may be lost."""
-        target = None if until is None else f"multifd {os.getpid()} {until}"
-        seen = target is None
-        lost_after = False
+    def _drain(self, wait_marker: bool) -> None:
+        """Read the pipe dry, sorting events either side of the current marker.
+
+        With `wait_marker`, keep reading until the marker has come back. A loss
+        seen after the marker, or any overrun, sets _tail_lost: the window the
+        marker opens may be missing events too.
+        """
         for tries in range(200):
             got = self._trace.read_lines()
             for line in got:
@@ -252,32 +303,30 @@ class KernelTracker:
                 if ev is None:
                     continue
                 if isinstance(ev, parse.Marker):
-                    if ev.text == target:
-                        seen = True
+                    if self._target is not None and ev.text == self._target:
+                        self._past = True
                     continue
-                win = self._next if seen and target is not None else self._window
-                lost = self._ingest(win, ev)
-                if lost and seen:
-                    lost_after = True
-            if seen and not got and not self._trace.split.pending:
+                win = self._next if self._past and self._target is not None else self._window
+                if self._ingest(win, ev) and self._past:
+                    self._tail_lost = True
+            done = self._past or not wait_marker or self._target is None
+            if done and not got and not self._trace.split.pending:
                 break
             if not got:
-                if not seen and self._trace.read_overruns() != self._trace.overruns:
+                if self._trace.read_overruns() != self._trace.overruns:
                     break  # the marker was overwritten: waiting cannot bring it back
                 time.sleep(0.001 * min(tries + 1, 10))
         over = self._trace.read_overruns()
-        if not seen:
+        if wait_marker and self._target is not None and not self._past:
             self._window.lost.append("the pass marker never came back from the trace")
-            self._trace.overruns = over
-            return True
+            self._tail_lost = True
         if over != self._trace.overruns:
             # The counters cannot say where the loss fell, so assume after the marker too.
             self._window.lost.append(
                 f"the trace buffer overran ({over - self._trace.overruns} events)"
             )
-            self._trace.overruns = over
-            lost_after = True
-        return lost_after
+            self._tail_lost = True
+        self._trace.overruns = over
 
     def _ingest(self, win: _Window, ev: parse.Event) -> bool:
         """Add one event to a window; True if it says events were lost."""
@@ -303,9 +352,12 @@ class KernelTracker:
 
     def _ingest_bio(self, win: _Window, ev: bio.Bio) -> None:
         if not ev.completion and ev.pid == self._tid:
-            # Our own writeback, queued after the marker: it narrows the window
-            # being closed, and is no write of anyone's.
+            # Our own writeback: no write of anyone's, but it narrows folio extents,
+            # those of the window being closed and those carried past the marker,
+            # whose blocks this very writeback may have written.
             self._window.own.append(ev)
+            if self._target is not None:
+                self._next.own.append(ev)
         elif not ev.completion:
             self._inflight.append(ev)
             if len(self._inflight) > _MAX_INFLIGHT:

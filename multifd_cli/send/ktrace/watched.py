@@ -167,12 +167,18 @@ class WatchedSources:
     def stat_all(self) -> dict[str, SourceStat]:
         return {p: source_stat(fd) for p, fd in self.fds.items()}
 
-    def writeback(self) -> None:
-        """Write every source back and wait, so each folio is clean again."""
-        for fd in self.fds.values():
+    def writeback(
+        self, paths: Sequence[str] | None = None, offset: int = 0, length: int = 0
+    ) -> None:
+        """Write sources back and wait, so each folio in the range is clean again.
+
+        All sources, whole, by default; length 0 means to the end.
+        """
+        for p in self.fds if paths is None else paths:
+            fd = self.fds[p]
             # WRITE alone would skip folios already under writeback.
             flags = WAIT_BEFORE | WRITE | WAIT_AFTER
-            if self._sfr is not None and self._sfr(fd, 0, 0, flags) == 0:
+            if self._sfr is not None and self._sfr(fd, offset, length, flags) == 0:
                 continue
             os.fdatasync(fd)
 
