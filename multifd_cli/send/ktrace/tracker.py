@@ -136,6 +136,9 @@ class KernelTracker:
 
     Use as a context manager, or call close() on every exit path: the instance
     must be removed, and it cannot be while our own reader holds it open.
+    `direct` adds the block-layer events (O_DIRECT writers, device sources);
+    `narrow` lets writeback's bios narrow large folios to their written blocks
+    (off: every dirtied folio is read whole, up to 2 MiB per event).
     `order="unsound"` and `edge_hook` exist only for tests: the hook runs between
     the two steps of a pass start ("between") and before the drain ("before
     drain"), where a racing store shows the unsound order missing a write and
@@ -151,6 +154,7 @@ class KernelTracker:
         root_method: str = "auto",
         order: str = "sound",
         direct: bool = True,
+        narrow: bool = True,
         guardian: bool = True,
         edge_hook: Callable[[str], None] | None = None,
     ) -> None:
@@ -180,6 +184,8 @@ class KernelTracker:
             tag = None if _instances_made == 1 else str(_instances_made)
         name = f"{tracefs.INSTANCE_PREFIX}{os.getpid()}" + (f"-{tag}" if tag else "")
         self._src = WatchedSources(paths, direct)
+        if not narrow:
+            self._src.narrow.clear()
         try:
             self._trace = TraceSession(name, root_method=root_method, guardian=guardian)
         except BaseException:
