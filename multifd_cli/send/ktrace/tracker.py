@@ -1,0 +1,426 @@
+"""The kernel dirty tracker: a pass costs what was written, not the source's size.
+
+The kernel emits writeback_dirty_folio when a page-cache folio goes from clean
+to dirty, for write(2), pwrite, writev and shared-mmap stores alike. A private
+tracefs instance filtered on the sources' inodes collects those events, and
+each pass reads only the folios dirtied since the previous pass's marker.
+
+The order at each pass start is what makes this sound:
+
+1. write a marker into the trace (it closes the window the pass will read);
+2. write the sources back and wait (sync_file_range WAIT_BEFORE|WRITE|WAIT_AFTER;
+   WRITE alone skips folios already under writeback), so every folio is clean
+   and its next store emits an event again;
+3. drain the trace; the caller then reads what the window reported.
+
+Written back first and marked second, a folio stored to again between the two
+is still dirty at the marker: its store emits nothing and no window ever
+reports it. A folio whose event lands after the marker is carried into the
+next window, so a store racing with this pass's read is read again next pass.
+
+A lost buffer (ring-buffer overrun, an unreadable line, a missing marker)
+makes the pass fall back to hashing every source, and the tracker re-marks
+until the window after its marker is intact, so the pass after is exact again.
+
+The folio event names only a folio's first page, and folios reach 2 MiB. The
+block events of the writeback at each pass start say which blocks were dirty,
+so each folio extent is narrowed to them (bio.refine): a 4 KiB store costs a
+4 KiB read, not 2 MiB. The same block events carry O_DIRECT writes (bio.py).
+
+Per pass the cost is a stat and a writeback call per source, plus a line per
+event: nothing here reads or walks the sources' data.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from multifd_cli.send.ktrace import bio, parse, tracefs
+from multifd_cli.send.ktrace.safety import SourceStat, grown_range, rescan_reason
+from multifd_cli.send.ktrace.session import TraceSession
+from multifd_cli.send.ktrace.watched import WatchedSources, fs_reason
+
+DEFAULT_BUFFER_KB = 2048  # per CPU: about 30,000 folio events before an overrun
+MAX_FOLIO_BYTES = 2 << 20  # the page cache's largest folio on x86-64 and arm64 (4 KiB pages)
+_RESYNC_ATTEMPTS = 3
+_MAX_INFLIGHT = 8192
+
+_instances_made = 0
+
+
+@dataclass
+class _Window:
+    """What the trace said about the sources since one marker."""
+
+    folios: dict[int, set[int]] = field(default_factory=dict)  # ino -> folio indexes
+    nopage: dict[int, str] = field(default_factory=dict)  # ino -> event name
+    lost: list[str] = field(default_factory=list)  # why events may be missing
+    bios: list[bio.Bio] = field(default_factory=list)  # writes that bypassed the page cache
+    own: list[bio.Bio] = field(default_factory=list)  # our writeback's bios: narrow the folios
+    events: int = 0
+
+    def absorb(self, other: _Window) -> None:
+        for ino, idx in other.folios.items():
+            self.folios.setdefault(ino, set()).update(idx)
+        self.bios.extend(other.bios)
+        self.own.extend(other.own)
+        self.nopage.update(other.nopage)
+        self.lost.extend(other.lost)
+        self.events += other.events
+
+
+@dataclass
+class PassWindow:
+    """What one pass must read.
+
+    `full` is set for the first pass and after a lost buffer: hash every
+    source. Otherwise read `ranges` for each path, and hash every file in
+    `rescan` whole (the reason says why: a no-page change or the stat net).
+    """
+
+    seq: int
+    full: bool
+    reason: str
+    ranges: dict[str, list[tuple[int, int]]]
+    rescan: dict[str, str]
+    events: int
+    cost_s: float
+
+    def dirty_bytes(self) -> int:
+        return sum(e - s for rs in self.ranges.values() for s, e in rs)
+
+
+def writeback_batches(spans: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
+    """Sorted spans as covering ranges of at most `limit` dirty bytes each; long spans split."""
+    out: list[tuple[int, int]] = []
+    lo, hi, size = -1, -1, 0
+    for s, e in spans:
+        while e - s > limit:
+            if lo >= 0:
+                out.append((lo, hi))
+                lo = -1
+            out.append((s, s + limit))
+            s += limit
+        if lo >= 0 and size + (e - s) > limit:
+            out.append((lo, hi))
+            lo = -1
+        if lo < 0:
+            lo, size = s, 0
+        hi, size = e, size + (e - s)
+    if lo >= 0:
+        out.append((lo, hi))
+    return out
+
+
+def available(path: str) -> tuple[bool, str]:
+    """Whether the kernel tracker can watch `path`, and in one line why not."""
+    if not sys.platform.startswith("linux"):
+        return False, "the kernel tracker needs Linux tracefs"
+    if os.geteuid() != 0:
+        return False, "the kernel tracker needs root (CAP_SYS_ADMIN) for tracefs"
+    why = fs_reason(path)
+    if why:
+        return False, why
+    try:
+        root, how = tracefs.open_root()
+    except tracefs.TracefsUnavailable as e:
+        return False, str(e)
+    try:
+        os.stat(f"events/{parse.FOLIO_EVENT}/format", dir_fd=root)
+    except FileNotFoundError:
+        return False, "the kernel has no writeback_dirty_folio tracepoint"
+    finally:
+        os.close(root)
+    return True, f"tracefs ({how})"
+
+
+class KernelTracker:
+    """Dirty folios and direct writes of a set of sources, one window per pass.
+
+    Use as a context manager, or call close() on every exit path: the instance
+    must be removed, and it cannot be while our own reader holds it open.
+    `direct` adds the block-layer events (O_DIRECT writers, device sources);
+    `narrow` lets writeback's bios narrow large folios to their written blocks
+    (off: every dirtied folio is read whole, up to 2 MiB per event).
+    `order="unsound"` and `edge_hook` exist only for tests: the hook runs between
+    the two steps of a pass start ("between") and before the drain ("before
+    drain"), where a racing store shows the unsound order missing a write and
+    the carried tail of a window being needed.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        *,
+        buffer_kb: int = DEFAULT_BUFFER_KB,
+        tag: str | None = None,
+        root_method: str = "auto",
+        order: str = "sound",
+        direct: bool = True,
+        narrow: bool = True,
+        guardian: bool = True,
+        edge_hook: Callable[[str], None] | None = None,
+    ) -> None:
+        global _instances_made
+        if order not in ("sound", "unsound"):
+            raise ValueError(f"order {order!r}: sound or unsound")
+        self.order = order
+        self._edge_hook = edge_hook
+        self._window = _Window()
+        self._next = _Window()
+        self._seq = 0
+        self._inflight: list[bio.Bio] = []  # queued by others, not yet seen completing
+        self._tid = -1  # the thread whose bios are our own writeback
+        self._target: str | None = None  # the marker text this pass start waits for
+        self._past = False  # the target marker has come back: events belong to _next
+        self._tail_lost = False
+        # Bytes of dirty extents written back between drains: about 4 events per
+        # 4 KiB block (queue and completion) must fit in a quarter of the buffer.
+        self._flush_bytes = max(buffer_kb * 1024 // 4 // 200 * 4096, 64 << 10)
+        page = os.sysconf("SC_PAGE_SIZE")
+        max_pages = max(MAX_FOLIO_BYTES // page, 1)
+        self._extent: Callable[[int], tuple[int, int]] = lambda i: parse.folio_extent(
+            i, page, max_pages
+        )
+        if tag is None:
+            _instances_made += 1
+            tag = None if _instances_made == 1 else str(_instances_made)
+        name = f"{tracefs.INSTANCE_PREFIX}{os.getpid()}" + (f"-{tag}" if tag else "")
+        self._src = WatchedSources(paths, direct)
+        if not narrow:
+            self._src.narrow.clear()
+        try:
+            self._trace = TraceSession(name, root_method=root_method, guardian=guardian)
+        except BaseException:
+            self._src.close()
+            raise
+        try:
+            self._trace.configure(buffer_kb, list(self._src.inodes), self._src.disks())
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def instance_name(self) -> str:
+        return self._trace.name
+
+    @property
+    def method(self) -> str:
+        """How tracefs was reached: mounted:<path>, detached or namespace."""
+        return self._trace.method
+
+    @property
+    def swept(self) -> list[str]:
+        """Stale instances of killed senders that this one removed at start."""
+        return self._trace.swept
+
+    @property
+    def direct_off(self) -> dict[str, str]:
+        """Sources whose O_DIRECT writes go unseen, and why (the stat net still applies)."""
+        return self._src.direct_off
+
+    # -- passes ----------------------------------------------------------
+
+    def begin_pass(self) -> PassWindow:
+        """Close the current window: stat, marker, writeback, drain. Then the caller reads."""
+        t0 = time.perf_counter()
+        now = self._src.stat_all()
+        before = self._src.stats
+        first = self._seq == 0
+        for _attempt in range(_RESYNC_ATTEMPTS):
+            self._seq += 1
+            # The next marker's window starts empty; a retry folds the old tail in.
+            self._window.absorb(self._next)
+            self._next = _Window()
+            self._tail_lost = False
+            if self.order == "unsound":
+                self._writeback()
+                self._edge("between")
+                self._mark()
+            else:
+                self._mark()
+                self._edge("between")
+                self._writeback()
+            self._edge("before drain")
+            self._drain(wait_marker=True)
+            if not self._tail_lost:
+                break
+        window, self._window, self._next = self._window, self._next, _Window()
+        self._target = None  # until the next pass start, events belong to the carried window
+        if self._tail_lost:
+            # Even the last marker's tail is incomplete: the next pass is blind too.
+            self._window.lost.append("the trace kept overrunning while re-marking")
+        self._src.stats = now
+        return self._report(window, before, now, first, time.perf_counter() - t0)
+
+    def poll(self) -> None:
+        """Drain mid-pass so a long pass does not overrun the buffer."""
+        self._drain(wait_marker=False)
+
+    def dirty_ranges(self) -> dict[str, list[tuple[int, int]]]:
+        """Byte ranges dirtied since the last marker so far (a peek; begin_pass closes it).
+
+        Whole folio extents: narrowing them is only sound after a writeback.
+        """
+        self.poll()
+        w = _Window()
+        w.absorb(self._window)
+        w.absorb(self._next)
+        return self._src.ranges(w.folios, w.bios, None, self._extent, w.nopage)
+
+    def _edge(self, stage: str) -> None:
+        if self._edge_hook is not None:
+            self._edge_hook(stage)
+
+    def _mark(self) -> None:
+        self._target = f"multifd {os.getpid()} {self._seq}"
+        self._past = False
+        self._trace.mark(self._target)
+
+    def _writeback(self) -> None:
+        """Write back in pieces the buffer can hold, draining between them.
+
+        Our own writeback's block events are what narrow large folios; written in
+        one go, a big dirty set would overrun the buffer and cost a full pass.
+        The known dirty extents go first, a batch at a time, then the whole file,
+        which is what makes every folio clean whatever the events said.
+        """
+        self._tid = threading.get_native_id()  # the writeback's bios carry this thread's id
+        self._drain(wait_marker=False)  # room for the writeback's events, and every folio known
+        folios: dict[int, set[int]] = {}
+        for w in (self._window, self._next):
+            for ino, idx in w.folios.items():
+                folios.setdefault(ino, set()).update(idx)
+        for ino, idx in folios.items():
+            spans = parse.merge_ranges([self._extent(i) for i in idx])
+            for lo, hi in writeback_batches(spans, self._flush_bytes):
+                self._src.writeback(self._src.inodes.get(ino, []), lo, hi - lo)
+                self._drain(wait_marker=False)
+        self._src.writeback()
+
+    def _drain(self, wait_marker: bool) -> None:
+        """Read the pipe dry, sorting events either side of the current marker.
+
+        With `wait_marker`, keep reading until the marker has come back. A loss
+        seen after the marker, or any overrun, sets _tail_lost: the window the
+        marker opens may be missing events too.
+        """
+        for tries in range(200):
+            got = self._trace.read_lines()
+            for line in got:
+                ev = parse.parse_line(line)
+                if ev is None:
+                    continue
+                if isinstance(ev, parse.Marker):
+                    if self._target is not None and ev.text == self._target:
+                        self._past = True
+                    continue
+                win = self._next if self._past and self._target is not None else self._window
+                if self._ingest(win, ev) and self._past:
+                    self._tail_lost = True
+            done = self._past or not wait_marker or self._target is None
+            if done and not got and not self._trace.split.pending:
+                break
+            if not got:
+                if self._trace.read_overruns() != self._trace.overruns:
+                    break  # the marker was overwritten: waiting cannot bring it back
+                time.sleep(0.001 * min(tries + 1, 10))
+        over = self._trace.read_overruns()
+        if wait_marker and self._target is not None and not self._past:
+            self._window.lost.append("the pass marker never came back from the trace")
+            self._tail_lost = True
+        if over != self._trace.overruns:
+            # The counters cannot say where the loss fell, so assume after the marker too.
+            self._window.lost.append(
+                f"the trace buffer overran ({over - self._trace.overruns} events)"
+            )
+            self._tail_lost = True
+        self._trace.overruns = over
+
+    def _ingest(self, win: _Window, ev: parse.Event) -> bool:
+        """Add one event to a window; True if it says events were lost."""
+        if isinstance(ev, parse.Folio):
+            if ev.ino in self._src.inodes:
+                win.folios.setdefault(ev.ino, set()).add(ev.index)
+                win.events += 1
+            return False
+        if isinstance(ev, bio.Bio):
+            self._ingest_bio(win, ev)
+            return False
+        if isinstance(ev, parse.NoPage):
+            if ev.ino in self._src.inodes:
+                win.nopage[ev.ino] = ev.event
+            return False
+        if isinstance(ev, parse.Lost):
+            win.lost.append(f"the trace lost {ev.count} events on CPU {ev.cpu}")
+            return True
+        if isinstance(ev, parse.Unknown):
+            win.lost.append(f"unreadable trace line: {ev.line[:80]!r}")
+            return True
+        return False
+
+    def _ingest_bio(self, win: _Window, ev: bio.Bio) -> None:
+        if not ev.completion and ev.pid == self._tid:
+            # Our own writeback: no write of anyone's, but it narrows folio extents,
+            # those of the window being closed and those carried past the marker,
+            # whose blocks this very writeback may have written.
+            self._window.own.append(ev)
+            if self._target is not None:
+                self._next.own.append(ev)
+        elif not ev.completion:
+            self._inflight.append(ev)
+            if len(self._inflight) > _MAX_INFLIGHT:
+                # A bio-based disk never completes a request; keep the newest.
+                del self._inflight[: _MAX_INFLIGHT // 2]
+            win.bios.append(ev)
+            win.events += 1
+        elif any(q.overlaps(ev) for q in self._inflight):
+            self._inflight = [q for q in self._inflight if not q.overlaps(ev)]
+            win.bios.append(ev)
+            win.events += 1
+
+    def _report(
+        self,
+        w: _Window,
+        before: dict[str, SourceStat],
+        now: dict[str, SourceStat],
+        first: bool,
+        cost: float,
+    ) -> PassWindow:
+        # The carried tail (now self._window) holds writeback a flusher did after the marker.
+        written = w.own + self._window.bios
+        ranges = self._src.ranges(w.folios, w.bios, written, self._extent, w.nopage)
+        rescan: dict[str, str] = {}
+        for ino, ev in w.nopage.items():
+            for p in self._src.inodes.get(ino, []):
+                rescan[p] = f"{ev} changed it without dirtying a page"
+        for p, st in now.items():
+            why = rescan_reason(before[p], st, p in ranges)
+            if why and p not in rescan:
+                rescan[p] = why
+            grown = grown_range(before[p], st)
+            if grown:
+                ranges[p] = parse.merge_ranges(ranges.get(p, []) + [grown])
+        full = first or bool(w.lost)
+        reason = "first pass" if first else "; ".join(dict.fromkeys(w.lost))
+        return PassWindow(self._seq, full, reason, ranges, rescan, w.events, cost)
+
+    # -- teardown --------------------------------------------------------
+
+    def close(self) -> None:
+        """Remove the instance and drop every fd; safe to call twice."""
+        try:
+            self._trace.close()
+        finally:
+            self._src.close()
+
+    def __enter__(self) -> KernelTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
