@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 from multifd_cli.errors import (
     EXIT_CHANNEL_KILLED,
     EXIT_INTERNAL,
+    ConnectionFailed,
     MultifdError,
     WorkerFailed,
 )
@@ -267,3 +268,12 @@ def _signal_name(signo: int) -> str:
         return signal.Signals(signo).name
     except ValueError:
         return f"signal {signo}"
+
+
+def next_order(pipe: Connection) -> object:
+    """A channel's next message from main; main gone (EOF) ends the channel as a
+    connection failure, never a traceback."""
+    try:
+        return pipe.recv()
+    except EOFError:
+        raise ConnectionFailed("main process went away") from None

@@ -28,7 +28,6 @@ from multifd_cli.common.tables import page_hash, zero_bytes, zero_hash
 from multifd_cli.compression import Compressor, by_wire_id
 from multifd_cli.config import TestHooks
 from multifd_cli.errors import (
-    ConnectionFailed,
     InternalError,
     IOFailure,
     PeerAborted,
@@ -38,6 +37,7 @@ from multifd_cli.errors import (
 )
 from multifd_cli.net.transport import recv_exact
 from multifd_cli.proc.messages import Quit
+from multifd_cli.proc.workers import next_order
 from multifd_cli.recv import messages as M
 from multifd_cli.recv.blockfiles import HEADER_GUARD
 from multifd_cli.recv.sink import HOLE_BIT, DestTables
@@ -298,10 +298,7 @@ def channel_main(index: int, pipe: Connection, sock: socket.socket, args: RecvCh
     log.debug("receiving on %s", sock.getsockname() or "a unix socket")
     try:
         while True:
-            try:
-                cmd = pipe.recv()
-            except EOFError:
-                raise ConnectionFailed("main process went away") from None
+            cmd = next_order(pipe)
             if isinstance(cmd, Quit):
                 return
             if isinstance(cmd, M.HashRange):

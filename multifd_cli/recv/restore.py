@@ -22,6 +22,7 @@ from multifd_cli.events import Events, Stats
 from multifd_cli.image.layout import ImageLayout, check_complete, read_layout
 from multifd_cli.proc import workers
 from multifd_cli.proc.messages import Quit
+from multifd_cli.proc.workers import next_order
 from multifd_cli.recv import messages as M
 from multifd_cli.recv.sink import Destination, DestTables
 
@@ -38,9 +39,10 @@ def _restore_channel(index: int, pipe: Connection, image: str, layout: ImageLayo
         raise IOFailure(f"cannot open image {image}: {e.strerror}") from None
     try:
         while True:
-            cmd: M.RestoreRange | Quit = pipe.recv()
+            cmd = next_order(pipe)
             if isinstance(cmd, Quit):
                 return
+            assert isinstance(cmd, M.RestoreRange), cmd
             bi, start, end = cmd
             b = layout.blocks[bi]
             size = b.size

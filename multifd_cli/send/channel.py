@@ -23,11 +23,12 @@ from multifd_cli.common.tables import SharedTable
 from multifd_cli.compression import CompressionSpec, Compressor, NoCompression, get_compressor
 from multifd_cli.compression.adaptive import AdaptivePolicy, Auto, CodecOption
 from multifd_cli.compression.probe import PROBE_PAGES, incompressible_segments
-from multifd_cli.errors import ConnectionFailed, IOFailure, ProtocolError, expect
+from multifd_cli.errors import IOFailure, ProtocolError, expect
 from multifd_cli.net import handshake
 from multifd_cli.net.auth import Security
 from multifd_cli.net.transport import Uri, connect, send_all
 from multifd_cli.proc.messages import Quit
+from multifd_cli.proc.workers import next_order
 from multifd_cli.send.clients import BlobClient, PagedClient
 from multifd_cli.send.messages import (
     BlobSent,
@@ -260,10 +261,7 @@ def _serve(index: int, pipe: Connection, sender: ChannelSender | ImageSink,
         if not pipe.poll(args.heartbeat):
             sender.heartbeat_if_idle(args.heartbeat)
             continue
-        try:
-            cmd = pipe.recv()
-        except EOFError:
-            raise ConnectionFailed("main process went away") from None
+        cmd = next_order(pipe)
         if isinstance(cmd, Quit):
             return
         if isinstance(cmd, Work):
