@@ -292,7 +292,7 @@ def _barrier_run(runner: Runner, tmp_path: Path, *, barrier: bool, seed: int) ->
     src = write_random(tmp_path / f"src{seed}", 32 * MiB, seed=seed)
     dest = tmp_path / f"dest{seed}"
     marker = tmp_path / f"rewritten{seed}.marker"
-    recv_env = {"MULTIFD_TEST_DELAY": "0:0.02:1"}
+    recv_env = {"MULTIFD_TEST_DELAY": "0:0.1:1"}
     recv_args: tuple[str, ...] = ()
     if not barrier:
         recv_env["MULTIFD_TEST_NO_BARRIER"] = "1"

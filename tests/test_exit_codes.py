@@ -319,7 +319,7 @@ def test_exit_6_verification_failed(procs: Procs, tmp_path: Path) -> None:
     dest = tmp_path / "dest"
     marker = tmp_path / "rewritten.marker"
     recv, uri = procs.recv(dest, env={"MULTIFD_TEST_NO_BARRIER": "1",
-                                      "MULTIFD_TEST_DELAY": "0:0.02:1"})
+                                      "MULTIFD_TEST_DELAY": "0:0.1:1"})
     send = procs.send(src, uri, "--channels", "2",
                       env={"MULTIFD_TEST_BETWEEN_PASSES": hook("rewrite_once.py", src, marker, 161)})
     s, r = send.done(60), recv.done(60)

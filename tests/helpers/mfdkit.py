@@ -167,8 +167,10 @@ class Proc:
         return self.popen.returncode
 
     def read_stderr(self) -> str:
-        if self.popen.stderr is not None and self.popen.poll() is not None:
-            self.stderr += self.popen.stderr.read()
+        err = self.popen.stderr
+        # After wait() (communicate) the pipe is closed and its text is already kept.
+        if err is not None and not err.closed and self.popen.poll() is not None:
+            self.stderr += err.read()
         return self.stderr
 
     def last(self) -> dict[str, Any]:
