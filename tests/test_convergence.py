@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from multifd_cli.send.convergence import Estimator, PassSample
+from multifd_cli.send.convergence import Estimator, PassSample, StallWatch
 
 MiB = 1 << 20
 
@@ -85,3 +87,47 @@ def test_on_sent_measures_a_window_of_sending() -> None:
     for i in range(11):
         est.on_sent(i * 0.05, 8 * MiB)  # 8 MiB every 50 ms = 160 MiB/s
     assert est.bandwidth == pytest.approx(88 * MiB / 0.5)
+
+
+# -- the stall rule: passes that stop improving the expected downtime are wasted -------------
+
+
+def test_stall_needs_three_passes_without_a_ten_percent_gain() -> None:
+    w = StallWatch()
+    assert not w.observe(math.inf)  # no estimate yet: nothing to judge
+    assert not w.observe(1.00)
+    assert not w.observe(0.95)  # 5 % better than the best: not enough
+    assert not w.observe(0.92)
+    assert w.observe(0.91)  # third pass in a row under 10 %
+
+
+def test_a_real_gain_resets_the_stall_count() -> None:
+    w = StallWatch()
+    for x in (1.0, 0.99, 0.98):
+        assert not w.observe(x)
+    assert not w.observe(0.85)  # 15 % better than 1.0: progress, count starts again
+    assert not w.observe(0.84)
+    assert not w.observe(0.90)  # worse than the best counts as flat too
+    assert w.observe(0.80)  # 0.80 is not 10 % under 0.85
+
+
+@given(st.lists(st.floats(min_value=1e-3, max_value=1e3), min_size=1, max_size=40))
+def test_a_steady_ten_percent_gain_never_stalls(xs: list[float]) -> None:
+    w = StallWatch()
+    x = 100.0
+    for _ in xs:
+        assert not w.observe(x)
+        x *= 0.85
+
+
+def test_bound_names_the_biggest_part_of_the_downtime() -> None:
+    est = Estimator(channels=2)
+    # A slow scan: 4 GiB scanned in 2 s, little sent.
+    est.end_pass(sample(1, 0.0, 2.0, 64 * MiB, 64 * MiB, 4096 * MiB))
+    est.end_pass(sample(2, 2.5, 2.0, 1 * MiB, 1 * MiB, 4096 * MiB))
+    assert "scanning the source" in est.bound(4096 * MiB)
+    # A writer that outruns the link: the send part dominates.
+    est2 = Estimator(channels=2, scan_is_free=True, bandwidth_cap=10 * MiB)
+    est2.pending_bytes = 50 * MiB
+    est2.end_pass(sample(1, 0.0, 1.0, 64 * MiB, 64 * MiB, 0))
+    assert "MiB/s of bandwidth" in est2.bound(64 * MiB)

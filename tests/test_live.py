@@ -500,6 +500,46 @@ def test_max_passes_forces_switchover(runner: Runner, tmp_path: Path, writers: A
     assert passes[0]["duration_ms"] > 2500, passes[0]  # 64 MiB at 20 MiB/s
 
 
+def test_passes_that_stop_improving_the_downtime_end_in_a_switchover(
+        runner: Runner, tmp_path: Path, writers: Any) -> None:
+    """A limit no pass can reach (1 ms) and a writer the capped link cannot outrun:
+    once the expected downtime stops improving by 10 % for 3 passes, send switches
+    over with a warning that names what bounds it, instead of running all 30
+    --max-passes. (Without the rule this run takes 30 passes.)"""
+    src = write_random(tmp_path / "src", 64 * MiB, seed=14)
+    dest = tmp_path / "dest"
+    w = writers(src, **FAST)
+    m = migrate(runner, src, dest, *CAP, "--pause-pid", str(w.pid), "--downtime-limit", "1")
+    sc, _ = completed_ok(m)
+    passes = check_pass_events(m.send, paused=True)
+    assert sc["passes"] <= 8, [(p["pass"], p["expected_downtime_ms"]) for p in passes]
+    assert "stopped improving" in m.send.stderr, m.send.stderr
+    assert "--max-passes" not in m.send.stderr
+    assert w.stopped()
+    assert sha256(dest) == sha256(src)
+    # The decision: the three estimates before the switchover were no 10 % gain
+    # on the best one seen.
+    est = [p["expected_downtime_ms"] for p in passes[:-1] if p["expected_downtime_ms"]]
+    assert len(est) >= 4 and min(est[-3:]) >= 0.9 * min(est[:-3]), est
+
+
+def test_strict_downtime_exits_9_once_passes_stop_improving(
+        runner: Runner, tmp_path: Path, writers: Any) -> None:
+    src = write_random(tmp_path / "src", 64 * MiB, seed=15)
+    dest = tmp_path / "dest"
+    w = writers(src, **FAST)
+    m = migrate(runner, src, dest, *CAP, "--pause-pid", str(w.pid), "--downtime-limit", "1",
+                "--strict-downtime")
+    s, r = finish_both(m)
+    assert s == 9, describe(m)
+    ev = failed_with(m.send, 9)
+    assert "stopped improving" in ev["error"] and "--strict-downtime" in ev["error"], ev
+    assert len(m.send.of("pass")) <= 8
+    assert r == 9
+    assert not dest.exists()
+    assert wait_until(w.running, 0.5) is not None, w.states()
+
+
 # -- 7. the destination dies during the pause ----------------------------------------------------
 
 # A final pass that surely has data and surely is slow, so a test can act during the

@@ -14,6 +14,7 @@ flush + sync of the last pass plus one round trip for completion.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -21,6 +22,11 @@ from dataclasses import dataclass, field
 # feeds the setup-time warning; every pass replaces it with a measurement.
 ASSUMED_SCAN_BYTES_PER_S = 2e9
 WINDOW_S = 1.0  # bandwidth is averaged over this much recent sending
+# A pass is worth its cost only while it improves the expected downtime: an
+# estimate must beat the best so far by STALL_GAIN within STALL_PASSES passes
+# (much as QEMU counts dirty-sync iterations that do not converge).
+STALL_GAIN = 0.10
+STALL_PASSES = 3
 
 
 @dataclass
@@ -134,3 +140,37 @@ class Estimator:
 
         p = self.passes
         return not (heavy(p[-3], p[-2]) and heavy(p[-2], p[-1]))
+
+    def bound(self, size: int) -> str:
+        """What the expected downtime is mostly made of, in words for the user."""
+        bw = self.bandwidth
+        parts = {
+            f"scanning the source takes about {self.scan_seconds(size) * 1000:.0f} ms "
+            "(the hash tracker reads all of it)": self.scan_seconds(size),
+            f"the writer dirties {self.dirty_rate / 2**20:.1f} MiB/s against "
+            f"{bw / 2**20:.1f} MiB/s of bandwidth, leaving {self.remaining / 2**20:.1f} MiB "
+            "for the final pass": self.remaining / bw if bw else math.inf,
+            f"flush, sync and completion take about {self.sync_seconds() * 1000:.0f} ms":
+                self.sync_seconds(),
+        }
+        return max(parts, key=lambda k: parts[k])
+
+
+@dataclass
+class StallWatch:
+    """Says when passes stopped paying off: the expected downtime has not beaten
+    the best estimate so far by STALL_GAIN for STALL_PASSES passes in a row."""
+
+    best: float = math.inf
+    flat: int = 0
+
+    def observe(self, expected: float) -> bool:
+        """Take one pass's estimate; True once the estimates have stalled."""
+        if not math.isfinite(expected):
+            return False
+        if expected < self.best * (1 - STALL_GAIN):
+            self.best = expected
+            self.flat = 0
+        else:
+            self.flat += 1
+        return self.flat >= STALL_PASSES

@@ -16,7 +16,7 @@ import time
 from multifd_cli.config import Convergence
 from multifd_cli.errors import ConvergeError, IOFailure
 from multifd_cli.events import Events
-from multifd_cli.send.convergence import Estimator
+from multifd_cli.send.convergence import Estimator, StallWatch
 from multifd_cli.send.passes import Blocks, PassResult, PassRunner
 from multifd_cli.send.ratelimit import SharedRateLimit
 from multifd_cli.send.state import MigrationState
@@ -42,6 +42,7 @@ class ConvergencePolicy:
         self.blocks = blocks
         self.dirty_log = dirty_log
         self.saw_changes = False  # a later pass found dirty pages: someone writes
+        self.stall = StallWatch()
         self._keys: list[tuple[int, int, int]] = []
         self._wall_start = 0
 
@@ -86,6 +87,22 @@ class ConvergencePolicy:
             return False
         limit_ms = self.state.downtime_limit_ms
         if expected <= limit_ms / 1000:
+            return True
+        # While --auto-converge can still slow the writer, more passes may help.
+        may_throttle = conv.auto_converge and self.writer.throttle.pct < self.writer.throttle.MAX
+        if self.stall.observe(expected) and not may_throttle:
+            bound = self.estimator.bound(sum(self.state.sizes))
+            if conv.strict_downtime:
+                raise ConvergeError(
+                    f"expected downtime {expected * 1000:.0f} ms stopped improving over "
+                    f"--downtime-limit {limit_ms:g} ms after {epoch} passes: {bound} "
+                    "(--strict-downtime)"
+                )
+            log.warning(
+                "the expected downtime stopped improving (%.0f ms, over --downtime-limit %g ms, "
+                "after %d passes): switching over now; %s",
+                expected * 1000, limit_ms, epoch, bound,
+            )
             return True
         if epoch >= conv.max_passes:
             if conv.strict_downtime:
