@@ -523,6 +523,23 @@ def test_passes_that_stop_improving_the_downtime_end_in_a_switchover(
     assert len(est) >= 4 and min(est[-3:]) >= 0.9 * min(est[:-3]), est
 
 
+def test_auto_converge_does_not_hide_a_stall_it_cannot_fix(
+        runner: Runner, tmp_path: Path, writers: Any) -> None:
+    """A slow writer and an unreachable limit: what bounds the downtime is the scan
+    and the sync, which throttling cannot shrink, so --auto-converge must not keep
+    the stall rule from switching over (it once waited for --max-passes)."""
+    src = write_random(tmp_path / "src", 32 * MiB, seed=16)
+    dest = tmp_path / "dest"
+    w = writers(src, rate="1M", hot="1M")
+    m = migrate(runner, src, dest, "--pause-pid", str(w.pid), "--downtime-limit", "1",
+                "--auto-converge", "--max-passes", "20")
+    sc, _ = completed_ok(m)
+    assert "stopped improving" in m.send.stderr, m.send.stderr
+    assert "--max-passes" not in m.send.stderr
+    assert sc["passes"] < 20
+    assert sha256(dest) == sha256(src)
+
+
 def test_strict_downtime_exits_9_once_passes_stop_improving(
         runner: Runner, tmp_path: Path, writers: Any) -> None:
     src = write_random(tmp_path / "src", 64 * MiB, seed=15)

@@ -88,8 +88,11 @@ class ConvergencePolicy:
         limit_ms = self.state.downtime_limit_ms
         if expected <= limit_ms / 1000:
             return True
-        # While --auto-converge can still slow the writer, more passes may help.
-        may_throttle = conv.auto_converge and self.writer.throttle.pct < self.writer.throttle.MAX
+        # While --auto-converge is about to slow a writer that outruns the link, more
+        # passes may help; a stall it cannot touch (the scan, the sync) still counts.
+        throttle = self.writer.throttle
+        may_throttle = (conv.auto_converge and not self.estimator.converging()
+                        and throttle.pct < throttle.MAX)
         if self.stall.observe(expected) and not may_throttle:
             bound = self.estimator.bound(sum(self.state.sizes))
             if conv.strict_downtime:
@@ -159,6 +162,7 @@ class Switchover:
         )
         self.writer.pause()
         self.state.stats.paused = True
+        self.state.stats.final_pass_started = self.writer.paused_at  # downtime runs from here
         log.info("writer paused; final pass")
         blocks = self.runner.blocks
         for b in blocks.blobs:
