@@ -15,8 +15,8 @@
 #
 # recv serves one session and exits, so a new one is started whenever the last
 # one is gone. RECV_DELAY delays the first one, like a destination that comes up
-# late: send then starts first, finds nobody listening on the port, and fails
-# with exit 3 after its --timeout (SEND_TIMEOUT). Without arguments the script
+# late: send then starts first, finds nobody listening on the port, waits for it
+# (--wait-for-recv, as long as SEND_TIMEOUT) and fails with exit 3. Without arguments the script
 # creates a 16 MiB source in a temporary directory and uses RECV_DELAY=3, so the
 # first attempt fails and the retry succeeds.
 #
@@ -150,9 +150,12 @@ attempt=0
 while true; do
     attempt=$((attempt + 1))
     send_json=$work/send-$attempt.json
-    echo "attempt $attempt: multifd send $src --to $uri --timeout $send_timeout ${opts[*]+${opts[*]}}"
+    echo "attempt $attempt: multifd send $src --to $uri --timeout $send_timeout" \
+        "--wait-for-recv $send_timeout ${opts[*]+${opts[*]}}"
     rc=0
-    "${mfd[@]}" send --json --timeout "$send_timeout" "$src" --to "$uri" \
+    # recv was just (re)started in the background: give it the time to listen.
+    "${mfd[@]}" send --json --timeout "$send_timeout" --wait-for-recv "$send_timeout" \
+        "$src" --to "$uri" \
         "${opts[@]+"${opts[@]}"}" >"$send_json" 2>"$work/send-$attempt.log" || rc=$?
     if [[ $rc -eq 0 ]]; then
         wait "$recv_pid" || { echo "recv failed after send succeeded" >&2; exit 1; }
