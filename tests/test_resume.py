@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -207,3 +209,46 @@ def test_resume_from_partial_with_dest_present_and_force(kit: Kit, tmp_path: Pat
     assert entries(d) == ["dest"]
     assert sha256(dest) == sha256(src)
     assert sent["transferred_bytes"] < 4.5 * MiB, sent
+
+
+_GROW = r"""
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND)
+chunk = os.urandom(64 << 10)
+while True:
+    os.write(fd, chunk)
+    time.sleep(0.002)
+"""
+
+
+_SHRINK = r"""
+import os, sys, time
+size = os.path.getsize(sys.argv[1])
+while size > (1 << 20):
+    size -= 64 << 10
+    os.truncate(sys.argv[1], size)
+    time.sleep(0.002)
+time.sleep(3600)
+"""
+
+
+@pytest.mark.parametrize("change", ["grows", "shrinks"])
+def test_resume_of_a_source_that_changes_size_meanwhile(kit: Kit, tmp_path: Path,
+                                                        change: str) -> None:
+    """recv --resume hashes its old copy up to the size LAYOUT announced; a source
+    that grew since has no old copy past that size. Pass 1 used to wait forever
+    for hashes of those pages (both sides stayed alive on heartbeats)."""
+    src = write_random(tmp_path / "src", 8 * MiB, seed=44)
+    dest = tmp_path / "dest"
+    dest.write_bytes(src.read_bytes()[: 6 * MiB])  # an old, shorter copy
+    grower = subprocess.Popen([sys.executable, "-c", _GROW if change == "grows" else _SHRINK,
+                               str(src)])
+    try:
+        r, uri = kit.recv(dest, "--resume", "--force")
+        s = kit.send(src, uri, "--pause-pid", str(grower.pid))
+        sd, rd = s.wait(60), r.wait(60)
+        assert sd.ok()["digest"] == rd.ok()["digest"]
+        assert sha256(dest) == sha256(src)  # the writer stays paused: src is as at the pause
+    finally:
+        grower.kill()
+        grower.wait()

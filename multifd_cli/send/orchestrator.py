@@ -103,7 +103,7 @@ class Orchestrator:
     def _run(self, stack: contextlib.ExitStack) -> dict[str, Any]:
         blocks, state = self.blocks, self.state
         state.sizes = [s.size for s in blocks.sources] + [0] * len(blocks.blobs)
-        self.old_copy.covered = [0] * len(state.sizes)
+        self.old_copy.begin(state.sizes)
         blocks.tables = [
             SourceTables.create(f"send{i}", size, ps)
             for i, (size, ps) in enumerate(zip(state.sizes, blocks.page_sizes))

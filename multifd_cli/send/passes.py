@@ -76,6 +76,15 @@ class OldCopy:
         self.state = state
         self.enabled = False  # set once the destination accepted with an old copy
         self.covered: list[int] = []  # pages per block whose old-copy hashes arrived
+        # The destination hashes its old copy up to the sizes LAYOUT announced; a
+        # source that grew since has nothing old past them, a shrunk one less.
+        self.layout_pages: list[int] = []
+
+    def begin(self, sizes: list[int]) -> None:
+        """Before setup: the sizes LAYOUT will announce."""
+        ps = self.blocks.page_size
+        self.covered = [0] * len(sizes)
+        self.layout_pages = [pages_of(size, ps) for size in sizes]
 
     def on_main_message(self, msg: P.Message) -> None:
         """Mid-migration, recv only streams the old copy's hashes."""
@@ -87,15 +96,19 @@ class OldCopy:
             raise ProtocolError(f"RESUME_HASHES block: got {b}, expected < {len(tables)}")
         expect(f"RESUME_HASHES first page of block {b}", msg.first, self.covered[b])
         n = len(msg.hashes)
-        total = pages_of(self.state.sizes[b], self.blocks.page_size)
+        total = self.layout_pages[b]
         if msg.first + n > total:
             raise ProtocolError(f"RESUME_HASHES: pages up to {msg.first + n}, expected at most {total}")
-        # What the destination holds stands in for "last sent".
-        tables[b].page_hash.view[msg.first : msg.first + n] = array("Q", msg.hashes)
+        # What the destination holds stands in for "last sent"; past a source
+        # that shrank meanwhile there is no table left to seed.
+        view = tables[b].page_hash.view
+        keep = max(0, min(n, len(view) - msg.first))
+        view[msg.first : msg.first + keep] = array("Q", msg.hashes[:keep])
         self.covered[b] += n
 
     def covers(self, block: int, end: int) -> bool:
-        return end <= self.covered[block]
+        """True once the old copy's hashes up to page `end` are in (or none will come)."""
+        return min(end, self.layout_pages[block]) <= self.covered[block]
 
 
 class PassRunner:
