@@ -55,6 +55,11 @@ class Estimator:
     # learns it by scanning, so after the first pass (which sent everything)
     # it knows nothing yet about the writer.
     pending_bytes: int | None = None
+    # The kernel tracker: what its own pass start (marker, writeback, drain) last
+    # cost, and how many bytes its last window made the pass read. The final pass
+    # pays both instead of a scan of the whole source.
+    tracker_cost: float | None = None
+    scan_bytes: int = 0
 
     # -- inputs ------------------------------------------------------------------------
     def on_sent(self, now: float, nbytes: int) -> None:
@@ -107,9 +112,14 @@ class Estimator:
         return self.passes[-1].dirty_bytes if self.passes else 0
 
     def scan_seconds(self, size: int) -> float:
+        """What finding the final pass's dirty pages costs: nothing for the API
+        tracker, the tracker's pass start and its window's bytes for the kernel
+        tracker, and reading all `size` bytes for the hash tracker."""
         if self.scan_is_free:
             return 0.0
         rate = self.scan_rate or ASSUMED_SCAN_BYTES_PER_S * self.channels
+        if self.tracker_cost is not None:
+            return self.tracker_cost + self.scan_bytes / rate
         return size / rate
 
     def sync_seconds(self) -> float:
@@ -145,8 +155,9 @@ class Estimator:
         """What the expected downtime is mostly made of, in words for the user."""
         bw = self.bandwidth
         parts = {
-            f"scanning the source takes about {self.scan_seconds(size) * 1000:.0f} ms "
-            "(the hash tracker reads all of it)": self.scan_seconds(size),
+            f"finding the dirty pages takes about {self.scan_seconds(size) * 1000:.0f} ms "
+            + ("(the kernel tracker's writeback and reads)" if self.tracker_cost is not None
+               else "(the hash tracker reads all of the source)"): self.scan_seconds(size),
             f"the writer dirties {self.dirty_rate / 2**20:.1f} MiB/s against "
             f"{bw / 2**20:.1f} MiB/s of bandwidth, leaving {self.remaining / 2**20:.1f} MiB "
             "for the final pass": self.remaining / bw if bw else math.inf,

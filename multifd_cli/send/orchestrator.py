@@ -30,6 +30,7 @@ from multifd_cli.events import Events, Stats
 from multifd_cli.proc import logsetup
 from multifd_cli.send.channel import SendChannelArgs
 from multifd_cli.send.convergence import Estimator
+from multifd_cli.send.dirty import Tracking, open_tracking
 from multifd_cli.send.passes import Blocks, OldCopy, PassRunner
 from multifd_cli.send.pool import ChannelPool
 from multifd_cli.send.ratelimit import SharedRateLimit
@@ -81,11 +82,16 @@ class Orchestrator:
         self.steering = Steering(cfg, events, self.state, self.estimator, self.writer, self.limit)
         self.transport: Transport = open_transport(cfg, self.old_copy.on_main_message)
         self.pool = ChannelPool(cfg.channels, self.heartbeat, self._watched, self._tick)
+        self.tracking = Tracking()
 
     # -- the whole migration -----------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
             self._open_sources(stack)
+            self.tracking = open_tracking(self.cfg.convergence.tracker, self.blocks.sources,
+                                          self.cfg.page_size, self.dirty_log is not None,
+                                          self.estimator)
+            stack.callback(self.tracking.close)  # the tracefs instance, on every exit path
             self._warn_unpaused_writers()
             stack.enter_context(self.steering)
             transport = stack.enter_context(self.transport)
@@ -187,7 +193,7 @@ class Orchestrator:
     def _migrate(self) -> None:
         runner = PassRunner(self.blocks, self.pool, self.transport, self.state, self.estimator,
                             self.events, self.dirty_log, self.old_copy,
-                            lambda: self.writer.throttle.pct)
+                            lambda: self.writer.throttle.pct, self.tracking)
         policy = ConvergencePolicy(self.cfg.convergence, self.state, self.estimator, self.writer,
                                    self.blocks, self.dirty_log)
         policy.warn_if_scan_exceeds_limit()
