@@ -280,6 +280,7 @@ class PassRunner:
             expected_downtime_ms=round(expected * 1000, 1) if expected != float("inf") else None,
             throttle_pct=self.throttle_pct(),
             final=final,
+            read_bytes=res.read_bytes,
             **self.tracking.fields(),
         )
         log.info(
