@@ -47,6 +47,7 @@ from multifd_cli.wire.endpoint import Endpoint
 from multifd_cli.wire.messages import (
     ABORT,
     ACCEPT,
+    ACCEPT_OWNERS,
     ACCEPT_RESUME,
     AUTH_CHALLENGE,
     AUTH_OK,
@@ -177,6 +178,7 @@ __all__ = [
     "encode_tree_root",
     "ABORT",
     "ACCEPT",
+    "ACCEPT_OWNERS",
     "ACCEPT_RESUME",
     "ALWAYS",
     "AUTH_CHALLENGE",

@@ -25,6 +25,7 @@ from multifd_cli.errors import ProtocolError, expect
 from multifd_cli.wire.messages import (
     ABORT,
     ACCEPT,
+    ACCEPT_OWNERS,
     ACCEPT_RESUME,
     AUTH_CHALLENGE,
     AUTH_OK,
@@ -355,8 +356,9 @@ def parse_control(h: Header, payload: Buffer) -> Message:
         if t == MsgType.ACCEPT:
             expect("ACCEPT length", len(p), ACCEPT.size)
             (flags,) = ACCEPT.unpack(p)
-            if flags & ~ACCEPT_RESUME:
-                raise ProtocolError(f"ACCEPT flags: got {flags:#x}, expected a subset of {ACCEPT_RESUME:#x}")
+            known = ACCEPT_RESUME | ACCEPT_OWNERS
+            if flags & ~known:
+                raise ProtocolError(f"ACCEPT flags: got {flags:#x}, expected a subset of {known:#x}")
             return Accept(flags)
         if t == MsgType.METADATA:
             return _parse_metadata(p)

@@ -36,6 +36,7 @@ NONCE_LEN = 32
 MAC_LEN = 32
 FEATURE_PSK = 0x01  # HELLO features: the sender will prove it knows the pre-shared key
 ACCEPT_RESUME = 0x01  # ACCEPT flags: DEST holds an old copy; RESUME_HASHES follow
+ACCEPT_OWNERS = 0x02  # ACCEPT flags: recv keeps owners and makes device nodes (a tree's manifest)
 MAX_RESUME_HASHES = 65536  # page hashes in one RESUME_HASHES message
 COMPRESSION_AUTO = 127  # CONFIG: each packet's header names its own codec (--compress auto)
 KIND_PAGES = 0  # a block copied page by page, pass after pass (a file or device)
@@ -250,6 +251,10 @@ class Accept(NamedTuple):
     @property
     def resume(self) -> bool:
         return bool(self.flags & ACCEPT_RESUME)
+
+    @property
+    def owners(self) -> bool:
+        return bool(self.flags & ACCEPT_OWNERS)
 
 
 class Metadata(NamedTuple):
