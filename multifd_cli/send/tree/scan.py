@@ -21,8 +21,8 @@ from array import array
 from collections.abc import Iterator
 
 from multifd_cli.common.manifest import DEFAULT_OPTIONS, ManifestBuilder, ManifestOptions
-from multifd_cli.common.treeops import EntryType
 from multifd_cli.errors import IOFailure, UsageError
+from multifd_cli.wire.treeops import EntryType
 
 FILE = int(EntryType.FILE)
 DIR = int(EntryType.DIR)
