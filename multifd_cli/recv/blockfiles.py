@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -144,6 +145,7 @@ class Writeback:
         self._thread: threading.Thread | None = None
         self._error: OSError | None = None
         self._lock = threading.Lock()
+        self.seconds = 0.0  # how long the last finished one took (EPOCH_ACK's flush_us)
 
     def start(self, fds: tuple[int, ...]) -> None:
         """Start one, unless the last one is still running."""
@@ -154,11 +156,13 @@ class Writeback:
             self._thread.start()
 
     def _datasync(self, fds: tuple[int, ...]) -> None:
+        t0 = time.monotonic()
         try:
             for fd in fds:
                 os.fdatasync(fd)
         except OSError as e:
             self._error = e
+        self.seconds = time.monotonic() - t0
 
     def wait(self) -> None:
         """Join the last one; raise its error."""

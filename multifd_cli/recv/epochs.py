@@ -107,6 +107,9 @@ class EpochLoop:
         st.zero_pages += total.zero
         st.transferred_bytes = sum(self.wire)
         st.payload_bytes = sum(self.written)
+        # Delivered, not just sent: send's estimates count what this says was applied.
+        self.main.send(P.EpochAck(k, sum(self.wire), sum(self.written),
+                                  min(int(self.dest.flush_seconds * 1e6), 0xFFFFFFFF)))
         self.dest.background_flush()
         self.events.emit(
             "pass", **{"pass": k}, normal_pages=total.normal, zero_pages=total.zero,

@@ -229,6 +229,11 @@ class Destination:
     def resize(self, block: int, size: int) -> None:
         self.files.resize(block, size)
 
+    @property
+    def flush_seconds(self) -> float:
+        """How long the last finished background flush took (0: none yet)."""
+        return self._writeback.seconds
+
     def background_flush(self) -> None:
         """Start writing back what the last pass wrote, so the final fsync is short."""
         self._writeback.start(self.fds)

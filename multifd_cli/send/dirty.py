@@ -65,8 +65,8 @@ class Tracking:
 
     def fields(self) -> dict[str, Any]:
         """For the pass event: which tracker, why not the kernel's, and any fallback."""
-        return {"tracker": self.kind, "tracker_reason": self.reason,
-                "tracker_fallback": self.fallback}
+        return {"tracker": self.kind, "tracker_reason": self.reason or "",
+                "tracker_fallback": self.fallback or ""}
 
     def close(self) -> None:
         """Release what the tracker holds (the tracefs instance)."""
@@ -92,6 +92,7 @@ class KernelTracking(Tracking):
         self.estimator = estimator
         self.window: PassWindow | None = None
         self._polled = 0.0
+        estimator.tracker_cost = 0.0  # no scan of the whole source, even before pass 2
 
     def begin(self, epoch: int, full: bool) -> None:
         w = self.tracker.begin_pass()

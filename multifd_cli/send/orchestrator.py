@@ -80,7 +80,7 @@ class Orchestrator:
         )
         self.writer = WriterGuard(cfg.pause, cfg.after_success, pauser)
         self.steering = Steering(cfg, events, self.state, self.estimator, self.writer, self.limit)
-        self.transport: Transport = open_transport(cfg, self.old_copy.on_main_message)
+        self.transport: Transport = open_transport(cfg, self._on_main_message)
         self.pool = ChannelPool(cfg.channels, self.heartbeat, self._watched, self._tick)
         self.tracking = Tracking()
 
@@ -132,6 +132,13 @@ class Orchestrator:
         self.writer.succeeded = True
         logsetup.hold_signals_from_now()
         return state.stats.summary()
+
+    def _on_main_message(self, msg: P.Message) -> None:
+        """recv's acks feed the estimates; anything else is the old copy's hashes."""
+        if isinstance(msg, P.EpochAck):
+            self.estimator.on_ack(time.monotonic(), msg.epoch, msg.wire_bytes, msg.flush_us)
+        else:
+            self.old_copy.on_main_message(msg)
 
     def _open_sources(self, stack: contextlib.ExitStack) -> None:
         blocks = self.blocks
@@ -191,11 +198,11 @@ class Orchestrator:
 
     # -- passes -----------------------------------------------------------------------------------
     def _migrate(self) -> None:
+        policy = ConvergencePolicy(self.cfg.convergence, self.state, self.estimator, self.writer,
+                                   self.blocks, self.dirty_log, self.pool.poll)
         runner = PassRunner(self.blocks, self.pool, self.transport, self.state, self.estimator,
                             self.events, self.dirty_log, self.old_copy,
-                            lambda: self.writer.throttle.pct, self.tracking)
-        policy = ConvergencePolicy(self.cfg.convergence, self.state, self.estimator, self.writer,
-                                   self.blocks, self.dirty_log)
+                            lambda: self.writer.throttle.pct, self.tracking, policy.await_ack)
         policy.warn_if_scan_exceeds_limit()
         epoch = 0
         while True:

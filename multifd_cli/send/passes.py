@@ -118,7 +118,8 @@ class PassRunner:
     def __init__(self, blocks: Blocks, pool: ChannelPool, transport: Transport,
                  state: MigrationState, estimator: Estimator, events: Events,
                  dirty_log: DirtyLog | None, old_copy: OldCopy,
-                 throttle_pct: Callable[[], int], tracking: Tracking | None = None) -> None:
+                 throttle_pct: Callable[[], int], tracking: Tracking | None = None,
+                 await_ack: Callable[[int], None] | None = None) -> None:
         self.blocks = blocks
         self.pool = pool
         self.transport = transport
@@ -130,6 +131,7 @@ class PassRunner:
         self.next_channel = 0  # the round-robin start carries over between passes
         self.throttle_pct = throttle_pct  # what the writer is throttled to, for the event
         self.tracking = tracking or Tracking()  # which ranges a pass reads (send/dirty.py)
+        self.await_ack = await_ack  # recv's ack of the epoch, before the estimate (switchover.py)
 
     def run(self, epoch: int, full: bool, final: bool = False, paused_at: float = 0.0) -> PassResult:
         """One epoch: announce it, scan and send, flush, sync, report."""
@@ -156,6 +158,8 @@ class PassRunner:
             self.pool.send_blobs(epoch, blocks.blobs, len(blocks.sources), blocks.packet_size)
         res.counts = self._sync(epoch)
         now = time.monotonic()
+        if self.await_ack is not None and not final:
+            self.await_ack(epoch)
         res.wire_bytes = sum(self.pool.wire) - wire_before
         self._report(epoch, res, pass_start, sync_start, now, final)
         return res

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any, Callable, Sequence
 
 from multifd_cli.config import Convergence
-from multifd_cli.errors import ConvergeError, IOFailure
+from multifd_cli.errors import ConvergeError, IOFailure, ProtocolError
 from multifd_cli.events import Events
 from multifd_cli.send.convergence import Estimator, StallWatch
 from multifd_cli.send.passes import Blocks, PassResult, PassRunner
@@ -34,7 +35,8 @@ class ConvergencePolicy:
     """After each pass: another one, or switch over now (or give up)."""
 
     def __init__(self, conv: Convergence, state: MigrationState, estimator: Estimator,
-                 writer: WriterGuard, blocks: Blocks, dirty_log: DirtyLog | None) -> None:
+                 writer: WriterGuard, blocks: Blocks, dirty_log: DirtyLog | None,
+                 pump: Callable[[], Sequence[Any]] | None = None) -> None:
         self.conv = conv
         self.state = state
         self.estimator = estimator
@@ -43,6 +45,7 @@ class ConvergencePolicy:
         self.dirty_log = dirty_log
         self.saw_changes = False  # a later pass found dirty pages: someone writes
         self.stall = StallWatch()
+        self.pump = pump  # serves the main connection (and the channels) for a moment
         self._keys: list[tuple[int, int, int]] = []
         self._wall_start = 0
 
@@ -123,6 +126,19 @@ class ConvergencePolicy:
             log.info("auto-converge: throttling the writer to %d%%", 100 - pct)
         return False
 
+    def await_ack(self, epoch: int) -> None:
+        """Once recv acknowledges epochs, wait for this one's ack before deciding, at most
+        --downtime-limit: the decision then sees what was delivered, not what is still
+        in socket buffers and relays. An ack that takes longer says the limit is out of
+        reach anyway, and what is still unacknowledged counts against the estimate."""
+        d = self.estimator.delivery
+        if self.pump is None or not d.seen or not self.writer.can_pause:
+            return
+        deadline = time.monotonic() + self.state.downtime_limit_ms / 1000
+        while d.epoch < epoch and time.monotonic() < deadline:
+            for _w, msg in self.pump():
+                raise ProtocolError(f"channel: unexpected {type(msg).__name__} between passes")
+
     def _unchanged(self) -> bool:
         """Size, mtime and ctime unchanged since the pass began, and old enough to trust.
 
@@ -155,6 +171,7 @@ class Switchover:
         self.state.phase = "switchover"
         self.limit.set_rate(0)  # the downtime runs at full speed
         expected = self.estimator.expected_downtime(sum(self.state.sizes))
+        self.state.stats.expected_downtime = expected if math.isfinite(expected) else None
         self.events.emit(
             "switchover", **{"pass": epoch + 1},
             expected_downtime_ms=round(expected * 1000, 1) if math.isfinite(expected) else None,

@@ -187,7 +187,11 @@ class PeerTransport(Transport):
             for i, src in enumerate(sources):
                 main.send(read_metadata(i, src))
         main.send(P.Digest(epoch, digest))
-        msg = main.receive(time.monotonic() + self.cfg.timeout)
+        deadline = time.monotonic() + self.cfg.timeout
+        msg = main.receive(deadline)
+        while isinstance(msg, P.EpochAck):  # the final epoch's ack may come first
+            self.on_message(msg)
+            msg = main.receive(deadline)
         if not isinstance(msg, P.Complete):
             raise ProtocolError(f"completion: got {type(msg).__name__}, expected COMPLETE")
         if msg.digest != digest:
