@@ -126,6 +126,9 @@ class Estimator:
     tracker_cost: float | None = None
     scan_bytes: int = 0
     delivery: Delivery = field(default_factory=Delivery)
+    # A directory source reads only files whose stat changed: its final scan costs
+    # about one walk of the tree (measured each pass), not a read of every byte.
+    walk_seconds: float | None = None
 
     # -- inputs ------------------------------------------------------------------------
     def on_sent(self, now: float, nbytes: int) -> None:
@@ -190,7 +193,10 @@ class Estimator:
     def scan_seconds(self, size: int) -> float:
         """What finding the final pass's dirty pages costs: nothing for the API
         tracker, the tracker's pass start and its window's bytes for the kernel
-        tracker, and reading all `size` bytes for the hash tracker."""
+        tracker, one walk for a directory tree, and reading all `size` bytes for
+        the hash tracker."""
+        if self.walk_seconds is not None:
+            return self.walk_seconds
         if self.scan_is_free:
             return 0.0
         rate = self.scan_rate or ASSUMED_SCAN_BYTES_PER_S * self.channels

@@ -179,6 +179,12 @@ def open_tracking(setting: str, sources: Sequence[Source], page_size: int, api: 
         return ApiTracking("the embedding API marks writes")
     if setting == "hash":
         return Tracking("--tracker hash")
+    if not sources:
+        tree = ("a directory source reads the files whose stat changed; the kernel tracker "
+                "watches files and block devices")
+        if setting == "kernel":
+            raise UsageError(f"--tracker kernel: {tree}")
+        return Tracking(tree)
     why = _unavailable(sources)
     tracker = None
     if why is None:
