@@ -56,11 +56,14 @@ class Delivery:
     awaited right after the sync); the two are matched by epoch either way.
     """
 
+    expected: bool = False  # recv acknowledges epochs (a peer; not a file: image)
+    ignored: bool = False  # test only: estimate as if no ack ever came (the old estimate)
     epoch: int = 0  # the latest epoch recv acknowledged
     acked: int = 0  # wire bytes recv had read from its channels when it closed it
     sent: int = 0  # wire bytes send had put into its sockets, as of its last sync
     lag: float = 0.0  # seconds from send's sync of an epoch to recv's ack of it
     flush: float = 0.0  # seconds recv's last flush of DEST took
+    overdue: float = 0.0  # how long the last awaited ack kept us waiting in vain
     rate: float = 0.0  # bytes/s delivered while the destination was busy
     # epoch -> (start of the pass, its sync, send's wire total then); epoch -> (ack, acked)
     synced: dict[int, tuple[float, float, int]] = field(default_factory=dict)
@@ -75,6 +78,8 @@ class Delivery:
 
     def on_ack(self, now: float, epoch: int, wire_bytes: int, flush_us: int) -> None:
         """recv closed `epoch`, having read `wire_bytes` in all."""
+        if self.ignored:
+            return
         self.flush = flush_us / 1e6
         self.epoch, self.acked = max(self.epoch, epoch), max(self.acked, wire_bytes)
         self.acks[epoch] = (now, wire_bytes)
@@ -102,7 +107,12 @@ class Delivery:
     @property
     def in_flight(self) -> int:
         """Bytes send counted as sent that recv has not acknowledged yet."""
-        return max(0, self.sent - self.acked) if self.seen else 0
+        return max(0, self.sent - self.acked) if self.expected else 0
+
+    def latency(self) -> float:
+        """From a pass's sync until recv has applied it: measured, or at least as long
+        as the last ack kept us waiting."""
+        return max(self.lag, self.overdue)
 
 
 @dataclass
@@ -208,11 +218,11 @@ class Estimator:
         if not self.passes:
             return 0.0
         d = self.delivery
-        if d.seen:
+        if d.expected:
             # Measured: send's flush+sync, the lag until recv had applied the pass and
             # said so (delivery through any buffers, and one round trip), and recv's
             # flush of DEST, which completion waits for.
-            return self.passes[-1].sync_seconds + d.lag + d.flush
+            return self.passes[-1].sync_seconds + d.latency() + d.flush
         # The final pass pays one flush+sync and the completion round trip,
         # which costs about as much again.
         return 2 * self.passes[-1].sync_seconds
@@ -252,8 +262,8 @@ class Estimator:
             "for the final pass": self.remaining / bw if bw else math.inf,
             f"flush, sync, delivery and completion take about "
             f"{self.sync_seconds() * 1000:.0f} ms"
-            + (f" (recv acknowledged a pass {self.delivery.lag * 1000:.0f} ms after it was sent)"
-               if self.delivery.seen else ""): self.sync_seconds(),
+            + (f" (recv acknowledged a pass {self.delivery.latency() * 1000:.0f} ms after it "
+               "was sent)" if self.delivery.expected else ""): self.sync_seconds(),
         }
         return max(parts, key=lambda k: parts[k])
 

@@ -53,8 +53,8 @@ class Tracking:
         self.reason = reason  # why not the kernel tracker; None where that was not asked
         self.fallback: str | None = None  # why this pass hashed some source whole
 
-    def begin(self, epoch: int, full: bool) -> None:
-        """At a pass start, before the sources are stat'ed."""
+    def begin(self, epoch: int, full: bool, final: bool = False) -> None:
+        """At a pass start, before the sources are stat'ed; `final`: the writer is paused."""
 
     def spans(self, block: int, pages: int, step: int, full: bool) -> Spans:
         """Page ranges of `block` this pass reads, each at most `step` pages."""
@@ -94,8 +94,8 @@ class KernelTracking(Tracking):
         self._polled = 0.0
         estimator.tracker_cost = 0.0  # no scan of the whole source, even before pass 2
 
-    def begin(self, epoch: int, full: bool) -> None:
-        w = self.tracker.begin_pass()
+    def begin(self, epoch: int, full: bool, final: bool = False) -> None:
+        w = self.tracker.begin_pass(final=final)
         self.window = w
         self._polled = time.monotonic()
         self.fallback = None
@@ -112,7 +112,8 @@ class KernelTracking(Tracking):
             # What the final pass would cost the tracker: its own pass start, then reading
             # what the window reports (a source hashed whole costs its size).
             est = self.estimator
-            est.tracker_cost = w.cost_s
+            # The final pass start skips the writeback (ktrace.KernelTracker.begin_pass).
+            est.tracker_cost = max(0.0, w.cost_s - w.writeback_s)
             est.scan_bytes = w.dirty_bytes() + sum(
                 os.stat(p).st_size for p in w.rescan if os.path.isfile(p))
 

@@ -215,7 +215,9 @@ class Orchestrator:
     # -- passes -----------------------------------------------------------------------------------
     def _migrate(self) -> None:
         policy = ConvergencePolicy(self.cfg.convergence, self.state, self.estimator, self.writer,
-                                   self.blocks, self.dirty_log, self.pool.poll)
+                                   self.blocks, self.dirty_log,
+                                   # recv acks epochs over the main connection, if there is one
+                                   self.pool.poll if self.transport.watched() else None)
         runner = PassRunner(self.blocks, self.pool, self.transport, self.state, self.estimator,
                             self.events, self.dirty_log, self.old_copy,
                             lambda: self.writer.throttle.pct, self.tracking, policy.await_ack)

@@ -143,7 +143,7 @@ class PassRunner:
         """One epoch: announce it, scan and send, flush, sync, report."""
         state, blocks = self.state, self.blocks
         # Before the sizes: the kernel tracker's pass start (send/dirty.py says why).
-        self.tracking.begin(epoch, full)
+        self.tracking.begin(epoch, full, final)
         pass_start = time.monotonic()
         tree, delta, ops = blocks.tree, None, 0
         if tree is not None:

@@ -90,6 +90,7 @@ class PassWindow:
     rescan: dict[str, str]
     events: int
     cost_s: float
+    writeback_s: float = 0.0  # the part of cost_s spent writing the sources back
 
     def dirty_bytes(self) -> int:
         return sum(e - s for rs in self.ranges.values() for s, e in rs)
@@ -233,9 +234,17 @@ class KernelTracker:
 
     # -- passes ----------------------------------------------------------
 
-    def begin_pass(self) -> PassWindow:
-        """Close the current window: stat, marker, writeback, drain. Then the caller reads."""
+    def begin_pass(self, final: bool = False) -> PassWindow:
+        """Close the current window: stat, marker, writeback, drain. Then the caller reads.
+
+        `final` (the writers are paused, and no window follows): marker and drain
+        only. The writeback exists so that the next window sees every store; with
+        no next window it would only put disk writes into the downtime. Every folio
+        dirty now was clean at the last writeback, so its event is in this window;
+        without our writeback's bios, folio extents are read whole, not narrowed.
+        """
         t0 = time.perf_counter()
+        wb = 0.0
         now = self._src.stat_all()
         before = self._src.stats
         first = self._seq == 0
@@ -252,7 +261,10 @@ class KernelTracker:
             else:
                 self._mark()
                 self._edge("between")
-                self._writeback()
+                if not final:
+                    t1 = time.perf_counter()
+                    self._writeback()
+                    wb += time.perf_counter() - t1
             self._edge("before drain")
             self._drain(wait_marker=True)
             if not self._tail_lost:
@@ -263,7 +275,9 @@ class KernelTracker:
             # Even the last marker's tail is incomplete: the next pass is blind too.
             self._window.lost.append("the trace kept overrunning while re-marking")
         self._src.stats = now
-        return self._report(window, before, now, first, time.perf_counter() - t0)
+        w = self._report(window, before, now, first, time.perf_counter() - t0, narrow=not final)
+        w.writeback_s = wb
+        return w
 
     def poll(self) -> None:
         """Drain mid-pass so a long pass does not overrun the buffer."""
@@ -402,9 +416,10 @@ class KernelTracker:
         now: dict[str, SourceStat],
         first: bool,
         cost: float,
+        narrow: bool = True,
     ) -> PassWindow:
         # The carried tail (now self._window) holds writeback a flusher did after the marker.
-        written = w.own + self._window.bios
+        written = w.own + self._window.bios if narrow else None
         ranges = self._src.ranges(w.folios, w.bios, written, self._extent, w.nopage)
         rescan: dict[str, str] = {}
         for ino, ev in w.nopage.items():
