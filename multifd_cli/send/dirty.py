@@ -112,8 +112,7 @@ class KernelTracking(Tracking):
             # What the final pass would cost the tracker: its own pass start, then reading
             # what the window reports (a source hashed whole costs its size).
             est = self.estimator
-            # The final pass start skips the writeback (ktrace.KernelTracker.begin_pass).
-            est.tracker_cost = max(0.0, w.cost_s - w.writeback_s)
+            est.tracker_cost = w.cost_s
             est.scan_bytes = w.dirty_bytes() + sum(
                 os.stat(p).st_size for p in w.rescan if os.path.isfile(p))
 

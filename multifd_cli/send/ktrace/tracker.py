@@ -90,7 +90,6 @@ class PassWindow:
     rescan: dict[str, str]
     events: int
     cost_s: float
-    writeback_s: float = 0.0  # the part of cost_s spent writing the sources back
 
     def dirty_bytes(self) -> int:
         return sum(e - s for rs in self.ranges.values() for s, e in rs)
@@ -237,14 +236,11 @@ class KernelTracker:
     def begin_pass(self, final: bool = False) -> PassWindow:
         """Close the current window: stat, marker, writeback, drain. Then the caller reads.
 
-        `final` (the writers are paused, and no window follows): marker and drain
-        only. The writeback exists so that the next window sees every store; with
-        no next window it would only put disk writes into the downtime. Every folio
-        dirty now was clean at the last writeback, so its event is in this window;
-        without our writeback's bios, folio extents are read whole, not narrowed.
+        `final` (the writers are paused, and no window follows): the window's own
+        dirty extents are written back (their bios narrow the folios), but not the
+        rest of the sources, which only makes every folio clean for a next window.
         """
         t0 = time.perf_counter()
-        wb = 0.0
         now = self._src.stat_all()
         before = self._src.stats
         first = self._seq == 0
@@ -261,10 +257,7 @@ class KernelTracker:
             else:
                 self._mark()
                 self._edge("between")
-                if not final:
-                    t1 = time.perf_counter()
-                    self._writeback()
-                    wb += time.perf_counter() - t1
+                self._writeback(clean_all=not final)
             self._edge("before drain")
             self._drain(wait_marker=True)
             if not self._tail_lost:
@@ -275,9 +268,7 @@ class KernelTracker:
             # Even the last marker's tail is incomplete: the next pass is blind too.
             self._window.lost.append("the trace kept overrunning while re-marking")
         self._src.stats = now
-        w = self._report(window, before, now, first, time.perf_counter() - t0, narrow=not final)
-        w.writeback_s = wb
-        return w
+        return self._report(window, before, now, first, time.perf_counter() - t0)
 
     def poll(self) -> None:
         """Drain mid-pass so a long pass does not overrun the buffer."""
@@ -303,7 +294,7 @@ class KernelTracker:
         self._past = False
         self._trace.mark(self._target)
 
-    def _writeback(self) -> None:
+    def _writeback(self, clean_all: bool = True) -> None:
         """Write back in pieces the buffer can hold, draining between them.
 
         Our own writeback's block events are what narrow large folios; written in
@@ -322,7 +313,8 @@ class KernelTracker:
             for lo, hi in writeback_batches(spans, self._flush_bytes):
                 self._src.writeback(self._src.inodes.get(ino, []), lo, hi - lo)
                 self._drain(wait_marker=False)
-        self._src.writeback()
+        if clean_all:
+            self._src.writeback()
 
     def _drain(self, wait_marker: bool) -> None:
         """Read the pipe dry, sorting events either side of the current marker.
@@ -416,10 +408,9 @@ class KernelTracker:
         now: dict[str, SourceStat],
         first: bool,
         cost: float,
-        narrow: bool = True,
     ) -> PassWindow:
         # The carried tail (now self._window) holds writeback a flusher did after the marker.
-        written = w.own + self._window.bios if narrow else None
+        written = w.own + self._window.bios
         ranges = self._src.ranges(w.folios, w.bios, written, self._extent, w.nopage)
         rescan: dict[str, str] = {}
         for ino, ev in w.nopage.items():
