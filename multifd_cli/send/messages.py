@@ -61,7 +61,10 @@ class Forget(NamedTuple):
 
 
 class TreeDigest(NamedTuple):
-    """At completion: the digest of this channel's files' page tables."""
+    """At completion: the digest of this channel's files' page tables, over the
+    (file id, size) of its files in the final walk, in file id order."""
+
+    files: tuple[tuple[int, int], ...]
 
 
 class Flush(NamedTuple):

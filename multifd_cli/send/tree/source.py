@@ -105,6 +105,19 @@ class TreeSource:
         return sum(size[i] for i in range(len(snap)) if kind[i] == FILE)
 
     # -- completion -------------------------------------------------------------------------
+    def files_by_channel(self, channels: int) -> list[tuple[tuple[int, int], ...]]:
+        """(file id, size) of every file of the final walk, per owning channel, in file
+        id order: what the channels' digests must cover."""
+        snap = self.snapshot
+        seen: dict[int, int] = {}
+        for i in range(len(snap)):
+            if snap.kind[i] == FILE:
+                seen[snap.fid[i]] = snap.size[i]
+        out: list[list[tuple[int, int]]] = [[] for _ in range(channels)]
+        for fid in sorted(seen):
+            out[fid % channels].append((fid, seen[fid]))
+        return [tuple(files) for files in out]
+
     def finish_ops(self) -> list[TreeOp]:
         """DIRMETA for every directory, deepest first, after the final TIMES."""
         return dir_finish(self.snapshot)
