@@ -305,9 +305,10 @@ class Receiver:
 
     def _channel_digests(self) -> list[bytes]:
         """Each channel's digest of its files' page tables, in channel order."""
-        assert self.main is not None
+        assert self.main is not None and self.order is not None
+        n = len(self.workers)
         for w in self.workers:
-            w.send(M.TreeDigest())
+            w.send(M.TreeDigest(self.order.empty_files(w.index, n)))
         got: dict[int, bytes] = {}
         while len(got) < len(self.workers):
             reports, _ = workers.poll(self.workers, [], self.heartbeat)
