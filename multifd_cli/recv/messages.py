@@ -56,8 +56,8 @@ class TreeDigest(NamedTuple):
     """A tree session is complete: digest this channel's files' page tables
     (FileTables.digest, with each file's size as the id directory holds it now).
 
-    `empty` are this channel's files that were created empty: no page of theirs may
-    ever have arrived, yet the digest covers them."""
+    `empty` are this channel's files that were created or truncated empty: no page of
+    theirs may ever have arrived, yet the digest covers them."""
 
     empty: tuple[int, ...]
 
