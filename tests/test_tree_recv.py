@@ -12,12 +12,14 @@ the manifest both sides compute.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -431,7 +433,7 @@ def test_a_killed_recv_leaves_a_staging_dir_that_the_next_one_removes(
 # -- end to end, with the real send ---------------------------------------------------------------
 
 
-def describe(root: Path) -> dict[str, tuple[Any, ...]]:
+def describe(root: Path, owners: bool = IS_ROOT) -> dict[str, tuple[Any, ...]]:
     """Every path below ROOT with its type, mode, size, mtime, target, content hash and
     hard-link group (the sorted paths sharing its inode): computed here, not by the
     manifest code both sides share."""
@@ -451,7 +453,7 @@ def describe(root: Path) -> dict[str, tuple[Any, ...]]:
                 groups.setdefault((st.st_dev, st.st_ino), []).append(rel)
             mtime = None if stat.S_ISLNK(st.st_mode) else st.st_mtime_ns
             out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_size if kind != stat.S_IFDIR else 0,
-                        mtime, extra, (st.st_uid, st.st_gid) if IS_ROOT else None)
+                        mtime, extra, (st.st_uid, st.st_gid) if owners else None)
     for members in groups.values():
         for rel in members:
             out[rel] = (*out[rel], tuple(sorted(members)))
@@ -500,7 +502,6 @@ def test_a_static_tree_is_copied_path_by_path_under_ulimit_256(tmp_path: Path) -
                                            "--listen", "tcp:127.0.0.1:0", str(dest)], 256),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        import json
         assert recv.stdout is not None
         uri = json.loads(recv.stdout.readline())["uri"]
         send = subprocess.run(_under_ulimit([*mfd, "send", "--timeout", "30", "--channels",
@@ -645,3 +646,89 @@ def test_a_live_tree_is_copied_as_it_was_at_the_pause(
     finally:
         writer.kill()
         writer.wait()
+
+
+# -- EPOCH_ACK, for every session --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["file", "tree"])
+def test_every_closed_epoch_is_acknowledged_with_what_recv_applied(
+        kit: Kit, tmp_path: Path, shape: str) -> None:
+    """Recorded between the two ends: one EPOCH_ACK per pass, in order, with recv's
+    byte counters rising to what it wrote."""
+    if shape == "file":
+        src = tmp_path / "src.img"
+        src.write_bytes(os.urandom(3 << 20))
+        total = 3 << 20
+    else:
+        src = tmp_path / "src"
+        src.mkdir()
+        make_static_tree(src)
+        inodes = {(st.st_ino, st.st_size) for t, _, fs in os.walk(src) for f in fs
+                  if stat.S_ISREG((st := os.lstat(os.path.join(t, f))).st_mode)}
+        total = sum(size for _, size in inodes)  # hard links once
+    recv, uri = kit.recv(tmp_path / "dest")
+    proxy = kit.proxy(uri)
+    send = kit.send(src, proxy.uri)
+    done = send.wait(60)
+    done.ok()
+    wait_done(recv, 0)
+    passes = len([e for e in done.events if e.get("event") == "pass"])
+    main = proxy.leg(P.ROLE_MAIN)
+    assert main is not None
+    dec = P.Decoder()
+    dec.feed(bytes(main.s2c))
+    acks = []
+    while (m := dec.next_message()) is not None:
+        if isinstance(m, P.EpochAck):
+            acks.append(m)
+    assert [a.epoch for a in acks] == list(range(1, passes + 1)), acks
+    written = [a.written_bytes for a in acks]
+    assert written == sorted(written) and written[0] > 0, acks
+    # Zero pages are punched, not written: "sparse" has one page of data, "zeros" none.
+    holes = 0 if shape == "file" else (1 << 20) - PS + 3 * PS + 5
+    assert written[-1] == total - holes, (written, total)
+    assert all(a.wire_bytes >= a.written_bytes for a in acks), acks
+    assert acks[0].flush_us == 0, acks  # no flush of DEST has finished before the first close
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="runs recv as nobody and makes a device node: needs root")
+def test_a_recv_without_root_skips_device_nodes_with_one_warning(tmp_path: Path) -> None:
+    """Without root recv keeps no owners and cannot make device nodes: ACCEPT says so,
+    both manifests leave them out, and one warning names what was skipped. Read-only
+    directories and a 0400 file still land (the applier lifts a mode just to open)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    make_static_tree(src)
+    os.mknod(src / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    os.chown(src / "a" / "big", 1234, 1234)
+    work = Path(tempfile.mkdtemp(prefix="mfd-tree-nonroot-", dir="/tmp"))
+    try:
+        os.chmod(work, 0o755)
+        os.chown(work, 65534, 65534)
+        dest = work / "dest"
+        mfd = [sys.executable, "-m", "multifd_cli"]
+        recv = subprocess.Popen(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *mfd, "recv",
+             "--json", "--timeout", "30", "--listen", "tcp:127.0.0.1:0", str(dest)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+        try:
+            assert recv.stdout is not None
+            uri = json.loads(recv.stdout.readline())["uri"]
+            send = subprocess.run([*mfd, "send", "--timeout", "30", str(src), "--to", uri],
+                                  capture_output=True, text=True, timeout=120)
+            assert send.returncode == 0, send.stderr
+            _, err = recv.communicate(timeout=60)
+            assert recv.returncode == 0, err
+        finally:
+            if recv.poll() is None:
+                recv.kill()
+        warnings = [ln for ln in err.splitlines() if "skipped" in ln]
+        assert len(warnings) == 1 and "null" in warnings[0], err
+        want = describe(src, owners=False)
+        del want["null"]
+        assert describe(dest, owners=False) == want
+        assert {os.lstat(os.path.join(t, f)).st_uid for t, _, fs in os.walk(dest) for f in fs} \
+            == {65534}
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
