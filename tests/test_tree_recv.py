@@ -460,7 +460,7 @@ def describe(root: Path, owners: bool = IS_ROOT) -> dict[str, tuple[Any, ...]]:
     return out
 
 
-def make_static_tree(src: Path) -> None:
+def make_static_tree(src: Path, many: int = 300) -> None:
     (src / "a" / "b").mkdir(parents=True)
     (src / "empty" / "deeper").mkdir(parents=True)
     (src / "a" / "big").write_bytes(os.urandom(300 * KiB + 17))
@@ -476,9 +476,9 @@ def make_static_tree(src: Path) -> None:
     os.symlink("a/b/small", src / "link")
     os.symlink("/nowhere/at/all", src / "dangling")
     os.mkfifo(src / "fifo")
-    for i in range(300):  # more files than a channel's descriptor cache holds
+    for i in range(many):  # more files than a channel's descriptor cache holds
         (src / "many" / f"{i % 7}").mkdir(parents=True, exist_ok=True)
-        (src / "many" / f"{i % 7}" / f"f{i}").write_bytes(os.urandom(i * 37))
+        (src / "many" / f"{i % 7}" / f"f{i}").write_bytes(os.urandom(i * 37 % 20000))
     os.chmod(src / "a" / "b" / "small", 0o400)
     os.chmod(src / "a" / "big", 0o751)
     os.chmod(src / "a" / "b", 0o555)
@@ -491,28 +491,38 @@ def _under_ulimit(argv: list[str], n: int) -> list[str]:
     return ["sh", "-c", f'ulimit -n {n} && exec "$@"', "sh", *argv]
 
 
-def test_a_static_tree_is_copied_path_by_path_under_ulimit_256(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    make_static_tree(src)
-    dest = tmp_path / "dest"
-    before = describe(src)
-    mfd = [sys.executable, "-m", "multifd_cli"]
-    recv = subprocess.Popen(_under_ulimit([*mfd, "recv", "--json", "--timeout", "30",
-                                           "--listen", "tcp:127.0.0.1:0", str(dest)], 256),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def migrate(recv_argv: list[str], send_argv: list[str], src: Path, dest: Path) -> str:
+    """Run recv and send, each argv ending with its subcommand (and options), prefixed
+    by what runs it (a ulimit, another user); both must succeed. Returns recv's stderr."""
+    def cmd(argv: list[str]) -> list[str]:
+        i = argv.index("recv" if "recv" in argv else "send")
+        return [*argv[:i], sys.executable, "-m", "multifd_cli", *argv[i:]]
+
+    recv = subprocess.Popen([*cmd(recv_argv), "--json", "--timeout", "30", "--listen",
+                             "tcp:127.0.0.1:0", str(dest)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
     try:
         assert recv.stdout is not None
         uri = json.loads(recv.stdout.readline())["uri"]
-        send = subprocess.run(_under_ulimit([*mfd, "send", "--timeout", "30", "--channels",
-                                             "3", str(src), "--to", uri], 256),
+        send = subprocess.run([*cmd(send_argv), "--timeout", "30", str(src), "--to", uri],
                               capture_output=True, text=True, timeout=120)
         assert send.returncode == 0, send.stderr
-        out, err = recv.communicate(timeout=60)
+        _, err = recv.communicate(timeout=60)
         assert recv.returncode == 0, err
+        return err
     finally:
         if recv.poll() is None:
             recv.kill()
+
+
+def test_a_static_tree_is_copied_path_by_path_under_ulimit_256(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_static_tree(src, many=1000)  # over 256 files per channel: no descriptor may leak
+    dest = tmp_path / "dest"
+    before = describe(src)
+    migrate(_under_ulimit(["recv"], 256), _under_ulimit(["send", "--channels", "3"], 256),
+            src, dest)
     assert describe(dest) == before
     assert describe(src) == before
     assert leftovers(tmp_path, "dest") == ["dest"]
@@ -707,22 +717,8 @@ def test_a_recv_without_root_skips_device_nodes_with_one_warning(tmp_path: Path)
         os.chmod(work, 0o755)
         os.chown(work, 65534, 65534)
         dest = work / "dest"
-        mfd = [sys.executable, "-m", "multifd_cli"]
-        recv = subprocess.Popen(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *mfd, "recv",
-             "--json", "--timeout", "30", "--listen", "tcp:127.0.0.1:0", str(dest)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
-        try:
-            assert recv.stdout is not None
-            uri = json.loads(recv.stdout.readline())["uri"]
-            send = subprocess.run([*mfd, "send", "--timeout", "30", str(src), "--to", uri],
-                                  capture_output=True, text=True, timeout=120)
-            assert send.returncode == 0, send.stderr
-            _, err = recv.communicate(timeout=60)
-            assert recv.returncode == 0, err
-        finally:
-            if recv.poll() is None:
-                recv.kill()
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        err = migrate([*as_nobody, "recv"], ["send"], src, dest)
         warnings = [ln for ln in err.splitlines() if "skipped" in ln]
         assert len(warnings) == 1 and "null" in warnings[0], err
         want = describe(src, owners=False)
