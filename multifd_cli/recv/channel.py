@@ -321,7 +321,7 @@ def channel_main(index: int, pipe: Connection, sock: socket.socket, args: RecvCh
                 pipe.send(M.Hashed(cmd.block, cmd.start, cmd.end))
                 continue
             if isinstance(cmd, M.TreeDigest) and tree is not None:
-                pipe.send(M.TreeDigested(tree.digest(cmd.empty)))
+                pipe.send(M.TreeDigested(tree.digest()))
                 continue
             if not isinstance(cmd, M.Release):
                 raise InternalError(f"from main: got {type(cmd).__name__}, expected Release")

@@ -54,12 +54,7 @@ class RestoreRange(NamedTuple):
 
 class TreeDigest(NamedTuple):
     """A tree session is complete: digest this channel's files' page tables
-    (FileTables.digest, with each file's size as the id directory holds it now).
-
-    `empty` are this channel's files that were created or truncated empty: no page of
-    theirs may ever have arrived, yet the digest covers them."""
-
-    empty: tuple[int, ...]
+    (FileTables.digest, with each file's size as the id directory holds it now)."""
 
 
 # -- channel → main -------------------------------------------------------------------------

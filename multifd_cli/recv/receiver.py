@@ -3,7 +3,9 @@
 Main never touches page bytes. It accepts the connections, checks what the
 source declares, forks one channel per channel connection, hands the epochs to
 the epoch loop (recv/epochs.py, around the barrier of recv/barrier.py), and at
-the end compares digests and names the file.
+the end compares digests and names the file. A directory tree (one KIND_TREE
+block) is staged beside DEST instead (recv/treedest.py) and verified by its manifest
+as well as its pages' digest before it becomes DEST in one rename.
 """
 
 from __future__ import annotations
@@ -305,10 +307,9 @@ class Receiver:
 
     def _channel_digests(self) -> list[bytes]:
         """Each channel's digest of its files' page tables, in channel order."""
-        assert self.main is not None and self.order is not None
-        n = len(self.workers)
+        assert self.main is not None
         for w in self.workers:
-            w.send(M.TreeDigest(self.order.empty_files(w.index, n)))
+            w.send(M.TreeDigest())
         got: dict[int, bytes] = {}
         while len(got) < len(self.workers):
             reports, _ = workers.poll(self.workers, [], self.heartbeat)

@@ -17,7 +17,6 @@ Any other epoch number is a protocol error.
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Callable, Sequence
 
 from multifd_cli import wire as P
@@ -38,7 +37,6 @@ class TreeOrder:
         self.shape_epoch = 0  # the epoch whose shape ops were applied last
         self.finished = False  # DIRMETA applied: only MANIFEST and DIGEST may follow
         self.manifest: P.Manifest | None = None
-        self.empty = array("q")  # file ids made empty: the digest covers them pageless
 
     def on_tree(self, msg: P.Tree, started: int, closed: int) -> None:
         """A TREE message; `started` and `closed` are the barrier's epochs now."""
@@ -88,13 +86,6 @@ class TreeOrder:
             self.applier.begin_epoch()
             self.shape_epoch = epoch
         self.applier.apply(ops)
-        self.empty.extend(
-            op.fid for op in ops if op.op in (Op.CREATE, Op.META) and op.size == 0 and op.fid >= 0
-        )
-
-    def empty_files(self, channel: int, channels: int) -> tuple[int, ...]:
-        """The file ids created or truncated empty that CHANNEL owns."""
-        return tuple(fid for fid in self.empty if fid % channels == channel)
 
     def _late(self, ops: Sequence[TreeOp]) -> None:
         self.applier.apply(ops)

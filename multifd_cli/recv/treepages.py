@@ -18,7 +18,7 @@ release.
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from typing import Callable
 
 from multifd_cli import wire as P
 from multifd_cli.common.fsutil import punch_hole
@@ -149,12 +149,9 @@ class TreePages:
             self._pwrite(fid, memoryview(zero_bytes(n)), off)
 
     # -- completion --------------------------------------------------------------------------
-    def digest(self, empty: Sequence[int] = ()) -> bytes:
+    def digest(self) -> bytes:
         """This channel's share of DIGEST: its files as the id directory holds them now
-        (a file dropped from the tree is left out). EMPTY: files created empty, which
-        count even if no page of theirs ever arrived."""
-        for fid in empty:
-            self.files.entry(fid)
+        (a file dropped from the tree, or empty, is left out)."""
         return self.files.digest(self.ps, self._size_now)
 
     def _size_now(self, fid: int) -> int | None:
