@@ -730,3 +730,25 @@ def test_a_recv_without_root_skips_device_nodes_with_one_warning(tmp_path: Path)
             == {65534}
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+@pytest.mark.parametrize("how", ["source-abort", "sigterm"])
+def test_a_session_that_ends_early_leaves_nothing_at_dest(
+        kit: Kit, tmp_path: Path, how: str) -> None:
+    recv, fake, dest = _accepted(kit, tmp_path)
+    data = os.urandom(3 * PS)
+    fake.send(P.Tree(1, (TreeOp(Op.MKDIR, b"d", mode=0o40555),
+                         TreeOp(Op.CREATE, b"d/f", 0, mode=0o100400, size=len(data)))),
+              P.EpochStart(1, (len(data),)))
+    fake.pages(0, 1, 0, data)
+    assert_within(lambda: (stage := staged(dest)) is not None and (stage / "d" / "f").exists(),
+                  5, "the staged file")
+    if how == "source-abort":
+        fake.send(P.Abort(7, "source: reading went wrong"))
+        assert "reading went wrong" in wait_done(recv, 7)
+    else:
+        recv.signal(signal.SIGTERM)
+        done = recv.wait(30)
+        assert done.code != 0 and "Traceback" not in done.err, done
+    fake.close()
+    assert leftovers(tmp_path, "dest") == []
