@@ -760,3 +760,46 @@ def test_a_session_that_ends_early_leaves_nothing_at_dest(
         assert done.code != 0 and "Traceback" not in done.err, done
     fake.close()
     assert leftovers(tmp_path, "dest") == []
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="runs recv as nobody: needs root")
+def test_a_failed_tree_with_read_only_directories_is_removed_without_root(
+        tmp_path: Path) -> None:
+    """DIRMETA may leave the staging tree's directories 0555; recv without root must
+    still remove all of it when verification then fails."""
+    work = Path(tempfile.mkdtemp(prefix="mfd-tree-nonroot-", dir="/tmp"))
+    try:
+        os.chmod(work, 0o755)
+        os.chown(work, 65534, 65534)
+        dest = work / "dest"
+        recv = subprocess.Popen(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+             "-m", "multifd_cli", "recv", "--json", "--timeout", "30", "--listen",
+             "tcp:127.0.0.1:0", str(dest)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+        try:
+            assert recv.stdout is not None
+            fake = FakeTreeSource(json.loads(recv.stdout.readline())["uri"], size=100)
+            assert isinstance(fake.answer, P.Accept) and not fake.answer.owners, fake.answer
+            fake.connect_channels()
+            data = os.urandom(100)
+            fake.send(P.Tree(1, (TreeOp(Op.MKDIR, b"d", mode=0o40555),
+                                 TreeOp(Op.CREATE, b"d/f", 0, mode=0o100400, size=100))),
+                      P.EpochStart(1, (100,)))
+            fake.pages(0, 1, 0, data)
+            fake.sync(0, 1)
+            fake.sync(1, 1)
+            fake.end(1)
+            fake.send(P.Tree(1, (TreeOp(Op.TIMES, b"d/f", 0, mtime_ns=10**18),
+                                 TreeOp(Op.DIRMETA, b"d", mode=0o40555, mtime_ns=10**18),
+                                 TreeOp(Op.DIRMETA, b"", mode=0o40555, mtime_ns=10**18))),
+                      P.Manifest(3, bytes(32)), P.Digest(1, fake.digest()))
+            _, err = recv.communicate(timeout=60)
+            fake.close()
+        finally:
+            if recv.poll() is None:
+                recv.kill()
+        assert recv.returncode == 6 and "tree verification failed" in err, err
+        assert os.listdir(work) == [], os.listdir(work)
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
