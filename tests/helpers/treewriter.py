@@ -41,11 +41,12 @@ class Tree:
         for top, dnames, fnames in os.walk(root):
             rel = os.path.relpath(top, root)
             rel = "" if rel == "." else rel
-            for d in dnames:
-                self.dirs.add(os.path.join(rel, d))
-            for f in fnames:
-                p = os.path.join(rel, f)
-                (self.links if os.path.islink(self.abs(p)) else self.files).add(p)
+            for name in dnames + fnames:  # a symlink to a directory is in dnames
+                p = os.path.join(rel, name)
+                if os.path.islink(self.abs(p)):
+                    self.links.add(p)
+                else:
+                    (self.dirs if name in dnames else self.files).add(p)
 
     def abs(self, rel: str) -> str:
         return os.path.join(self.root, rel)
@@ -183,10 +184,11 @@ class Tree:
     def step(self, target_files: int) -> str | None:
         """One operation, drawn so the tree stays near TARGET_FILES files."""
         over = len(self.files) > target_files
+        under = len(self.files) < target_files * 0.8
         weights = {
-            self.create: 1 if over else 4, self.append: 4, self.save: 3, self.rename: 3,
+            self.create: 1 if over else 10 if under else 4, self.append: 4, self.save: 3, self.rename: 3,
             self.rename_dir: 1, self.link: 1, self.symlink: 1, self.unlink: 5 if over else 2,
-            self.mkdir: 1, self.rmdir: 1 if len(self.dirs) > 6 else 0, self.chmod: 1,
+            self.mkdir: 1, self.rmdir: 1 if len(self.dirs) > 12 else 0, self.chmod: 1,
         }
         fns = list(weights)
         fn = self.rng.choices(fns, [weights[f] for f in fns])[0]
