@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 from helpers.mfdkit import Done, Kit
-from helpers.treekit import OP_KINDS, TreeWriter, compare_trees, ops_between, populate
+from helpers.treekit import TreeWriter, compare_trees, ops_between, populate
 
 ROOT = os.geteuid() == 0
 NOT_UTF8 = os.fsdecode(b"caf\xe9-\xff\xfe.bin")
@@ -217,7 +217,6 @@ def test_live_tree_equals_the_source_at_the_pause(tmp_path: Path, kit: Kit,
     # The shape really changed while the migration ran, in every way a service changes it.
     for kind in ("create", "append", "save", "rename", "link", "symlink", "unlink", "mkdir"):
         assert ops[kind] > 0, f"no {kind} during the migration: {ops}"
-    assert set(ops) == set(OP_KINDS)
     passes = [e for e in send.events if e["event"] == "pass"]
     assert len(passes) >= 2, passes
     assert sum(p["tree_ops"] for p in passes[1:]) > 0, "later passes sent no tree changes"
