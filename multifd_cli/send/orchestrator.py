@@ -41,7 +41,7 @@ from multifd_cli.send.tracker import DirtyLog, SourceTables
 from multifd_cli.send.transports import Transport, open_transport
 from multifd_cli.send.tree.source import open_tree
 from multifd_cli.writer.guard import WriterGuard
-from multifd_cli.writer.pause import Pauser, pids_in_cgroup, writers_of
+from multifd_cli.writer.pause import Pauser, pids_in_cgroup, writers_of, writers_under
 
 log = logging.getLogger("multifd")
 
@@ -156,6 +156,12 @@ class Orchestrator:
         covered = set(self.cfg.pause.pids)
         if self.cfg.pause.cgroup:
             covered |= pids_in_cgroup(self.cfg.pause.cgroup)
+        tree = self.blocks.tree
+        if tree is not None and not self.cfg.pause.pause_cmd:
+            others = [p for p in writers_under(os.fsdecode(tree.root)) if p not in covered]
+            if others:
+                log.warning("files in %s are open for writing by process %s, which no pause "
+                            "mechanism covers", os.fsdecode(tree.root), ", ".join(map(str, others)))
         for src in self.blocks.sources:
             if src.is_block_device:
                 continue
