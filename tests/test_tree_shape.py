@@ -83,8 +83,8 @@ def migrate(kit: Kit, src: Path, dest: Path, *send_args: str,
 def tree_ok(send: Done, recv: Done) -> None:
     send.ok()
     recv.ok()
-    setup = [e for e in send.events if e["event"] == "setup"]
-    assert setup and setup[0].get("tree") is True, setup
+    passes = [e for e in send.events if e["event"] == "pass"]
+    assert passes and all("entries" in p for p in passes), "not migrated as a tree"
 
 
 # -- the referee ------------------------------------------------------------------------------------

@@ -150,11 +150,12 @@ class TreeWriter:
     pwrite after each, so a SIGSTOP never leaves it half written)."""
 
     def __init__(self, root: Path, status: Path, rate: int = 200, seed: int = 1,
-                 files: int = 300) -> None:
+                 files: int = 300, only: tuple[str, ...] = ()) -> None:
         self.status = status
         self.popen = subprocess.Popen(
             [sys.executable, str(TREEWRITER), str(root), "--status", str(status),
-             "--rate", str(rate), "--seed", str(seed), "--files", str(files)],
+             "--rate", str(rate), "--seed", str(seed), "--files", str(files),
+             "--only", ",".join(only)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True,
         )

@@ -8,7 +8,7 @@ start). After every operation it rewrites a status file outside the tree with on
 pwrite: a JSON object counting each kind of operation it completed, so a test can say
 which kinds happened between two instants even while this process is stopped.
 
-    treewriter.py ROOT --status FILE [--rate OPS_PER_S] [--seed N] [--files N]
+    treewriter.py ROOT --status FILE [--rate OPS_PER_S] [--seed N] [--files N] [--only K,..]
     treewriter.py ROOT --populate N [--seed N]
 """
 
@@ -181,8 +181,9 @@ class Tree:
         os.chmod(self.abs(p), self.rng.choice(MODES))
         return "chmod"
 
-    def step(self, target_files: int) -> str | None:
-        """One operation, drawn so the tree stays near TARGET_FILES files."""
+    def step(self, target_files: int, only: set[str]) -> str | None:
+        """One operation, drawn so the tree stays near TARGET_FILES files (of the kinds
+        in ONLY, when given)."""
         over = len(self.files) > target_files
         under = len(self.files) < target_files * 0.8
         weights = {
@@ -190,7 +191,7 @@ class Tree:
             self.rename_dir: 1, self.link: 1, self.symlink: 1, self.unlink: 5 if over else 2,
             self.mkdir: 1, self.rmdir: 1 if len(self.dirs) > 12 else 0, self.chmod: 1,
         }
-        fns = list(weights)
+        fns = [f for f in weights if not only or f.__name__ in only]
         fn = self.rng.choices(fns, [weights[f] for f in fns])[0]
         return fn()
 
@@ -215,6 +216,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--files", type=int, default=300)
     ap.add_argument("--populate", type=int, default=0)
+    ap.add_argument("--only", default="", help="comma-separated kinds (default: all)")
     a = ap.parse_args()
     rng = random.Random(a.seed)
     if a.populate:
@@ -226,7 +228,7 @@ def main() -> None:
     period = 1.0 / a.rate
     due = time.monotonic()
     while True:
-        kind = tree.step(a.files)
+        kind = tree.step(a.files, set(filter(None, a.only.split(","))))
         if kind is not None:
             counts[kind] = counts.get(kind, 0) + 1
             counts["ops"] += 1
