@@ -124,7 +124,7 @@ def test_live_sqlite_directory(tmp_path: Path, kit: Kit, sqlite_writers: list[Sq
         done = s.wait(120)
         done.ok()
         r.wait(30).ok()
-        assert w.stopped(), "keep-paused is the default: the writer must still be stopped"
+        assert is_stopped(w.pid), "keep-paused is the default: the writer must still be stopped"
         state, commits, step = w.state()
         if state == "in-txn":
             break
