@@ -43,6 +43,7 @@ SETTINGS = {
     "log_checkpoints": "on",
     "checkpoint_timeout": "'30s'",
 }
+BANDWIDTH = "20M"
 _names = itertools.count()
 
 
@@ -92,7 +93,10 @@ def migrate_frozen(kit: Kit) -> Copier:
     """The copier under test: multifd send DATADIR --pause-cgroup, keep-paused."""
     def copy(datadir: Path, dest: Path, cg: Cgroup) -> None:
         r, uri = kit.recv(dest, timeout=60)
-        s = kit.send(datadir, uri, "--pause-cgroup", str(cg.path), timeout=60)
+        # A bandwidth cap stretches the passes over several seconds, so checkpoints
+        # recycle and remove segments while the copy is in flight.
+        s = kit.send(datadir, uri, "--pause-cgroup", str(cg.path), "--max-bandwidth", BANDWIDTH,
+                     timeout=60)
         s.wait(180).ok()
         r.wait(60).ok()
         assert cg.frozen(), "keep-paused is the default: the cluster must still be frozen"
