@@ -336,8 +336,8 @@ def test_channel_messages_are_typed_once_per_direction() -> None:
 
     to_channel = set(typing.get_args(M.ToChannel))
     from_channel = set(typing.get_args(M.FromChannel))
-    assert to_channel == {M.Work, M.Flush, M.SendBlob, M.Sync}
-    assert from_channel == {M.Ready, M.Done, M.BlobSent, M.Flushed, M.Synced}
+    assert to_channel == {M.Work, M.TreeWork, M.Forget, M.TreeDigest, M.Flush, M.SendBlob, M.Sync}
+    assert from_channel == {M.Ready, M.Done, M.BlobSent, M.TreeDigested, M.Flushed, M.Synced}
     for cls in to_channel | from_channel:
         assert issubclass(cls, tuple) and cls.__doc__, cls  # NamedTuples, each documented
 
