@@ -117,6 +117,11 @@ def _break_link(b: Path) -> None:
     assert (b / "links" / "b").stat().st_mtime_ns == st.st_mtime_ns
 
 
+def _fifo_to_file(b: Path) -> None:
+    os.unlink(b / "fifo")
+    (b / "fifo").write_bytes(b"")
+
+
 def _retarget(b: Path) -> None:
     os.unlink(b / "dangling")
     os.symlink("does/not/exist2", b / "dangling")
@@ -132,7 +137,7 @@ MUTATIONS: dict[str, tuple[Callable[[Path], Any], str]] = {
     "content": (_content_same_size, "'plain.txt': sha"),
     "hard link": (_break_link, "hard-link group"),
     "symlink": (_retarget, "'dangling': target"),
-    "type": (lambda b: (os.unlink(b / "fifo"), (b / "fifo").write_bytes(b"")), "'fifo': type"),
+    "type": (_fifo_to_file, "'fifo': type"),
     "extra": (lambda b: (b / "emptydir" / "new").mkdir(), "'emptydir/new': only in"),
     "missing": (lambda b: os.rmdir(b / "emptydir" / "alone"), "'emptydir/alone': only in"),
     "not utf-8": (lambda b: os.chmod(b / NOT_UTF8, 0o600), repr(NOT_UTF8)),

@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from helpers.mfdkit import Kit, assert_within, is_stopped
+from helpers.mfdkit import Kit, assert_within
 from helpers.treekit import SqliteWriter, compare_trees
+
+from multifd_cli.writer.pause import is_stopped
 
 RUNS = 3
 ATTEMPTS = 3  # a pause that lands between transactions (~4% of the time) is retried

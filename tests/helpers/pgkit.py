@@ -55,6 +55,8 @@ def why_not() -> str:
         return "needs root (initdb as postgres, a cgroup of its own)"
     if pg_bin() is None:
         return "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin with initdb)"
+    if shutil.which("runuser") is None:
+        return "no runuser (util-linux) to run initdb as postgres"
     try:
         pwd.getpwnam(PG_USER)
     except KeyError:
@@ -67,9 +69,9 @@ def why_not() -> str:
     return ""
 
 
-def as_postgres(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+def as_postgres(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["runuser", "-u", PG_USER, "--", *argv], capture_output=True, text=True,
-                          cwd="/", **kw)  # type: ignore[call-overload,no-any-return]
+                          cwd="/", timeout=timeout)
 
 
 def owned_dir(prefix: str) -> Path:

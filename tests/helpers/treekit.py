@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from helpers.mfdkit import assert_within, is_stopped, release
+from helpers.mfdkit import assert_within, release
+
+from multifd_cli.writer.pause import is_stopped
 
 HELPERS = Path(__file__).resolve().parent
 ROOT = HELPERS.parents[1]
@@ -289,16 +291,3 @@ def python_for(user: str) -> list[str] | None:
                               timeout=30).returncode == 0:
                 return argv
     return None
-
-
-def until_stopped(pid: int, timeout: float = 10) -> None:
-    assert_within(lambda: is_stopped(pid), timeout, f"{pid} to be stopped")
-
-
-def wait_counts(w: TreeWriter, at_least: dict[str, int], timeout: float = 30) -> dict[str, int]:
-    """Wait until the writer has done at least these many operations of each kind."""
-    def enough() -> dict[str, int] | None:
-        c = w.counts()
-        return c if all(c.get(k, 0) >= n for k, n in at_least.items()) else None
-    return dict(assert_within(enough, timeout, f"writer counts {at_least}"))
-
