@@ -52,6 +52,21 @@ def recovered(db: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     return rows, ledger
 
 
+Rows = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]
+
+
+def how_they_differ(truth: Rows, copy: Rows) -> str:
+    """A short account of two row sets that differ (the rows hold blobs: the plain
+    assertion diff would be unreadable)."""
+    (rows_a, ledger_a), (rows_b, ledger_b) = truth, copy
+    a, b = dict((r[0], r) for r in rows_a), dict((r[0], r) for r in rows_b)
+    changed = sorted(k for k in a.keys() & b.keys() if a[k] != b[k])
+    return (f"source {len(rows_a)} rows, ledger up to txn {ledger_a[-1:]}; copy {len(rows_b)} "
+            f"rows, ledger up to txn {ledger_b[-1:]}; only in source {sorted(a.keys() - b.keys())[:10]}, "
+            f"only in copy {sorted(b.keys() - a.keys())[:10]}, differing {changed[:10]} "
+            f"(txn {[(a[k][1], b[k][1]) for k in changed[:5]]})")
+
+
 def hot_journal(src: Path) -> int:
     """The size of the rollback journal beside the database (0 if there is none): in
     rollback-journal mode it exists only while a transaction is open, and one that
@@ -139,9 +154,10 @@ def test_live_sqlite_directory(tmp_path: Path, kit: Kit, sqlite_writers: list[Sq
         assert hot_journal(src) > 0, f"in a transaction (statement {step}) but no journal"
     assert commits > 0
     # At the pause the copy is the source, byte for byte, side files included.
-    assert compare_trees(src, dest, owners=True) == []
+    diffs = compare_trees(src, dest, owners=True)
+    assert diffs == [], f"state {state} {commits} {step}: {diffs}"
     w.crash()
     truth = recovered(src / "app.db")
     copy = recovered(dest / "app.db")
-    assert copy == truth
+    assert copy == truth, how_they_differ(truth, copy)
     assert len(truth[1]) == commits, "exactly the commits before the pause are in the ledger"
