@@ -29,7 +29,7 @@ import pytest
 from helpers.mfdkit import Done, Kit, Mfd, writer_runs
 from helpers.treekit import (
     TreeWriter,
-    compare_trees,
+    assert_replica,
     fd_limit,
     nofile_limit,
     populate,
@@ -69,7 +69,7 @@ def test_three_thousand_files_under_a_256_descriptor_limit(tmp_path: Path, kit: 
         assert nofile_limit(s.pid) == 256
     s.wait(180).ok()
     r.wait(60).ok()
-    assert compare_trees(src, dest, owners=ROOT) == []
+    assert_replica(src, dest, owners=ROOT)
 
 
 # -- refused before anything moves -----------------------------------------------------------------
@@ -128,7 +128,7 @@ def test_source_inside_dest_is_refused(tmp_path: Path, kit: Kit) -> None:
     s = kit.send(src, uri)
     refused(s.wait(60))
     r.kill()
-    assert compare_trees(ref, outer, owners=ROOT) == [], "--force replaced the source's parent"
+    assert_replica(ref, outer, owners=ROOT)  # --force did not swap the source away
 
 
 # -- an unreadable subdirectory ----------------------------------------------------------------------

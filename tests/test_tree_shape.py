@@ -22,7 +22,14 @@ from typing import Any, Callable, Iterator
 
 import pytest
 from helpers.mfdkit import Done, Kit
-from helpers.treekit import OP_KINDS, TreeWriter, compare_trees, ops_between, populate
+from helpers.treekit import (
+    OP_KINDS,
+    TreeWriter,
+    assert_replica,
+    compare_trees,
+    ops_between,
+    populate,
+)
 
 ROOT = os.geteuid() == 0
 NOT_UTF8 = os.fsdecode(b"caf\xe9-\xff\xfe.bin")
@@ -168,7 +175,7 @@ def test_static_tree_with_every_kind_of_entry(tmp_path: Path, kit: Kit) -> None:
     src, dest = tmp_path / "src", tmp_path / "dest"
     build_static(src)
     tree_ok(*migrate(kit, src, dest))
-    assert compare_trees(src, dest, owners=ROOT) == []
+    assert_replica(src, dest, owners=ROOT)
 
 
 def test_a_socket_is_skipped_with_one_warning(tmp_path: Path, kit: Kit,
@@ -225,7 +232,7 @@ def test_live_tree_equals_the_source_at_the_pause(tmp_path: Path, kit: Kit,
     passes = [e for e in send.events if e["event"] == "pass"]
     assert len(passes) >= 2, passes
     assert sum(p["tree_ops"] for p in passes[1:]) > 0, "later passes sent no tree changes"
-    assert compare_trees(src, dest, owners=ROOT) == []
+    assert_replica(src, dest, owners=ROOT)
 
 
 def test_live_tree_whose_directories_move(tmp_path: Path, kit: Kit,
@@ -236,7 +243,7 @@ def test_live_tree_whose_directories_move(tmp_path: Path, kit: Kit,
     src, dest, _, ops = live_migration(tmp_path, kit, tree_writers, seed=11, rate=200,
                                        only=("rename_dir", "append"))
     assert ops["rename_dir"] > 0 and ops["append"] > 0, ops
-    assert compare_trees(src, dest, owners=ROOT) == []
+    assert_replica(src, dest, owners=ROOT)
 
 
 def test_stale_tree_negative_control(tmp_path: Path, kit: Kit,

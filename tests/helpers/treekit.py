@@ -139,6 +139,12 @@ def compare_trees(a: Path | str, b: Path | str, *, owners: bool) -> list[str]:
     return out
 
 
+def assert_replica(a: Path | str, b: Path | str, *, owners: bool) -> None:
+    """Fail, listing the first differences, unless B is a replica of A."""
+    diffs = compare_trees(a, b, owners=owners)
+    assert not diffs, f"{len(diffs)} differences:\n" + "\n".join(diffs[:25])
+
+
 # -- the shape-changing writer ---------------------------------------------------------------------
 
 
