@@ -62,8 +62,10 @@ class TreeSource:
         self._warned_sockets = False
 
     # -- per pass ---------------------------------------------------------------------------
-    def advance(self, final: bool) -> TreeDelta:
-        """Walk the tree and return what changed since the last pass."""
+    def advance(self, final: bool, unread: Iterable[tuple[int, int]] = ()) -> TreeDelta:
+        """Walk the tree and return what changed since the last pass. UNREAD are the
+        (dev, ino) of files the last pass could not read at their path: they are read
+        this pass whatever their stat says."""
         t0 = time.monotonic()
         snap = self._next
         self._next = None
@@ -73,6 +75,7 @@ class TreeSource:
             else:
                 snap = self._scan()
         mapped = shared_writable_mapped() if os.geteuid() == 0 else set()
+        mapped.update(unread)
         if snap is self.tracker.snapshot:
             delta, _ = diff_snapshots(snap, snap, self.tracker.next_fid)
         else:
