@@ -20,6 +20,7 @@ from cases import (
     peers,
     qemu,
     resume,
+    scale,
     scan,
     startup,
     static_disk,
@@ -40,4 +41,5 @@ CASES: dict[str, Callable[[Ctx, CaseResult], None]] = {
     "packets": packets.case_packets,
     "resume": resume.case_resume,
     "auto": auto.case_auto,
+    "scale": scale.case_scale,
 }
