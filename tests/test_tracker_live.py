@@ -107,7 +107,9 @@ def check_kernel_passes(events: list[dict[str, Any]], size: int, narrow: bool = 
     trusted = [p for p in ps[1:] if not p["tracker_fallback"]]
     assert trusted, ps
     if narrow:
-        assert min(p["read_bytes"] for p in trusted) < size // 2, ps
+        # The hash tracker reads all of it every pass; a window under load on a shared
+        # disk can still cover much of a small source, so the bar is three quarters.
+        assert min(p["read_bytes"] for p in trusted) < size * 3 // 4, ps
 
 
 def live_copy(kit: Kit, started: list[KWriter], src: Path | str, dest: Path, mode: str,
