@@ -303,7 +303,8 @@ def _serve(index: int, pipe: Connection, sender: ChannelSender | ImageSink,
         elif isinstance(cmd, Forget):
             tree.files.forget(cmd.fids)
         elif isinstance(cmd, TreeDigest):
-            pipe.send(TreeDigested(tree.files.digest(cfg.page_size, files=cmd.files)))
+            files = zip(cmd.fids, cmd.sizes)
+            pipe.send(TreeDigested(tree.files.digest(cfg.page_size, files=files)))
         elif isinstance(cmd, SendBlob):
             sender.epoch = cmd.epoch
             table = args.tables[cmd.block]

@@ -19,6 +19,7 @@ and, for a directory source, once at completion TreeDigest → TreeDigested.
 
 from __future__ import annotations
 
+from array import array
 from typing import NamedTuple, Union
 
 from multifd_cli.send.tree.diff import ScanItem
@@ -61,10 +62,11 @@ class Forget(NamedTuple):
 
 
 class TreeDigest(NamedTuple):
-    """At completion: the digest of this channel's files' page tables, over the
-    (file id, size) of its files in the final walk, in file id order."""
+    """At completion: the digest of this channel's files' page tables, over its files
+    in the final walk: their ids in increasing order, and their sizes."""
 
-    files: tuple[tuple[int, int], ...]
+    fids: array[int]
+    sizes: array[int]
 
 
 class Flush(NamedTuple):

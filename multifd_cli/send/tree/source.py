@@ -17,6 +17,7 @@ import logging
 import os
 import stat
 import time
+from array import array
 from collections.abc import Iterable, Iterator
 from typing import Callable
 
@@ -105,18 +106,24 @@ class TreeSource:
         return sum(size[i] for i in range(len(snap)) if kind[i] == FILE)
 
     # -- completion -------------------------------------------------------------------------
-    def files_by_channel(self, channels: int) -> list[tuple[tuple[int, int], ...]]:
-        """(file id, size) of every file of the final walk, per owning channel, in file
-        id order: what the channels' digests must cover."""
+    def files_by_channel(self, channels: int) -> list[tuple[array[int], array[int]]]:
+        """(file ids, sizes) of every file of the final walk, per owning channel, in
+        file id order: what the channels' digests must cover. Arrays, not tuples: a
+        million files cost 16 MB here, not a dict's hundreds."""
         snap = self.snapshot
-        seen: dict[int, int] = {}
+        sizes = array("q", bytes(8 * self.tracker.next_fid))
+        present = bytearray(self.tracker.next_fid)
+        kind, fid, size = snap.kind, snap.fid, snap.size
         for i in range(len(snap)):
-            if snap.kind[i] == FILE:
-                seen[snap.fid[i]] = snap.size[i]
-        out: list[list[tuple[int, int]]] = [[] for _ in range(channels)]
-        for fid in sorted(seen):
-            out[fid % channels].append((fid, seen[fid]))
-        return [tuple(files) for files in out]
+            if kind[i] == FILE:
+                present[fid[i]] = 1
+                sizes[fid[i]] = size[i]
+        out = [(array("q"), array("q")) for _ in range(channels)]
+        for f in (f for f, here in enumerate(present) if here):
+            ids, lens = out[f % channels]
+            ids.append(f)
+            lens.append(sizes[f])
+        return out
 
     def finish_ops(self) -> list[TreeOp]:
         """DIRMETA for every directory, deepest first, after the final TIMES."""
