@@ -24,6 +24,9 @@ from cases import (
     startup,
     static_disk,
     static_tmpfs,
+    tree_live,
+    tree_pg,
+    tree_static,
 )
 
 CASES: dict[str, Callable[[Ctx, CaseResult], None]] = {
@@ -40,4 +43,8 @@ CASES: dict[str, Callable[[Ctx, CaseResult], None]] = {
     "packets": packets.case_packets,
     "resume": resume.case_resume,
     "auto": auto.case_auto,
+    "tree-static": tree_static.case_tree_static,
+    "tree-scan": tree_static.case_tree_scan,
+    "tree-live": tree_live.case_tree_live,
+    "tree-pg": tree_pg.case_tree_pg,
 }
