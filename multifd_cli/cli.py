@@ -23,6 +23,7 @@ from multifd_cli.config import (
     MAX_CHANNELS,
     MAX_TIMEOUT,
     Convergence,
+    Reading,
     RecvConfig,
     SendConfig,
     SshLaunch,
@@ -352,6 +353,8 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, from_: str, ch
               help="Keep mode, owner (as root), mtime and extended attributes, like rsync -a.")
 @click.option("--direct-io", is_flag=True,
               help="Read the source with O_DIRECT, for writers that bypass the page cache.")
+@click.option("-x", "--one-file-system", "one_file_system", is_flag=True,
+              help="A directory SOURCE: do not cross into other filesystems (as rsync -x).")
 @click.option("--tls-hostname", default=None, envvar="MULTIFD_TLS_HOSTNAME", show_envvar=True,
               help="Name the destination's certificate must carry (default: the --to host).")
 @_security
@@ -367,7 +370,8 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
          control: str, no_mtime_shortcut: bool, json_events: bool, timeout: float,
          log_level: str | None, log_file: str | None, debug: bool, progress: bool | None, quiet: bool,
          json_interval: float, state_cmd: str, state_file: str, state_name: str,
-         preserve: bool, direct_io: bool, tls_hostname: str | None, psk_file: str | None,
+         preserve: bool, direct_io: bool, one_file_system: bool, tls_hostname: str | None,
+         psk_file: str | None,
          tls_cert: str | None, tls_key: str | None, tls_ca: str | None) -> None:
     """Migrate SOURCE to the recv listening at --to."""
     _note_json("send", json_events)
@@ -398,7 +402,7 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
         security=security,
         ssh=SshLaunch(ssh_cmd, remote_command, ("--force",) if remote_force else ()),
         state=StateBlob(state_cmd, state_file, state_name),
-        preserve=preserve, direct_io=direct_io,
+        preserve=preserve, reading=Reading(direct_io, one_file_system),
     )
     setup_session(debug, log_level, log_file)
     hooks = TestHooks.from_env()

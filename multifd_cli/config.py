@@ -101,6 +101,14 @@ class StateBlob:
 
 
 @dataclass(frozen=True)
+class Reading:
+    """How the sources are read."""
+
+    direct_io: bool = False  # O_DIRECT, for writers that bypass the page cache too
+    one_file_system: bool = False  # a directory source: do not cross mount points (-x)
+
+
+@dataclass(frozen=True)
 class SendConfig:
     """What `send` does, already parsed: build it with `SendConfig.create()`."""
 
@@ -123,7 +131,7 @@ class SendConfig:
     ssh: SshLaunch = field(default_factory=SshLaunch)
     state: StateBlob = field(default_factory=StateBlob)
     preserve: bool = False
-    direct_io: bool = False
+    reading: Reading = field(default_factory=Reading)
 
     @classmethod
     def create(cls, sources: tuple[str, ...], to: str | Destination,
@@ -240,6 +248,7 @@ class TestHooks:
     delay_epoch: int = 0
     between_passes: str = ""
     internal_error: bool = False  # raise a bug-like exception, to test exit code 1
+    stale_tree: bool = False  # a directory source's final pass reuses the last walk
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -253,4 +262,5 @@ class TestHooks:
             hooks.delay_epoch = int(parts[2]) if len(parts) > 2 else 0
         hooks.between_passes = os.environ.get("MULTIFD_TEST_BETWEEN_PASSES", "")
         hooks.internal_error = os.environ.get("MULTIFD_TEST_INTERNAL_ERROR") == "1"
+        hooks.stale_tree = os.environ.get("MULTIFD_TEST_STALE_TREE") == "1"
         return hooks

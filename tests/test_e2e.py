@@ -422,7 +422,9 @@ USAGE_ERRORS: dict[str, list[str]] = {
     "page-size-garbage": ["--to", "tcp:127.0.0.1:9", "--page-size", "abc"],
     "packet-size-not-multiple": ["--to", "tcp:127.0.0.1:9", "--packet-size", "5000"],
     "missing-source": ["--to", "tcp:127.0.0.1:9"],
-    "directory-source": ["--to", "tcp:127.0.0.1:9"],
+    "directory-to-image": ["--to", "file:/nonexistent-dir/copy.img"],
+    "directory-with-state": ["--to", "tcp:127.0.0.1:9", "--state-file", "/etc/hostname",
+                             "--pause-cmd", "true"],
     "listen-garbage": [],
     "listen-port": [],
 }
@@ -436,8 +438,8 @@ def _usage_argv(case: str, tmp_path: Path, json: bool) -> list[str]:
     source = None
     if case == "missing-source":
         source = str(tmp_path / "no-such-file")
-    elif case == "directory-source":
-        source = str(tmp_path)
+    elif case.startswith("directory-"):
+        source = str(tmp_path)  # a tree cannot go to an image, nor carry a state blob yet
     return [*_send_args(tmp_path, *j, *USAGE_ERRORS[case], source=source)]
 
 

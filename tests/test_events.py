@@ -368,7 +368,7 @@ def test_doc_matches_the_code_that_builds_the_events(doc: Spec) -> None:
     summary = Stats(channels=2).summary()
     assert set(summary) == {n for n, f in doc["completed"].items() if "send" in f.sides} - {"status"}
     optional = {n for fields in doc.values() for n, f in fields.items() if f.optional}
-    assert optional == {"blobs"}, optional
+    assert optional == {"blobs", "entries", "tree_ops", "files_read"}, optional
     snap = Snapshot("pass", 1, 0, 10, 0.0).fields()
     assert set(snap) == set(doc["progress"])
     for key, value in {**summary, **snap}.items():

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from multifd_cli.common.manifest import ManifestBuilder, ManifestOptions, walk_manifest
-from multifd_cli.common.treeops import EntryType as T
-from multifd_cli.common.treeops import split_path
 from multifd_cli.errors import ProtocolError
 from multifd_cli.send.tree import scan_tree, snapshot_manifest
+from multifd_cli.wire.treeops import EntryType as T
+from multifd_cli.wire.treeops import split_path
 
 # A PostgreSQL-like root (0700, owned by uid 26), a 16 MiB segment with a hard link,
 # a symlink whose name sorts between "a" and "a/x" bytewise but after them in

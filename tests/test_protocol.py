@@ -129,7 +129,7 @@ def test_golden_bytes_spot_checks():
     assert hb[4] == P.MsgType.HEARTBEAT and hb[5:36] == bytes(31)
     assert hb[36:] == struct.pack("<I", zlib.crc32(hb[:36]))
     hello = golden("hello")
-    assert hello[40:] == bytes.fromhex("0100ffff") + bytes(range(16)) + bytes(4)
+    assert hello[40:] == bytes.fromhex("0200ffff") + bytes(range(16)) + bytes(4)
     layout = golden("layout")
     assert "données-ñ-日本".encode() in layout
     packet = golden("packet")
@@ -690,15 +690,22 @@ LEGAL = {
         [(R, "HELLO"), (S, "AUTH_CHALLENGE"), (R, "AUTH_RESPONSE"), (S, "AUTH_OK"),
          (S, "WELCOME"), (R, "CONFIG"), (S, "HEARTBEAT"), (R, "LAYOUT"), (S, "ACCEPT"),
          (S, "RESUME_HASHES"), (R, "EPOCH_START"), (S, "RESUME_HASHES"), (R, "HEARTBEAT"),
-         (R, "EPOCH_END"), (R, "EPOCH_START"), (R, "EPOCH_END"), (R, "METADATA"),
-         (R, "DIGEST"), (S, "COMPLETE")],
+         (R, "EPOCH_END"), (S, "EPOCH_ACK"), (R, "EPOCH_START"), (S, "EPOCH_ACK"),
+         (R, "EPOCH_END"), (R, "METADATA"), (R, "DIGEST"), (S, "EPOCH_ACK"), (S, "COMPLETE")],
+        [(R, "HELLO"), (S, "WELCOME"), (R, "CONFIG"), (R, "LAYOUT"), (R, "TREE_ROOT"),
+         (S, "ACCEPT"), (R, "TREE"), (R, "EPOCH_START"), (R, "EPOCH_END"), (R, "TREE"),
+         (R, "MANIFEST"), (R, "DIGEST"), (S, "COMPLETE")],
         [(R, "HELLO"), (S, "WELCOME")],
     ],
     "send-main": [
         [(S, "HELLO"), (R, "AUTH_CHALLENGE"), (S, "AUTH_RESPONSE"), (R, "AUTH_OK"),
          (R, "WELCOME"), (S, "CONFIG"), (S, "LAYOUT"), (R, "ACCEPT"), (R, "RESUME_HASHES"),
-         (S, "EPOCH_START"), (R, "RESUME_HASHES"), (S, "EPOCH_END"), (S, "METADATA"),
-         (S, "HEARTBEAT"), (S, "DIGEST"), (R, "COMPLETE")],
+         (S, "EPOCH_START"), (R, "RESUME_HASHES"), (R, "EPOCH_ACK"), (S, "EPOCH_END"),
+         (R, "EPOCH_ACK"), (S, "METADATA"), (S, "HEARTBEAT"), (S, "DIGEST"), (R, "EPOCH_ACK"),
+         (R, "COMPLETE")],
+        [(S, "HELLO"), (R, "WELCOME"), (S, "CONFIG"), (S, "LAYOUT"), (S, "TREE_ROOT"),
+         (R, "ACCEPT"), (S, "TREE"), (S, "EPOCH_START"), (S, "EPOCH_END"), (S, "TREE"),
+         (S, "MANIFEST"), (S, "DIGEST"), (R, "COMPLETE")],
         [(S, "HELLO"), (R, "WELCOME")],
     ],
     "recv-channel": [
@@ -961,3 +968,30 @@ def test_importing_wire_loads_no_io_module():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# --- directory-tree messages ---------------------------------------------------------
+def _tree_bytes(op: int, plen: int, extra: bytes = b"") -> bytes:
+    body = P.TREE.pack(1, 1) + P.TREE_OP.pack(op, -1, 0, -1, -1, -1, 0, 0, plen, 0) + extra
+    return P.encode_header(P.Header(P.MsgType.TREE, epoch=1, payload_len=len(body))) + body
+
+
+@pytest.mark.parametrize(("data", "why"), [
+    (_tree_bytes(99, 1, b"a"), "TREE operation: got 99"),
+    (_tree_bytes(1, 5, b"ab"), "TREE path and target lengths"),
+    (_tree_bytes(1, 1, b"ab"), "TREE length"),
+])
+def test_malformed_tree_is_a_protocol_error(data: bytes, why: str) -> None:
+    d = P.Decoder()
+    d.feed(data)
+    with pytest.raises(ProtocolError, match=why):
+        d.next_message()
+
+
+def test_tree_block_must_be_alone_and_unnamed() -> None:
+    for blocks in [(P.BlockInfo("x", 1, 1, P.KIND_TREE),),
+                   (P.BlockInfo("", 1, 1, P.KIND_TREE), P.BlockInfo("b", 1, 1))]:
+        d = P.Decoder()
+        d.feed(P.encode(P.Layout(blocks)))
+        with pytest.raises(ProtocolError, match="tree block"):
+            d.next_message()

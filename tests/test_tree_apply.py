@@ -21,7 +21,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from multifd_cli.common.manifest import ManifestOptions, walk_manifest
-from multifd_cli.common.treeops import Op, TreeOp
 from multifd_cli.errors import IOFailure, ProtocolError
 from multifd_cli.recv.tree import TreeApplier
 from multifd_cli.send.tree import (
@@ -32,6 +31,7 @@ from multifd_cli.send.tree import (
     scan_tree,
     snapshot_manifest,
 )
+from multifd_cli.wire.treeops import Op, TreeOp
 
 ROOT = os.geteuid() == 0
 OPTS = ManifestOptions(mtimes=True, owners=ROOT, devices=ROOT)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from multifd_cli.common.treeops import EntryType, Op, skipped_warning
 from multifd_cli.errors import EXIT_IO, EXIT_USAGE, IOFailure, UsageError
 from multifd_cli.send.tree import (
     TreeTracker,
@@ -26,6 +25,7 @@ from multifd_cli.send.tree import (
 )
 from multifd_cli.send.tree.diff import RACY_NS
 from multifd_cli.send.tree.scan import Snapshot, open_scanned
+from multifd_cli.wire.treeops import EntryType, Op, skipped_warning
 
 ROOT = os.geteuid() == 0
 

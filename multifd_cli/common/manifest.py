@@ -24,8 +24,8 @@ import struct
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from multifd_cli.common.treeops import EntryType, entry_type
 from multifd_cli.errors import IOFailure
+from multifd_cli.wire.treeops import EntryType, entry_type
 
 MAGIC = b"MFDTREE\x01"
 FLAG_MTIME = 0x01

@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import mmap
 import os
-from typing import Iterable, Literal
+from array import array
+from typing import Callable, Iterable, Literal
 
 import xxhash
 
@@ -125,3 +126,53 @@ def table_digest(blocks: Iterable[tuple[int, SharedTable, int]]) -> bytes:
         h.update(view)
         view.release()
     return bytes(h.digest())
+
+
+class FileTables:
+    """The page tables of a directory source's files, by file id, as one channel of
+    either side keeps them (docs/protocol.md, "Directory trees").
+
+    Each channel owns the files whose id is its index modulo the channel count, on
+    both sides, so no table is shared between processes; a file id is never reused.
+    A file's entry is one array of u64: slot 0 the file's size as this side last
+    knew it, then one page hash per page. One array per file keeps a small file's
+    cost near a hundred bytes.
+    """
+
+    def __init__(self) -> None:
+        self.tables: dict[int, array[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.tables)
+
+    def entry(self, fid: int) -> array[int]:
+        t = self.tables.get(fid)
+        if t is None:
+            t = self.tables[fid] = array("Q", (0,))
+        return t
+
+    def forget(self, fids: Iterable[int]) -> None:
+        for fid in fids:
+            self.tables.pop(fid, None)
+
+    def digest(self, page_size: int, size_of: Callable[[int], int | None] | None = None) -> bytes:
+        """xxh3-128 over the files in file id order: id and size as u64, then the page
+        hashes. size_of (recv) gives each file's size now, or None for a file that
+        is gone; without it (send) slot 0 is the size."""
+        h = xxhash.xxh3_128()
+        for fid in sorted(self.tables):
+            t = self.tables[fid]
+            size = t[0] if size_of is None else size_of(fid)
+            if size is None:
+                continue
+            n = pages_of(size, page_size)
+            h.update(fid.to_bytes(8, "little") + size.to_bytes(8, "little"))
+            if len(t) - 1 < n:  # pages that never arrived: a digest that cannot match
+                h.update(b"missing")
+            h.update(memoryview(t)[1 : n + 1].cast("B"))
+        return bytes(h.digest())
+
+
+def tree_digest(channel_digests: Iterable[bytes]) -> bytes:
+    """DIGEST of a tree session: xxh3-128 over the channels' digests in order."""
+    return bytes(xxhash.xxh3_128_digest(b"".join(channel_digests)))

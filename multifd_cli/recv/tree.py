@@ -30,8 +30,8 @@ import stat
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from multifd_cli.common.treeops import Op, TreeOp, check_rank, split_path
 from multifd_cli.errors import IOFailure, ProtocolError
+from multifd_cli.wire.treeops import Op, TreeOp, check_rank, split_path
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -199,7 +199,7 @@ class TreeApplier:
     def apply(self, ops: Iterable[TreeOp]) -> None:
         """Apply OPS in order. IOFailure for the destination's own failures (a name
         too long for its filesystem, ENOSPC), ProtocolError for a delta that does not
-        fit the replica or breaks the phase order (common.treeops.RANK) of the epoch
+        fit the replica or breaks the phase order (wire.treeops.RANK) of the epoch
         since begin_epoch()."""
         for op in ops:
             if not isinstance(op.op, Op):

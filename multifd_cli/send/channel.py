@@ -35,14 +35,19 @@ from multifd_cli.send.messages import (
     Done,
     Flush,
     Flushed,
+    Forget,
     Ready,
     SendBlob,
     Sync,
     Synced,
+    TreeDigest,
+    TreeDigested,
+    TreeWork,
     Work,
 )
 from multifd_cli.send.ratelimit import SharedRateLimit
 from multifd_cli.send.tracker import HashTracker, SourceTables
+from multifd_cli.send.tree.files import TreeReader
 
 if TYPE_CHECKING:
     from multifd_cli.image.layout import ImageLayout
@@ -66,6 +71,7 @@ class SendChannelArgs:
     direct_io: bool = False
     image: tuple[str, ImageLayout, tuple[SharedTable, ...]] | None = None  # file: transport
     identities: tuple[tuple[int, int], ...] = ()  # (st_dev, st_ino) main opened, per source
+    tree_root: bytes = b""  # a directory source: its root, which TreeWork paths are under
 
 
 class ChannelSender:
@@ -256,6 +262,8 @@ def _serve(index: int, pipe: Connection, sender: ChannelSender | ImageSink,
     fds = _open_sources(args.sources, args.direct_io, args.identities)
     tracker.direct = args.direct_io
     block_device = [stat.S_ISBLK(os.fstat(fd).st_mode) for fd in fds]
+    tree = TreeReader(args.tree_root, cfg.page_size,
+                      lambda: sender.heartbeat_if_idle(args.heartbeat))
     pipe.send(Ready())
     while True:
         if not pipe.poll(args.heartbeat):
@@ -282,6 +290,20 @@ def _serve(index: int, pipe: Connection, sender: ChannelSender | ImageSink,
                                client, cmd.seeded)
             pipe.send(Done(cmd.item, res.dirty_pages, res.zero_pages, res.read_bytes,
                            sender.wire_bytes - wire0, time.monotonic() - t0, res.short_read))
+        elif isinstance(cmd, TreeWork):
+            if cmd.epoch != sender.epoch:
+                client.flush()
+                sender.epoch = cmd.epoch
+            t0 = time.monotonic()
+            wire0 = sender.wire_bytes
+            res = tree.scan(cmd.block, cmd.files, client)
+            pipe.send(Done(cmd.item, res.dirty_pages, res.zero_pages, res.read_bytes,
+                           sender.wire_bytes - wire0, time.monotonic() - t0, res.short_read,
+                           tree.vanished))
+        elif isinstance(cmd, Forget):
+            tree.files.forget(cmd.fids)
+        elif isinstance(cmd, TreeDigest):
+            pipe.send(TreeDigested(tree.files.digest(cfg.page_size)))
         elif isinstance(cmd, SendBlob):
             sender.epoch = cmd.epoch
             table = args.tables[cmd.block]

@@ -55,6 +55,9 @@ class Estimator:
     # learns it by scanning, so after the first pass (which sent everything)
     # it knows nothing yet about the writer.
     pending_bytes: int | None = None
+    # A directory source reads only files whose stat changed: its final scan costs
+    # about one walk of the tree (measured each pass), not a read of every byte.
+    walk_seconds: float | None = None
 
     # -- inputs ------------------------------------------------------------------------
     def on_sent(self, now: float, nbytes: int) -> None:
@@ -107,6 +110,8 @@ class Estimator:
         return self.passes[-1].dirty_bytes if self.passes else 0
 
     def scan_seconds(self, size: int) -> float:
+        if self.walk_seconds is not None:
+            return self.walk_seconds
         if self.scan_is_free:
             return 0.0
         rate = self.scan_rate or ASSUMED_SCAN_BYTES_PER_S * self.channels

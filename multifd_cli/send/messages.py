@@ -9,8 +9,10 @@ pages), never one per page. `proc/messages.py` adds the two both sides share:
 
 The order on one channel's pipe, per epoch::
 
-    main → channel: Work*  ...  Flush  [SendBlob*]  Sync
+    main → channel: [Forget] (Work | TreeWork)*  ...  Flush  [SendBlob*]  Sync
     channel → main: Done*  ...  Flushed  [BlobSent*]  Synced
+
+and, for a directory source, once at completion TreeDigest → TreeDigested.
 
 (after one Ready when the channel has connected and opened the sources).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Union
 
+from multifd_cli.send.tree.diff import ScanItem
 from multifd_cli.wire import Counts
 
 
@@ -38,6 +41,27 @@ class Work(NamedTuple):
     size: int
     full: bool
     seeded: bool
+
+
+class TreeWork(NamedTuple):
+    """Read these files of the directory source for epoch `epoch` and send the pages
+    that changed. Every file id is this channel's (id modulo the channel count), so
+    the channel alone keeps its page table; `block` is the tree's block id."""
+
+    item: int
+    epoch: int
+    block: int
+    files: tuple[ScanItem, ...]
+
+
+class Forget(NamedTuple):
+    """These file ids left the tree: drop their page tables."""
+
+    fids: tuple[int, ...]
+
+
+class TreeDigest(NamedTuple):
+    """At completion: the digest of this channel's files' page tables."""
 
 
 class Flush(NamedTuple):
@@ -61,7 +85,7 @@ class Sync(NamedTuple):
     epoch: int
 
 
-ToChannel = Union[Work, Flush, SendBlob, Sync]
+ToChannel = Union[Work, TreeWork, Forget, TreeDigest, Flush, SendBlob, Sync]
 
 
 # -- channel → main ---------------------------------------------------------------------------
@@ -79,6 +103,7 @@ class Done(NamedTuple):
     wire_bytes: int
     seconds: float
     short_read: bool
+    vanished: int = 0  # tree files no longer at their path when the channel opened them
 
 
 class BlobSent(NamedTuple):
@@ -87,6 +112,12 @@ class BlobSent(NamedTuple):
     block: int
     first: int
     end: int
+
+
+class TreeDigested(NamedTuple):
+    """The answer to TreeDigest."""
+
+    digest: bytes
 
 
 class Flushed(NamedTuple):
@@ -105,4 +136,4 @@ class Synced(NamedTuple):
     payload_bytes: int
 
 
-FromChannel = Union[Ready, Done, BlobSent, Flushed, Synced]
+FromChannel = Union[Ready, Done, BlobSent, TreeDigested, Flushed, Synced]

@@ -23,7 +23,7 @@ import uuid
 from typing import Any
 
 from multifd_cli import wire as P
-from multifd_cli.common.tables import table_digest
+from multifd_cli.common.tables import table_digest, tree_digest
 from multifd_cli.config import SendConfig, TestHooks
 from multifd_cli.errors import EXIT_CONNECTION, ProtocolError, UsageError, WorkerFailed
 from multifd_cli.events import Events, Stats
@@ -39,8 +39,9 @@ from multifd_cli.send.steering import Steering
 from multifd_cli.send.switchover import ConvergencePolicy, Switchover
 from multifd_cli.send.tracker import DirtyLog, SourceTables
 from multifd_cli.send.transports import Transport, open_transport
+from multifd_cli.send.tree.source import open_tree
 from multifd_cli.writer.guard import WriterGuard
-from multifd_cli.writer.pause import Pauser, pids_in_cgroup, writers_of
+from multifd_cli.writer.pause import Pauser, pids_in_cgroup, writers_of, writers_under
 
 log = logging.getLogger("multifd")
 
@@ -79,7 +80,7 @@ class Orchestrator:
         )
         self.writer = WriterGuard(cfg.pause, cfg.after_success, pauser)
         self.steering = Steering(cfg, events, self.state, self.estimator, self.writer, self.limit)
-        self.transport: Transport = open_transport(cfg, self.old_copy.on_main_message)
+        self.transport: Transport = open_transport(cfg, self._on_main_message)
         self.pool = ChannelPool(cfg.channels, self.heartbeat, self._watched, self._tick)
 
     # -- the whole migration -----------------------------------------------------------------
@@ -102,14 +103,17 @@ class Orchestrator:
 
     def _run(self, stack: contextlib.ExitStack) -> dict[str, Any]:
         blocks, state = self.blocks, self.state
-        state.sizes = [s.size for s in blocks.sources] + [0] * len(blocks.blobs)
+        if blocks.tree is not None:
+            state.sizes = [blocks.tree.total_bytes()]
+        else:
+            state.sizes = [s.size for s in blocks.sources] + [0] * len(blocks.blobs)
+            blocks.tables = [
+                SourceTables.create(f"send{i}", size, ps)
+                for i, (size, ps) in enumerate(zip(state.sizes, blocks.page_sizes))
+            ]
         self.old_copy.begin(state.sizes)
-        blocks.tables = [
-            SourceTables.create(f"send{i}", size, ps)
-            for i, (size, ps) in enumerate(zip(state.sizes, blocks.page_sizes))
-        ]
         stack.callback(_close_all, blocks.tables)
-        config = self.transport.setup(blocks.sources, blocks.blobs, self.session)
+        config = self.transport.setup(blocks.sources, blocks.blobs, self.session, blocks.tree)
         self.old_copy.enabled = self.transport.resume
         if self.hooks.internal_error:
             raise RuntimeError("test-only internal error (MULTIFD_TEST_INTERNAL_ERROR)")
@@ -132,6 +136,9 @@ class Orchestrator:
         # The blobs first: their clean-up runs last, as it always did.
         for b in blocks.blobs:
             stack.callback(b.cleanup)
+        blocks.tree = open_tree(self.cfg, self.hooks.stale_tree)
+        if blocks.tree is not None:
+            return
         for p, n in source_names(self.cfg.sources):
             src = open_source(p, n)
             stack.callback(os.close, src.fd)
@@ -149,6 +156,12 @@ class Orchestrator:
         covered = set(self.cfg.pause.pids)
         if self.cfg.pause.cgroup:
             covered |= pids_in_cgroup(self.cfg.pause.cgroup)
+        tree = self.blocks.tree
+        if tree is not None and not self.cfg.pause.pause_cmd:
+            others = [p for p in writers_under(os.fsdecode(tree.root)) if p not in covered]
+            if others:
+                log.warning("files in %s are open for writing by process %s, which no pause "
+                            "mechanism covers", os.fsdecode(tree.root), ", ".join(map(str, others)))
         for src in self.blocks.sources:
             if src.is_block_device:
                 continue
@@ -165,8 +178,9 @@ class Orchestrator:
         args = SendChannelArgs(
             uri, self.session, config, cfg.compression,
             tuple(s.path for s in blocks.sources), tuple(blocks.tables),
-            cfg.timeout, self.heartbeat, self.limit, cfg.security, cfg.direct_io, image,
+            cfg.timeout, self.heartbeat, self.limit, cfg.security, cfg.reading.direct_io, image,
             identities=tuple(s.identity for s in blocks.sources),
+            tree_root=blocks.tree.root if blocks.tree is not None else b"",
         )
         stack.enter_context(self.pool)
 
@@ -175,6 +189,13 @@ class Orchestrator:
             return [conn for conn, _ in self.transport.watched()] + self.writer.inherited_ends()
 
         self.pool.start(args, close_in_channel, cfg.timeout)
+
+    def _on_main_message(self, msg: P.Message) -> None:
+        """What recv says mid-migration: old-copy hashes, and each closed epoch."""
+        if isinstance(msg, P.EpochAck):
+            log.debug("recv applied epoch %d: %d bytes written", msg.epoch, msg.written_bytes)
+            return
+        self.old_copy.on_main_message(msg)
 
     def _watched(self) -> list[Any]:
         return [*self.transport.watched(), *self.steering.watched()]
@@ -215,12 +236,20 @@ class Orchestrator:
     def _complete(self, epoch: int) -> None:
         blocks, state = self.blocks, self.state
         state.phase = "completing"
-        for src in blocks.sources:
-            src.check_identity()  # what the last pass read is still what SRC names
-        digest = table_digest(
-            (size, t.page_hash, ps)
-            for size, t, ps in zip(state.sizes, blocks.tables, blocks.page_sizes)
-        )
+        tree = blocks.tree
+        if tree is not None:
+            # After the final TIMES: directory modes and mtimes, deepest first, then
+            # what recv's walk of its copy must match, then the pages' digest.
+            self.transport.send_tree(epoch, tree.finish_ops())
+            self.transport.send_manifest(tree.manifest(self.transport.owners))
+            digest = tree_digest(self.pool.tree_digests())
+        else:
+            for src in blocks.sources:
+                src.check_identity()  # what the last pass read is still what SRC names
+            digest = table_digest(
+                (size, t.page_hash, ps)
+                for size, t, ps in zip(state.sizes, blocks.tables, blocks.page_sizes)
+            )
         self.transport.complete(epoch, blocks.sources, state.sizes, digest)
         state.stats.finished = time.monotonic()
         self.pool.stop()

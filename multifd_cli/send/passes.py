@@ -25,12 +25,14 @@ from multifd_cli.common.tables import chunk_pages, pages_of
 from multifd_cli.errors import ProtocolError, expect
 from multifd_cli.events import Events
 from multifd_cli.send.convergence import Estimator, PassSample
-from multifd_cli.send.messages import Done, Work
+from multifd_cli.send.messages import Done, Forget, TreeWork, Work
 from multifd_cli.send.pool import ChannelPool, expect_report
 from multifd_cli.send.sources import Blob, Source
 from multifd_cli.send.state import MigrationState
 from multifd_cli.send.tracker import DirtyLog, SourceTables
 from multifd_cli.send.transports import Transport
+from multifd_cli.send.tree.diff import TreeDelta
+from multifd_cli.send.tree.source import Batcher, TreeSource
 
 log = logging.getLogger("multifd")
 
@@ -46,6 +48,9 @@ class PassResult:
     wire_bytes: int = 0
     short_read: bool = False
     counts: P.Counts = field(default_factory=P.Counts)
+    tree_ops: int = 0  # a directory source: operations sent, files read, files vanished
+    files_read: int = 0
+    vanished: int = 0
 
 
 @dataclass
@@ -57,6 +62,7 @@ class Blocks:
     page_size: int
     packet_size: int
     tables: list[SourceTables] = field(default_factory=list)
+    tree: TreeSource | None = None  # a directory source: the only block, no tables here
 
     @property
     def page_sizes(self) -> list[int]:
@@ -132,10 +138,19 @@ class PassRunner:
     def run(self, epoch: int, full: bool, final: bool = False, paused_at: float = 0.0) -> PassResult:
         """One epoch: announce it, scan and send, flush, sync, report."""
         state, blocks = self.state, self.blocks
-        for src in blocks.sources:
-            src.check_identity()
-        sizes = [s.current_size() for s in blocks.sources] + [b.size for b in blocks.blobs]
         pass_start = time.monotonic()
+        tree, delta, ops = blocks.tree, None, 0
+        if tree is not None:
+            # The tree's shape changes go first: recv applies them before any page of
+            # this epoch, once every page of the last one is in.
+            delta = tree.advance(final)
+            ops = self.transport.send_tree(epoch, delta.ops())
+            sizes = [tree.total_bytes()]
+            self.estimator.walk_seconds = tree.walk_seconds
+        else:
+            for src in blocks.sources:
+                src.check_identity()
+            sizes = [s.current_size() for s in blocks.sources] + [b.size for b in blocks.blobs]
         state.pass_no = epoch
         if not final:
             state.phase = "pass"
@@ -143,7 +158,8 @@ class PassRunner:
         state.stats.final_pass_started = paused_at if final else 0.0
         self._begin_epoch(epoch, sizes)
         wire_before = sum(self.pool.wire)
-        res = self._hand_out(epoch, full)
+        res = self._hand_out(epoch, full) if delta is None else self._hand_out_tree(epoch, delta)
+        res.tree_ops = ops
         sync_start = time.monotonic()
         # The one order that closes an epoch: pages.flush(), then blob.send(), then
         # sync(). The blob client never flushes and never syncs on its own.
@@ -151,6 +167,9 @@ class PassRunner:
         if final:
             self.pool.send_blobs(epoch, blocks.blobs, len(blocks.sources), blocks.packet_size)
         res.counts = self._sync(epoch)
+        if delta is not None:
+            # Writing a page moves a file's mtime: the times go once the pages are in.
+            res.tree_ops += self.transport.send_tree(epoch, delta.times())
         now = time.monotonic()
         res.wire_bytes = sum(self.pool.wire) - wire_before
         self._report(epoch, res, pass_start, sync_start, now, final)
@@ -159,6 +178,8 @@ class PassRunner:
     def _begin_epoch(self, epoch: int, sizes: list[int]) -> None:
         blocks = self.blocks
         for i, (old, new) in enumerate(zip(self.state.sizes, sizes)):
+            if blocks.tree is not None:
+                break  # a tree's size is its files' total, for progress: nothing to resize
             if old != new:
                 if i < len(blocks.sources):
                     log.info("%s changed size: %d -> %d bytes", blocks.sources[i].path, old, new)
@@ -239,13 +260,49 @@ class PassRunner:
             for w, msg in self.pool.poll():
                 done = expect_report(msg, Done)
                 outstanding[w.index] -= 1
-                res.dirty_pages += done.dirty_pages
-                res.zero_pages += done.zero_pages
-                res.read_bytes += done.read_bytes
-                res.short_read |= done.short_read
-                self.state.live_wire += done.wire_bytes
-                self.estimator.on_sent(time.monotonic(), done.wire_bytes)
+                self._count(res, done)
         return res
+
+    def _hand_out_tree(self, epoch: int, delta: TreeDelta) -> PassResult:
+        """Hand each file to the channel that owns its id, in batches; the channel
+        keeps the file's page table, so a file always travels on the same channel."""
+        pool = self.pool
+        n = pool.count
+        forget: list[list[int]] = [[] for _ in range(n)]
+        for fid in delta.dropped:
+            forget[fid % n].append(fid)
+        for c, fids in enumerate(forget):
+            if fids:
+                pool.send(c, Forget(tuple(fids)))
+        res = PassResult()
+        outstanding = [0] * n
+        batcher = Batcher(delta.scan(), n)
+        next_id = 0
+        while True:
+            batcher.pull(lambda c: outstanding[c] < IN_FLIGHT)
+            for c in range(n):
+                while outstanding[c] < IN_FLIGHT and (files := batcher.take(c)) is not None:
+                    pool.send(c, TreeWork(next_id, epoch, 0, files))
+                    next_id += 1
+                    outstanding[c] += 1
+                    res.files_read += len(files)
+            if not any(outstanding):
+                if batcher.done():
+                    return res
+                continue
+            for w, msg in pool.poll():
+                done = expect_report(msg, Done)
+                outstanding[w.index] -= 1
+                self._count(res, done)
+
+    def _count(self, res: PassResult, done: Done) -> None:
+        res.dirty_pages += done.dirty_pages
+        res.zero_pages += done.zero_pages
+        res.read_bytes += done.read_bytes
+        res.short_read |= done.short_read
+        res.vanished += done.vanished
+        self.state.live_wire += done.wire_bytes
+        self.estimator.on_sent(time.monotonic(), done.wire_bytes)
 
     def _report(self, epoch: int, res: PassResult, pass_start: float, sync_start: float,
                 now: float, final: bool) -> None:
@@ -263,8 +320,12 @@ class PassRunner:
         if self.dirty_log is not None:
             est.pending_bytes = self.dirty_log.pending_bytes()
         expected = est.expected_downtime(sum(self.state.sizes))
+        tree = self.blocks.tree
+        extra = {} if tree is None else {
+            "entries": tree.entries, "tree_ops": res.tree_ops, "files_read": res.files_read,
+        }
         self.events.emit(
-            "pass", **{"pass": epoch},
+            "pass", **{"pass": epoch}, **extra,
             dirty_bytes=res.dirty_pages * ps,
             sent_bytes=res.wire_bytes,
             normal_pages=res.counts.normal,

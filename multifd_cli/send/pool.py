@@ -27,6 +27,8 @@ from multifd_cli.send.messages import (
     Sync,
     Synced,
     ToChannel,
+    TreeDigest,
+    TreeDigested,
 )
 from multifd_cli.send.sources import Blob
 
@@ -108,6 +110,13 @@ class ChannelPool:
             for w, msg in self.poll():
                 got[w.index] = (w, expect_report(msg, kind))
         return list(got.values())
+
+    def tree_digests(self) -> list[bytes]:
+        """Each channel's digest of its tree files' page tables, in channel order."""
+        for w in self.workers:
+            w.send(TreeDigest())
+        got = sorted(self.gather(TreeDigested), key=lambda r: r[0].index)
+        return [msg.digest for _, msg in got]
 
     def flush(self) -> None:
         """Every client pushes out what it still holds; nothing is synced here."""

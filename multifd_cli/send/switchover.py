@@ -71,10 +71,12 @@ class ConvergencePolicy:
             self.estimator.pending_bytes = self.dirty_log.pending_bytes()
         expected = self.estimator.expected_downtime(sum(self.state.sizes))
         if not self.writer.can_pause:
-            if epoch > 1 and found == 0 and not res.short_read:
+            if epoch > 1 and found == 0 and not res.short_read and not res.tree_ops:
                 return True  # a pass that found nothing to send confirms the copy
-            # A device node's mtime does not move when its blocks are written.
+            # A device node's mtime does not move when its blocks are written; a tree
+            # has no one mtime to go by.
             if (conv.mtime_shortcut and self.dirty_log is None and not res.short_read
+                    and self.blocks.tree is None
                     and not any(s.is_block_device for s in self.blocks.sources)
                     and self._unchanged()):
                 return True
@@ -170,7 +172,7 @@ class Switchover:
         keys = [s.stat_key() for s in blocks.sources]
         epoch += 1
         res = self.runner.run(epoch, full=False, final=True, paused_at=self.writer.paused_at)
-        if [s.stat_key() for s in blocks.sources] != keys or res.short_read:
+        if [s.stat_key() for s in blocks.sources] != keys or res.short_read or res.vanished:
             raise IOFailure(
                 "the source changed during the final pass although the writer was paused: "
                 "another process writes to it (pause it too)"

@@ -19,12 +19,13 @@ import shlex
 import time
 from abc import ABC, abstractmethod
 from types import TracebackType
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from multifd_cli import wire as P
 from multifd_cli.common.tables import SharedTable, pages_of
 from multifd_cli.config import SendConfig
 from multifd_cli.errors import (
+    InternalError,
     IOFailure,
     PeerAborted,
     ProtocolError,
@@ -38,6 +39,8 @@ from multifd_cli.net.connection import MainConnection
 from multifd_cli.net.transport import Uri, connect
 from multifd_cli.send.pool import Watch
 from multifd_cli.send.sources import Blob, Source, read_metadata
+from multifd_cli.send.tree.source import TreeSource, op_batches
+from multifd_cli.wire.treeops import TreeOp
 
 if TYPE_CHECKING:  # imported where used: most sessions need neither
     from multifd_cli.image.layout import ImageLayout
@@ -55,6 +58,9 @@ class Transport(ABC):
 
     #: The destination holds an old copy: pass 1 compares against its hashes.
     resume = False
+    #: The destination keeps owners and device nodes (ACCEPT_OWNERS): a tree's
+    #: manifest covers them.
+    owners = False
 
     def __enter__(self) -> Transport:
         return self
@@ -68,7 +74,8 @@ class Transport(ABC):
         return None  # nothing to do unless a subclass says so
 
     @abstractmethod
-    def setup(self, sources: Sequence[Source], blobs: Sequence[Blob], session: bytes) -> P.Config:
+    def setup(self, sources: Sequence[Source], blobs: Sequence[Blob], session: bytes,
+              tree: TreeSource | None = None) -> P.Config:
         """Connect and agree on the session, or create the image; return the CONFIG."""
 
     @abstractmethod
@@ -95,6 +102,14 @@ class Transport(ABC):
     def complete(self, epoch: int, sources: Sequence[Source], sizes: Sequence[int],
                  digest: bytes) -> None:
         """Finish the copy and verify the digest, or raise."""
+
+    def send_tree(self, epoch: int, ops: Iterable[TreeOp]) -> int:
+        """Send a directory source's operations for EPOCH; return how many."""
+        raise InternalError("a directory source needs a recv at the other end")
+
+    def send_manifest(self, manifest: P.Manifest) -> None:
+        """A directory source's manifest, before DIGEST."""
+        raise InternalError("a directory source needs a recv at the other end")
 
     def raise_pending_abort(self) -> None:
         """A channel lost its connection: raise the peer's reason if it sent one."""
@@ -123,7 +138,8 @@ class PeerTransport(Transport):
         self.on_message = on_message  # what recv streams mid-migration (RESUME_HASHES)
         self.main: MainConnection | None = None
 
-    def setup(self, sources: Sequence[Source], blobs: Sequence[Blob], session: bytes) -> P.Config:
+    def setup(self, sources: Sequence[Source], blobs: Sequence[Blob], session: bytes,
+              tree: TreeSource | None = None) -> P.Config:
         cfg = self.cfg
         assert self.uri is not None
         uri = self.uri
@@ -139,15 +155,20 @@ class PeerTransport(Transport):
         spec = cfg.compression
         config = P.Config(cfg.channels, spec.wire_id, spec.effective_level, cfg.page_size,
                           cfg.packet_size)
-        layout = P.Layout(
-            tuple(P.BlockInfo(s.name, s.size, s.allocated) for s in sources)
-            + tuple(P.BlockInfo(b.name, 0, 0, P.KIND_BLOB) for b in blobs)
-        )
-        main.send(config, layout)
+        if tree is not None:
+            size = tree.total_bytes()
+            main.send(config, P.Layout((P.BlockInfo("", size, size, P.KIND_TREE),)),
+                      tree.identity())
+        else:
+            main.send(config, P.Layout(
+                tuple(P.BlockInfo(s.name, s.size, s.allocated) for s in sources)
+                + tuple(P.BlockInfo(b.name, 0, 0, P.KIND_BLOB) for b in blobs)
+            ))
         reply = main.receive(time.monotonic() + cfg.timeout)
         if not isinstance(reply, P.Accept):
             raise ProtocolError(f"setup: got {type(reply).__name__}, expected ACCEPT")
         self.resume = reply.resume
+        self.owners = reply.owners
         if self.resume:
             log.info("the destination holds an old copy: pass 1 sends only what differs")
         for msg in main.drain():
@@ -179,6 +200,18 @@ class PeerTransport(Transport):
         assert self.main is not None
         self.main.send(P.EpochEnd(epoch, counts))
 
+    def send_tree(self, epoch: int, ops: Iterable[TreeOp]) -> int:
+        assert self.main is not None
+        count = 0
+        for batch in op_batches(ops):
+            self.main.send(P.Tree(epoch, tuple(batch)))
+            count += len(batch)
+        return count
+
+    def send_manifest(self, manifest: P.Manifest) -> None:
+        assert self.main is not None
+        self.main.send(manifest)
+
     def complete(self, epoch: int, sources: Sequence[Source], sizes: Sequence[int],
                  digest: bytes) -> None:
         main = self.main
@@ -187,7 +220,11 @@ class PeerTransport(Transport):
             for i, src in enumerate(sources):
                 main.send(read_metadata(i, src))
         main.send(P.Digest(epoch, digest))
-        msg = main.receive(time.monotonic() + self.cfg.timeout)
+        deadline = time.monotonic() + self.cfg.timeout
+        msg = main.receive(deadline)
+        while isinstance(msg, P.EpochAck):  # the final epoch's, sent as it closed
+            self.on_message(msg)
+            msg = main.receive(deadline)
         if not isinstance(msg, P.Complete):
             raise ProtocolError(f"completion: got {type(msg).__name__}, expected COMPLETE")
         if msg.digest != digest:
@@ -250,7 +287,8 @@ class ImageTransport(Transport):
         self.tmp = ""  # the hidden name the image is written under until complete
         self.present: list[SharedTable] = []  # u8 per page: written at least once
 
-    def setup(self, sources: Sequence[Source], blobs: Sequence[Blob], session: bytes) -> P.Config:
+    def setup(self, sources: Sequence[Source], blobs: Sequence[Blob], session: bytes,
+              tree: TreeSource | None = None) -> P.Config:
         from multifd_cli.image.layout import ImageLayout
         from multifd_cli.image.writer import create_image
 

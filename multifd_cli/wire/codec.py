@@ -25,6 +25,7 @@ from multifd_cli.errors import ProtocolError, expect
 from multifd_cli.wire.messages import (
     ABORT,
     ACCEPT,
+    ACCEPT_OWNERS,
     ACCEPT_RESUME,
     AUTH_CHALLENGE,
     AUTH_OK,
@@ -33,6 +34,7 @@ from multifd_cli.wire.messages import (
     COMPLETE,
     CONFIG,
     DIGEST,
+    EPOCH_ACK,
     EPOCH_END,
     EPOCH_START,
     FLAG_RAW,
@@ -43,10 +45,12 @@ from multifd_cli.wire.messages import (
     HELLO,
     KIND_BLOB,
     KIND_PAGES,
+    KIND_TREE,
     KNOWN_FLAGS,
     LAYOUT_BLOCK,
     LAYOUT_COUNT,
     MAGIC,
+    MANIFEST,
     MAX_ABORT_MESSAGE,
     MAX_BLOCK_SIZE,
     MAX_BLOCKS,
@@ -77,20 +81,26 @@ from multifd_cli.wire.messages import (
     Config,
     Counts,
     Digest,
+    EpochAck,
     EpochEnd,
     EpochStart,
     Header,
     Heartbeat,
     Hello,
     Layout,
+    Manifest,
     Message,
     Metadata,
     MsgType,
     Packet,
     ResumeHashes,
     Sync,
+    Tree,
+    TreeRoot,
     Welcome,
 )
+from multifd_cli.wire.treecodec import parse_tree, parse_tree_root, tree_payload, tree_root_payload
+from multifd_cli.wire.treeops import TreeOp
 
 _NATIVE_LE = sys.byteorder == "little"
 
@@ -230,6 +240,23 @@ def encode_auth_ok(mac: bytes) -> bytes:
     return _control(MsgType.AUTH_OK, AUTH_OK.pack(mac))
 
 
+def encode_tree(epoch: int, ops: Sequence[TreeOp]) -> bytes:
+    return _control(MsgType.TREE, tree_payload(epoch, ops), epoch=epoch)
+
+
+def encode_tree_root(boot_id: bytes, ids: Sequence[tuple[int, int]]) -> bytes:
+    return _control(MsgType.TREE_ROOT, tree_root_payload(boot_id, ids))
+
+
+def encode_manifest(entries: int, digest: bytes) -> bytes:
+    return _control(MsgType.MANIFEST, MANIFEST.pack(entries, digest))
+
+
+def encode_epoch_ack(a: EpochAck) -> bytes:
+    body = EPOCH_ACK.pack(a.epoch, a.wire_bytes, a.written_bytes, a.flush_us)
+    return _control(MsgType.EPOCH_ACK, body, epoch=a.epoch)
+
+
 def encode_abort(exit_code: int, message: str) -> bytes:
     text = message.encode("utf-8", "replace")[:MAX_ABORT_MESSAGE]
     return _control(MsgType.ABORT, ABORT.pack(exit_code & 0xFF) + text)
@@ -329,8 +356,9 @@ def parse_control(h: Header, payload: Buffer) -> Message:
         if t == MsgType.ACCEPT:
             expect("ACCEPT length", len(p), ACCEPT.size)
             (flags,) = ACCEPT.unpack(p)
-            if flags & ~ACCEPT_RESUME:
-                raise ProtocolError(f"ACCEPT flags: got {flags:#x}, expected a subset of {ACCEPT_RESUME:#x}")
+            known = ACCEPT_RESUME | ACCEPT_OWNERS
+            if flags & ~known:
+                raise ProtocolError(f"ACCEPT flags: got {flags:#x}, expected a subset of {known:#x}")
             return Accept(flags)
         if t == MsgType.METADATA:
             return _parse_metadata(p)
@@ -383,6 +411,20 @@ def parse_control(h: Header, payload: Buffer) -> Message:
         if t == MsgType.AUTH_OK:
             expect("AUTH_OK length", len(p), AUTH_OK.size)
             return AuthOk(*AUTH_OK.unpack(p))
+        if t == MsgType.TREE:
+            tree = parse_tree(p)
+            expect("TREE epoch", tree.epoch, h.epoch)
+            return tree
+        if t == MsgType.TREE_ROOT:
+            return parse_tree_root(p)
+        if t == MsgType.MANIFEST:
+            expect("MANIFEST length", len(p), MANIFEST.size)
+            return Manifest(*MANIFEST.unpack(p))
+        if t == MsgType.EPOCH_ACK:
+            expect("EPOCH_ACK length", len(p), EPOCH_ACK.size)
+            ack = EpochAck(*EPOCH_ACK.unpack(p))
+            expect("EPOCH_ACK epoch", ack.epoch, h.epoch)
+            return ack
     except struct.error as e:
         raise ProtocolError(f"{t.name} payload: {e}") from None
     raise ProtocolError(f"message type {t.name} has no control payload")
@@ -399,8 +441,10 @@ def _parse_layout(p: bytes) -> Layout:
         pos += LAYOUT_BLOCK.size
         if size > MAX_BLOCK_SIZE:
             raise ProtocolError(f"block size: got {size}, expected at most {MAX_BLOCK_SIZE}")
-        if kind not in (KIND_PAGES, KIND_BLOB):
-            raise ProtocolError(f"block kind: got {kind}, expected {KIND_PAGES} or {KIND_BLOB}")
+        if kind not in (KIND_PAGES, KIND_BLOB, KIND_TREE):
+            raise ProtocolError(
+                f"block kind: got {kind}, expected {KIND_PAGES}, {KIND_BLOB} or {KIND_TREE}"
+            )
         if name_len > MAX_NAME_LEN or pos + name_len > len(p):
             raise ProtocolError(
                 f"block name length: got {name_len}, "
@@ -411,7 +455,12 @@ def _parse_layout(p: bytes) -> Layout:
         except UnicodeDecodeError:
             raise ProtocolError("block name: got bytes that are not UTF-8, expected UTF-8") from None
         pos += name_len
-        check_block_name(name)
+        if kind == KIND_TREE:
+            if n != 1 or name:
+                raise ProtocolError("tree block: got it named or beside other blocks, "
+                                    "expected the only block, with an empty name")
+        else:
+            check_block_name(name)
         blocks.append(BlockInfo(name, size, allocated, kind))
     expect("LAYOUT length", len(p), pos)
     check_block_names([b.name for b in blocks])
@@ -599,6 +648,10 @@ _ENCODERS: dict[type, Callable[[Any, int], bytes]] = {
     AuthResponse: lambda m, _: encode_auth_response(m.nonce, m.mac),
     AuthOk: lambda m, _: encode_auth_ok(m.mac),
     Abort: lambda m, _: encode_abort(m.exit_code, m.message),
+    Tree: lambda m, _: encode_tree(m.epoch, m.ops),
+    TreeRoot: lambda m, _: encode_tree_root(m.boot_id, m.ids),
+    Manifest: lambda m, _: encode_manifest(m.entries, m.digest),
+    EpochAck: lambda m, _: encode_epoch_ack(m),
     Sync: lambda m, n: encode_sync(m.epoch, n, m.counts),
     Packet: _encode_packet_msg,
 }

@@ -11,11 +11,13 @@ import struct
 from enum import IntEnum
 from typing import Any, NamedTuple, Sequence, Union
 
+from multifd_cli.wire.treeops import TreeOp
+
 Buffer = Union[bytes, bytearray, memoryview]
 
 # --- constants (docs/protocol.md, "Constants") -------------------------------
 MAGIC = 0x4D464431  # b"MFD1" read as a big-endian u32; on the wire it is little-endian
-VERSION = 1
+VERSION = 2  # 2: directory trees (KIND_TREE, TREE, TREE_ROOT, MANIFEST) and EPOCH_ACK
 ROLE_MAIN = 0xFFFF
 
 MAX_CHANNELS = 64
@@ -34,10 +36,20 @@ NONCE_LEN = 32
 MAC_LEN = 32
 FEATURE_PSK = 0x01  # HELLO features: the sender will prove it knows the pre-shared key
 ACCEPT_RESUME = 0x01  # ACCEPT flags: DEST holds an old copy; RESUME_HASHES follow
+ACCEPT_OWNERS = 0x02  # ACCEPT flags: recv keeps owners and makes device nodes (a tree's manifest)
 MAX_RESUME_HASHES = 65536  # page hashes in one RESUME_HASHES message
 COMPRESSION_AUTO = 127  # CONFIG: each packet's header names its own codec (--compress auto)
 KIND_PAGES = 0  # a block copied page by page, pass after pass (a file or device)
 KIND_BLOB = 1  # a blob sent whole after the pause (device state); packet-size "pages"
+KIND_TREE = 2  # a directory tree: the only block of its layout, named ""; see TREE
+# A tree's pages are addressed as (file id << TREE_SHIFT) | byte offset in that file,
+# so one packet carries the pages of many small files.
+TREE_SHIFT = 40
+MAX_TREE_FILE_SIZE = 1 << TREE_SHIFT
+MAX_FILE_ID = (1 << (64 - TREE_SHIFT)) - 1
+MAX_TREE_OPS = 65536  # operations in one TREE message
+MAX_TREE_PATH = 4096  # bytes of a path or symlink target in a TREE operation
+MAX_TREE_DEPTH = 4096  # (dev, ino) pairs in TREE_ROOT
 MAX_XATTRS = 256
 MAX_XATTR_VALUE = 65536
 
@@ -60,6 +72,10 @@ class MsgType(IntEnum):
     AUTH_OK = 15
     RESUME_HASHES = 16
     METADATA = 17
+    TREE = 18
+    TREE_ROOT = 19
+    MANIFEST = 20
+    EPOCH_ACK = 21
 
 
 FLAG_SYNC = 0x01  # a PACKET that closes the channel's epoch; carries SYNC_COUNTS
@@ -93,6 +109,14 @@ ACCEPT = struct.Struct("<I")  # flags
 RESUME_HASHES = struct.Struct("<HQI")  # block id, first page, count; count u64 hashes follow
 METADATA = struct.Struct("<HIIIqH")  # block id, mode, uid, gid, mtime ns, xattr count
 XATTR = struct.Struct("<HI")  # name length, value length; name and value follow
+TREE = struct.Struct("<II")  # epoch, operation count; the operations follow
+# op, file id, mode, uid, gid, size, rdev, mtime ns, path length, target length;
+# the path and the symlink target follow
+TREE_OP = struct.Struct("<BqIiiqQqHH")
+TREE_ROOT = struct.Struct("<16sH")  # boot id, count; count (dev, ino) u64 pairs follow
+DEV_INO = struct.Struct("<QQ")
+MANIFEST = struct.Struct("<Q32s")  # entries, SHA-256 of the tree's manifest
+EPOCH_ACK = struct.Struct("<IQQI")  # epoch, bytes read from channels, bytes applied, flush us
 
 
 # --- messages ------------------------------------------------------------------
@@ -228,6 +252,10 @@ class Accept(NamedTuple):
     def resume(self) -> bool:
         return bool(self.flags & ACCEPT_RESUME)
 
+    @property
+    def owners(self) -> bool:
+        return bool(self.flags & ACCEPT_OWNERS)
+
 
 class Metadata(NamedTuple):
     """What --preserve keeps of one block, applied at completion."""
@@ -248,9 +276,50 @@ class ResumeHashes(NamedTuple):
     hashes: tuple[int, ...]
 
 
+class Tree(NamedTuple):
+    """Operations on a directory tree (wire.treeops), ordered by the epoch barrier.
+
+    Sent before EPOCH_START of `epoch`: the ops that bring the replica's shape to the
+    pass's snapshot, applied before any page of the epoch. Sent after EPOCH_END of
+    `epoch`: TIMES (and, for the final epoch, DIRMETA), applied once every page of
+    the epoch is.
+    """
+
+    epoch: int
+    ops: tuple[TreeOp, ...]
+
+
+class TreeRoot(NamedTuple):
+    """Where a directory source lives: the sender's boot id and the (dev, ino) of the
+    source root, then of each directory above it up to /. A receiver on the same host
+    (same boot id) refuses a DEST inside the source, or a source inside DEST."""
+
+    boot_id: bytes
+    ids: tuple[tuple[int, int], ...]
+
+
+class Manifest(NamedTuple):
+    """The digest of the tree's shape and metadata at the pause (common.manifest)."""
+
+    entries: int
+    digest: bytes
+
+
+class EpochAck(NamedTuple):
+    """recv has applied every page of `epoch`: what it had read from its channel
+    sockets and written to DEST by then, and how long its last flush of DEST took.
+    send measures delivered bandwidth from these, not from its own socket buffers."""
+
+    epoch: int
+    wire_bytes: int
+    written_bytes: int
+    flush_us: int
+
+
 Message = Union[
     Packet, Hello, Welcome, Config, Layout, Accept, EpochStart, EpochEnd, Sync, Digest,
     Complete, Abort, Heartbeat, AuthChallenge, AuthResponse, AuthOk, ResumeHashes, Metadata,
+    Tree, TreeRoot, Manifest, EpochAck,
 ]
 
 
@@ -294,4 +363,8 @@ _typed_equality(
     Accept,
     Metadata,
     ResumeHashes,
+    Tree,
+    TreeRoot,
+    Manifest,
+    EpochAck,
 )

@@ -55,6 +55,22 @@ def is_stopped(pid: int) -> bool:
 def writers_of(path: str) -> list[int]:
     """PIDs that have `path` open for writing (from /proc/*/fdinfo flags)."""
     target = os.stat(path)
+    key = (target.st_dev, target.st_ino)
+
+    def match(fd_path: str) -> bool:
+        st = os.stat(fd_path)
+        return (st.st_dev, st.st_ino) == key
+
+    return _writers(match)
+
+
+def writers_under(directory: str) -> list[int]:
+    """PIDs that have a file below `directory` open for writing (a directory source)."""
+    prefix = os.path.realpath(directory).rstrip("/") + "/"
+    return _writers(lambda fd_path: os.readlink(fd_path).startswith(prefix))
+
+
+def _writers(match: Callable[[str], bool]) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -66,8 +82,7 @@ def writers_of(path: str) -> list[int]:
             continue
         for fd in fds:
             try:
-                st = os.stat(f"{fd_dir}/{fd}")
-                if (st.st_dev, st.st_ino) != (target.st_dev, target.st_ino):
+                if not match(f"{fd_dir}/{fd}"):
                     continue
                 with open(f"/proc/{entry}/fdinfo/{fd}") as f:
                     flags = int(f.read().split("flags:")[1].split()[0], 8)

@@ -19,6 +19,7 @@ from pathlib import Path
 import xxhash
 
 from multifd_cli import wire as P
+from multifd_cli.wire.treeops import Op, TreeOp
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,6 +60,17 @@ LAYOUT = P.Layout(
         P.BlockInfo("données-ñ-日本", BLOCK1_SIZE, 0, P.KIND_BLOB),
     )
 )
+# One operation of each shape: a file id with a size, a symlink with a target, a
+# non-UTF-8 path, and a removal that uses only the path.
+TREE = P.Tree(4, (
+    TreeOp(Op.MKDIR, b"pg_wal"),
+    TreeOp(Op.CREATE, b"pg_wal/000000010000000000000001", 7, 0o100600, 26, 26, 16 << 20),
+    TreeOp(Op.SYMLINK, b"latest", -1, 0o120777, 0, 0, -1, b"pg_wal/\xff"),
+    TreeOp(Op.TIMES, b"", 7, mtime_ns=1_700_000_000_123_456_789),
+    TreeOp(Op.REMOVE, b"caf\xc3\xa9.sock"),
+))
+TREE_ROOT = P.TreeRoot(bytes(range(16, 32)), ((2049, 131073), (2049, 2)))
+
 PACKET_FIELDS = {
     "epoch": 3,
     "packet_num": 7,
@@ -117,12 +129,17 @@ VECTORS: dict[str, tuple[object, bytes]] = {
         P.encode_auth_response(bytes(range(32, 64)), bytes(range(64, 96))),
     ),
     "auth_ok": (P.AuthOk(bytes(range(96, 128))), P.encode_auth_ok(bytes(range(96, 128)))),
+    "tree": (TREE, P.encode_tree(TREE.epoch, TREE.ops)),
+    "tree_root": (TREE_ROOT, P.encode_tree_root(TREE_ROOT.boot_id, TREE_ROOT.ids)),
+    "manifest": (P.Manifest(3, bytes(range(32))), P.encode_manifest(3, bytes(range(32)))),
+    "epoch_ack": (P.EpochAck(3, 1 << 33, 5000, 1234), P.encode_epoch_ack(P.EpochAck(3, 1 << 33, 5000, 1234))),
 }
 
 # The order of a whole session, used for the concatenated-stream test.
 STREAM_ORDER = [
     "hello", "auth_challenge", "auth_response", "auth_ok", "welcome", "config", "layout", "accept_resume", "resume_hashes", "epoch_start", "packet", "sync",
-    "heartbeat", "epoch_end", "metadata", "digest", "complete", "abort",
+    "heartbeat", "epoch_end", "epoch_ack", "tree", "tree_root", "manifest", "metadata", "digest",
+    "complete", "abort",
 ]
 
 

@@ -20,8 +20,8 @@ from array import array
 from collections.abc import Collection, Iterator
 from typing import NamedTuple
 
-from multifd_cli.common.treeops import EntryType, Op, TreeOp
 from multifd_cli.send.tree.scan import DIR, FILE, SYMLINK, Snapshot
+from multifd_cli.wire.treeops import EntryType, Op, TreeOp
 
 Key = tuple[int, int]
 
@@ -71,7 +71,7 @@ class TreeDelta:
     """What one pass changed, built lazily from the two snapshots; every method
     returns a fresh iterator, so the delta can be read more than once.
 
-    ops(): phase-ordered TreeOps (common.treeops.PHASES), applied at the start of the
+    ops(): phase-ordered TreeOps (wire.treeops.PHASES), applied at the start of the
     epoch, before its pages. times(): TIMES ops, applied after the epoch's pages,
     because writing a page moves the receiver's mtime. scan(): the files to read.
     dropped: file ids that no longer exist; their page tables can go.

@@ -18,11 +18,11 @@ import os
 import stat
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from multifd_cli.common.manifest import DEFAULT_OPTIONS, ManifestBuilder, ManifestOptions
-from multifd_cli.common.treeops import EntryType
 from multifd_cli.errors import IOFailure, UsageError
+from multifd_cli.wire.treeops import EntryType
 
 FILE = int(EntryType.FILE)
 DIR = int(EntryType.DIR)
@@ -121,8 +121,34 @@ class Snapshot:
                 stack.append((c, path + b"/" + name if path else name))
 
 
-def scan_tree(root: str | bytes | os.PathLike[str], *, one_file_system: bool = False) -> Snapshot:
+#: Which entries of a directory a walk takes: name -> the selection below it, where
+#: None takes everything. A walk with no selection takes the whole tree.
+Selection = dict[bytes, "Selection | None"]
+
+
+def selection(paths: Iterable[bytes]) -> Selection:
+    """The Selection that takes each of PATHS (relative to the root) whole, and the
+    directories that lead to them."""
+    sel: Selection = {}
+    for path in paths:
+        node: Selection | None = sel
+        parts = path.split(b"/")
+        for part in parts[:-1]:
+            if node is None:
+                break
+            child = node.setdefault(part, {})
+            node = child
+        if node is not None:
+            node[parts[-1]] = None
+    return sel
+
+
+def scan_tree(root: str | bytes | os.PathLike[str], *, one_file_system: bool = False,
+              only: Selection | None = None) -> Snapshot:
     """Walk ROOT once with scandir and lstat and return its Snapshot.
+
+    ONLY limits the walk to some entries and what lies below them (several SOURCE
+    arguments under their common directory).
 
     Errors and their codes:
     - ROOT missing, not a directory, or a symlink loop: UsageError (exit 2). These are
@@ -146,20 +172,25 @@ def scan_tree(root: str | bytes | os.PathLike[str], *, one_file_system: bool = F
         raise UsageError(f"{os.fsdecode(rootb)}: not a directory")
     snap = Snapshot(rootb, time.time_ns())
     snap.add(b"", -1, st, DIR)
-    _walk(snap, rootb, st.st_dev if one_file_system else None)
+    _walk(snap, rootb, st.st_dev if one_file_system else None, only)
     return snap
 
 
-def _walk(snap: Snapshot, rootb: bytes, only_dev: int | None) -> None:
+def _walk(snap: Snapshot, rootb: bytes, only_dev: int | None, only: Selection | None) -> None:
     kinds = _KINDS
     add = snap.add
-    stack: list[tuple[bytes, int]] = [(rootb, 0)]
+    stack: list[tuple[bytes, int, Selection | None]] = [(rootb, 0, only)]
     while stack:
-        dpath, di = stack.pop()
+        dpath, di, sel = stack.pop()
         first = len(snap)
         try:
             with os.scandir(dpath) as it:
                 for entry in it:
+                    below = None
+                    if sel is not None:
+                        if entry.name not in sel:
+                            continue
+                        below = sel[entry.name]
                     try:
                         st = entry.stat(follow_symlinks=False)
                         kind = kinds.get(stat.S_IFMT(st.st_mode))
@@ -174,7 +205,7 @@ def _walk(snap: Snapshot, rootb: bytes, only_dev: int | None) -> None:
                         snap.target[i] = target
                     elif kind == DIR:
                         if only_dev is None or st.st_dev == only_dev:
-                            stack.append((entry.path, i))
+                            stack.append((entry.path, i, below))
                     elif kind != FILE:
                         snap.rdev[i] = st.st_rdev
         except (FileNotFoundError, NotADirectoryError):

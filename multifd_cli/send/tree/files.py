@@ -1,0 +1,93 @@
+"""A send channel's side of a directory source: read the files a pass names, compare
+their pages with what was last sent, and queue what changed.
+
+Files are small and many, so a pass hands a channel batches of them (TreeWork) and
+their pages share packets: a page's offset on the wire is
+``(file id << TREE_SHIFT) | offset in the file``. The channel opens each file only
+while it reads it, so no descriptor per file outlives its read.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from multifd_cli import wire as P
+from multifd_cli.common.tables import FileTables, page_hash, pages_of, zero_bytes
+from multifd_cli.errors import IOFailure
+from multifd_cli.send.clients import PagedClient
+from multifd_cli.send.tracker import ScanResult
+from multifd_cli.send.tree.diff import ScanItem
+from multifd_cli.send.tree.scan import open_scanned
+
+READ_BYTES = 1 << 20
+
+
+class TreeReader:
+    """Reads one channel's files of a directory source, pass after pass."""
+
+    def __init__(self, root: bytes, page_size: int, tick: Callable[[], None]) -> None:
+        self.root = root
+        self.page_size = page_size
+        self.files = FileTables()
+        self._tick = tick
+        self.vanished = 0  # files of the last batch no longer at their path
+
+    def scan(self, block: int, items: tuple[ScanItem, ...], client: PagedClient) -> ScanResult:
+        """Queue every changed page of ITEMS; a file that no longer holds the scanned
+        inode is skipped (the next pass's delta says where it went)."""
+        res = ScanResult()
+        self.vanished = 0
+        for item in items:
+            fd = open_scanned(self.root, item.path, item.dev, item.ino)
+            if fd is None:
+                self.vanished += 1
+                continue
+            try:
+                self._scan_file(fd, block, item, client, res)
+            except OSError as e:
+                raise IOFailure(f"{os.fsdecode(item.path)}: {e.strerror}") from None
+            finally:
+                os.close(fd)
+        return res
+
+    def _scan_file(self, fd: int, block: int, item: ScanItem, client: PagedClient,
+                   res: ScanResult) -> None:
+        ps = self.page_size
+        size = item.size
+        table = self.files.entry(item.fid)
+        table[0] = size
+        n = pages_of(size, ps)
+        if len(table) > n + 1:
+            del table[n + 1 :]
+        base = item.fid << P.TREE_SHIFT
+        pos = 0
+        while pos < size:
+            want = min(READ_BYTES, size - pos)
+            data = os.pread(fd, want, pos)
+            res.read_bytes += len(data)
+            if len(data) < want:
+                # Shorter than the walk saw: it shrank since. Send it as the walk saw it
+                # (zeros past the end); the next pass sees the new size and fixes it.
+                res.short_read = True
+                data += zero_bytes(want - len(data))
+            view = memoryview(data)
+            for off in range(0, want, ps):
+                page = view[off : off + ps]
+                i = (pos + off) // ps + 1  # slot 0 holds the size
+                h = page_hash(page)
+                if i < len(table) and table[i] == h:
+                    continue
+                if i < len(table):
+                    table[i] = h
+                else:
+                    table.append(h)  # pages are read in order, so i == len(table)
+                if page == zero_bytes(len(page)):
+                    client.queue_zero(block, base + pos + off)
+                    res.zero_pages += 1
+                else:
+                    client.queue_page(block, base + pos + off, page, h)
+                    res.dirty_pages += 1
+            client.detach()
+            pos += want
+            self._tick()
