@@ -168,13 +168,10 @@ def walk_manifest(
     proportional to hard-linked files.
     """
     builder = ManifestBuilder(options, keep=keep)
-    rootb = os.fsencode(root)
-    for path, st in _walk(rootb, skip_names):
-        kind = entry_type(st.st_mode)
-        target = os.readlink(os.path.join(rootb, path)) if kind == EntryType.SYMLINK else b""
+    for path, st, target in _walk(os.fsencode(root), skip_names):
         builder.add(
             path,
-            kind,
+            entry_type(st.st_mode),
             mode=st.st_mode,
             size=st.st_size,
             mtime_ns=st.st_mtime_ns,
@@ -187,20 +184,45 @@ def walk_manifest(
     return builder
 
 
-def _walk(rootb: bytes, skip: frozenset[bytes]) -> Iterator[tuple[bytes, os.stat_result]]:
-    """(path, lstat) in canonical order, without recursion: trees can be deep."""
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _walk(rootb: bytes, skip: frozenset[bytes]) -> Iterator[tuple[bytes, os.stat_result, bytes]]:
+    """(path, lstat, symlink target) in canonical order, without recursion (trees can
+    be deep), each directory read through its parent's descriptor: a path may be
+    longer than PATH_MAX below the root and still be walked."""
     # The root may be a symlink to the tree, as send's SOURCE may; below it, nothing is followed.
-    stack: list[tuple[bytes, os.stat_result]] = [(b"", os.stat(rootb))]
-    while stack:
-        rel, st = stack.pop()
-        yield rel, st
-        if not stat.S_ISDIR(st.st_mode):
-            continue
-        with os.scandir(os.path.join(rootb, rel) if rel else rootb) as it:
-            children = [
-                (e.name, e.stat(follow_symlinks=False)) for e in it if rel or e.name not in skip
-            ]
-        children.sort(reverse=True)  # popped in ascending order
-        for name, cst in children:
-            if not stat.S_ISSOCK(cst.st_mode):  # sockets are never part of a tree copy
-                stack.append((rel + b"/" + name if rel else name, cst))
+    st = os.stat(rootb)
+    yield b"", st, b""
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    frames: list[tuple[int, bytes, list[tuple[bytes, os.stat_result]]]] = []
+    try:
+        fd = os.open(rootb, _DIR & ~os.O_NOFOLLOW)
+        frames.append((fd, b"", _children(fd, skip)))
+        while frames:
+            fd, rel, kids = frames[-1]
+            if not kids:
+                os.close(fd)
+                frames.pop()
+                continue
+            name, st = kids.pop()
+            path = rel + b"/" + name if rel else name
+            target = os.readlink(name, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else b""
+            yield path, st, target
+            if stat.S_ISDIR(st.st_mode):
+                child = os.open(name, _DIR, dir_fd=fd)
+                frames.append((child, path, _children(child, frozenset())))
+    finally:
+        for fd, _, _ in frames:
+            os.close(fd)
+
+
+def _children(fd: int, skip: frozenset[bytes]) -> list[tuple[bytes, os.stat_result]]:
+    """A directory's entries but sockets (never part of a tree copy), last name first,
+    so that pop() takes them in ascending order."""
+    with os.scandir(fd) as it:
+        kids = [(os.fsencode(e.name), e.stat(follow_symlinks=False)) for e in it]
+    kids = [(n, st) for n, st in kids if n not in skip and not stat.S_ISSOCK(st.st_mode)]
+    kids.sort(reverse=True)
+    return kids

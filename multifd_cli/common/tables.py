@@ -156,14 +156,14 @@ class FileTables:
             self.tables.pop(fid, None)
 
     def digest(self, page_size: int, size_of: Callable[[int], int | None] | None = None) -> bytes:
-        """xxh3-128 over the files in file id order: id and size as u64, then the page
-        hashes. size_of (recv) gives each file's size now, or None for a file that
+        """xxh3-128 over the files that hold data, in file id order: id and size as u64,
+        then the page hashes. size_of (recv) gives each file's size now, or None for a file that
         is gone; without it (send) slot 0 is the size."""
         h = xxhash.xxh3_128()
         for fid in sorted(self.tables):
             t = self.tables[fid]
             size = t[0] if size_of is None else size_of(fid)
-            if size is None:
+            if not size:  # gone, or empty: no pages, and recv may never have heard of it
                 continue
             n = pages_of(size, page_size)
             h.update(fid.to_bytes(8, "little") + size.to_bytes(8, "little"))

@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -138,31 +139,39 @@ class BlockFiles:
 class Writeback:
     """fdatasync in a thread after each pass, so the final fsync, which falls
     inside the downtime, finds little left to write. Its error is kept and
-    raised at completion: a failed fsync is never retried."""
+    raised at completion: a failed fsync is never retried. How long the last one
+    took goes to the source in EPOCH_ACK."""
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: OSError | None = None
         self._lock = threading.Lock()
+        self.last_us = 0  # duration of the last flush that finished; 0 before the first
 
-    def start(self, fds: tuple[int, ...]) -> None:
+    def start(self, fds: tuple[int, ...], sync: Callable[[int], None] = os.fdatasync) -> None:
         """Start one, unless the last one is still running."""
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
-            self._thread = threading.Thread(target=self._datasync, args=(fds,), daemon=True)
+            self._thread = threading.Thread(target=self._datasync, args=(fds, sync), daemon=True)
             self._thread.start()
 
-    def _datasync(self, fds: tuple[int, ...]) -> None:
+    def _datasync(self, fds: tuple[int, ...], sync: Callable[[int], None]) -> None:
+        t0 = time.monotonic()
         try:
             for fd in fds:
-                os.fdatasync(fd)
+                sync(fd)
         except OSError as e:
             self._error = e
+        self.last_us = round((time.monotonic() - t0) * 1e6)
+
+    def join(self) -> None:
+        """Wait for the last one, whatever became of it (before closing its fds)."""
+        if self._thread is not None:
+            self._thread.join()
 
     def wait(self) -> None:
         """Join the last one; raise its error."""
-        if self._thread is not None:
-            self._thread.join()
+        self.join()
         if self._error is not None:
             raise IOFailure(f"writing back the destination failed: {self._error.strerror}")

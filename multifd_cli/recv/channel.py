@@ -41,6 +41,7 @@ from multifd_cli.proc.workers import next_order
 from multifd_cli.recv import messages as M
 from multifd_cli.recv.blockfiles import HEADER_GUARD
 from multifd_cli.recv.sink import HOLE_BIT, DestTables
+from multifd_cli.recv.treepages import TreePages
 
 log = logging.getLogger("multifd")
 WRITEBACK_BYTES = 32 << 20  # each channel starts writeback after this much
@@ -56,6 +57,7 @@ class RecvChannelArgs:
     new_file: bool = True  # False when resuming: a page never written may hold old data
     page_sizes: tuple[int, ...] = ()  # per block; a blob's "pages" are packet-size chunks
     shadow_fd: int = -1  # a device DEST: writes below HEADER_GUARD go here until the end
+    tree_ids_fd: int = -1  # a tree session: the id directory its files are written through
 
 
 class ChannelReceiver:
@@ -89,7 +91,7 @@ class ChannelReceiver:
         self.delay = hooks.delay_seconds if hooks.delay_channel == index else 0.0
         self.delay_epoch = hooks.delay_epoch
 
-    def _decompressor(self, wire_id: int) -> Compressor:
+    def decompressor(self, wire_id: int) -> Compressor:
         d = self._decompressors.get(wire_id)
         if d is None:
             d = self._decompressors[wire_id] = by_wire_id(wire_id)
@@ -101,8 +103,13 @@ class ChannelReceiver:
         self.sizes = sizes
         self.counts = P.Counts()
 
-    def run_epoch(self, epoch: int, sizes: Sequence[int]) -> P.Counts:
-        """Apply packets until this channel's SYNC for `epoch`; return its counts."""
+    def run_epoch(
+        self, epoch: int, sizes: Sequence[int], apply: Callable[[P.Packet], None] | None = None
+    ) -> P.Counts:
+        """Apply packets until this channel's SYNC for `epoch`; return its counts.
+
+        `apply` replaces apply() for a tree session's packets (recv/treepages.py)."""
+        apply = apply or self.apply
         self.begin_epoch(epoch, sizes)
         self.conv.receive("RELEASE")
         hv = memoryview(self._hdr)
@@ -130,7 +137,7 @@ class ChannelReceiver:
                 return self.counts
             if self.delay and self.delay_epoch in (0, epoch):
                 time.sleep(self.delay)  # test-only: a slow channel
-            self.apply(msg)
+            apply(msg)
             self.counts += P.Counts(1, h.normal, h.zero)
             now = time.monotonic()
             if now >= self._next_report:
@@ -151,7 +158,7 @@ class ChannelReceiver:
         tables = self.args.tables[h.block]
         data: bytes | memoryview = p.payload
         if h.compression and not h.flags & P.FLAG_RAW and raw:
-            data = self._decompressor(h.compression).decompress(p.payload, raw)
+            data = self.decompressor(h.compression).decompress(p.payload, raw)
         mv = memoryview(data)
         offsets = list(p.normal_offsets)
         want = list(p.hashes)
@@ -294,7 +301,14 @@ def channel_main(index: int, pipe: Connection, sock: socket.socket, args: RecvCh
     """Process entry point of a receive channel."""
     sock.settimeout(args.timeout)
     rx = ChannelReceiver(index, sock, args)
-    rx.report = lambda: pipe.send(M.Progress(rx.wire_bytes, rx.written_bytes))
+    tree = None
+    if args.tree_ids_fd >= 0:
+        tree = TreePages(index, args.config, args.tree_ids_fd, rx.decompressor)
+
+    def written() -> int:
+        return rx.written_bytes + (tree.written if tree is not None else 0)
+
+    rx.report = lambda: pipe.send(M.Progress(rx.wire_bytes, written()))
     log.debug("receiving on %s", sock.getsockname() or "a unix socket")
     try:
         while True:
@@ -306,11 +320,18 @@ def channel_main(index: int, pipe: Connection, sock: socket.socket, args: RecvCh
                            cmd.size, args.config.page_size)
                 pipe.send(M.Hashed(cmd.block, cmd.start, cmd.end))
                 continue
+            if isinstance(cmd, M.TreeDigest) and tree is not None:
+                pipe.send(M.TreeDigested(tree.digest()))
+                continue
             if not isinstance(cmd, M.Release):
                 raise InternalError(f"from main: got {type(cmd).__name__}, expected Release")
             for t in args.tables:
                 t.refresh()
-            counts = rx.run_epoch(cmd.epoch, cmd.sizes)
-            pipe.send(M.Synced(cmd.epoch, counts, rx.wire_bytes, rx.written_bytes))
+            if tree is not None:
+                tree.begin_epoch()
+            counts = rx.run_epoch(cmd.epoch, cmd.sizes, tree.apply if tree is not None else None)
+            pipe.send(M.Synced(cmd.epoch, counts, rx.wire_bytes, written()))
     finally:
+        if tree is not None:
+            tree.close()
         sock.close()

@@ -22,6 +22,10 @@ from multifd_cli.recv import messages as M
 from multifd_cli.recv.barrier import Closed, EpochBarrier
 from multifd_cli.recv.blocks import Blocks
 from multifd_cli.recv.sink import Destination
+from multifd_cli.recv.treedest import TreeDest
+from multifd_cli.recv.treeorder import TreeOrder
+
+MAX_FLUSH_US = 0xFFFFFFFF  # EPOCH_ACK's field is a u32
 
 
 class EpochLoop:
@@ -33,11 +37,12 @@ class EpochLoop:
         channels: Sequence[workers.Worker],
         barrier: EpochBarrier,
         blocks: Blocks,
-        dest: Destination,
+        dest: Destination | TreeDest,
         stats: Stats,
         events: Events,
         progress: Progress,
         heartbeat: float,
+        tree: TreeOrder | None = None,
     ) -> None:
         self.main = main
         self.channels = channels
@@ -48,6 +53,7 @@ class EpochLoop:
         self.events = events
         self.progress = progress
         self.heartbeat = heartbeat
+        self.tree = tree  # a tree session: when its TREE operations land
         n = len(channels)
         self.wire = [0] * n  # per channel: bytes read from its socket
         self.written = [0] * n  # per channel: bytes written to DEST
@@ -78,13 +84,19 @@ class EpochLoop:
     def _on_main(self, msgs: list[P.Message]) -> None:
         for msg in msgs:
             if isinstance(msg, P.EpochStart):
+                if self.tree is not None:
+                    self.tree.on_epoch_start(msg.epoch)
                 self.barrier.epoch_start(msg.epoch, msg.sizes)
                 self.started[msg.epoch] = time.monotonic()
             elif isinstance(msg, P.EpochEnd):
                 self.barrier.epoch_end(msg.epoch, msg.counts)
             elif isinstance(msg, P.Digest):
                 self.digest = msg
-            elif isinstance(msg, P.Metadata):
+            elif isinstance(msg, P.Tree) and self.tree is not None:
+                self.tree.on_tree(msg, self.barrier.started, self.barrier.closed)
+            elif isinstance(msg, P.Manifest) and self.tree is not None:
+                self.tree.manifest = msg
+            elif isinstance(msg, P.Metadata) and self.tree is None:
                 if msg.block >= len(self.blocks):
                     raise ProtocolError(
                         f"METADATA block: got {msg.block}, expected < {len(self.blocks)}"
@@ -95,7 +107,11 @@ class EpochLoop:
 
     def _release(self) -> None:
         for r in self.barrier.releases():
-            if self.blocks.sizes != r.sizes:
+            if self.tree is not None:
+                # A tree's size is its files' total, for progress: DEST is never resized.
+                self.tree.on_release(r.epoch)
+                self.blocks.sizes = r.sizes
+            elif self.blocks.sizes != r.sizes and isinstance(self.dest, Destination):
                 self.blocks.resize(r.sizes, self.dest)
             self.channels[r.channel].send(M.Release(r.epoch, r.sizes))
 
@@ -107,6 +123,10 @@ class EpochLoop:
         st.zero_pages += total.zero
         st.transferred_bytes = sum(self.wire)
         st.payload_bytes = sum(self.written)
+        if self.tree is not None:
+            self.tree.on_closed(k)
+        self.main.send(P.EpochAck(k, sum(self.wire), sum(self.written),
+                                  min(self.dest.flush_us, MAX_FLUSH_US)))
         self.dest.background_flush()
         self.events.emit(
             "pass", **{"pass": k}, normal_pages=total.normal, zero_pages=total.zero,

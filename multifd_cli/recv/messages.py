@@ -52,6 +52,11 @@ class RestoreRange(NamedTuple):
     end: int
 
 
+class TreeDigest(NamedTuple):
+    """A tree session is complete: digest this channel's files' page tables
+    (FileTables.digest, with each file's size as the id directory holds it now)."""
+
+
 # -- channel → main -------------------------------------------------------------------------
 
 
@@ -93,5 +98,11 @@ class Restored(NamedTuple):
     normal: int
 
 
+class TreeDigested(NamedTuple):
+    """The answer to TreeDigest."""
+
+    digest: bytes
+
+
 #: What a receive channel may report to main (ChannelError aside).
-Report = Union[Progress, Synced, Hashed]
+Report = Union[Progress, Synced, Hashed, TreeDigested]

@@ -76,10 +76,25 @@ class Naming:
 def remove_path(path: str) -> None:
     """Remove what an exchange swapped out, or a stray: a directory or a file."""
     if os.path.isdir(path) and not os.path.islink(path):
+        if os.geteuid() != 0:
+            _make_writable(path)
         shutil.rmtree(path, ignore_errors=True)
     else:
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+def _make_writable(path: str) -> None:
+    """Without root a directory a tree copy made read-only (0555) cannot lose its
+    entries: give each directory below PATH u+rwx, top-down, never through a symlink."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)
+    for top, dirs, _ in os.walk(path):
+        for d in dirs:
+            p = os.path.join(top, d)
+            if not os.path.islink(p):
+                with contextlib.suppress(OSError):
+                    os.chmod(p, 0o700)
 
 
 def publish_file(fd: int, aside: str | None, hidden: str, target: str, *, replace: bool) -> Naming:

@@ -14,11 +14,13 @@ import time
 
 from multifd_cli import wire as P
 from multifd_cli.common.progress import Progress
+from multifd_cli.common.tables import tree_digest
 from multifd_cli.compression import by_wire_id
 from multifd_cli.config import RecvConfig, TestHooks
 from multifd_cli.errors import (
     EXIT_CONNECTION,
     ConnectionFailed,
+    MultifdError,
     ProtocolError,
     Timeout,
     VerifyError,
@@ -30,6 +32,7 @@ from multifd_cli.net import handshake
 from multifd_cli.net.connection import MainConnection
 from multifd_cli.net.transport import parse_uri
 from multifd_cli.proc import logsetup, workers
+from multifd_cli.recv import messages as M
 from multifd_cli.recv.barrier import barrier_for
 from multifd_cli.recv.blocks import Blocks
 from multifd_cli.recv.channel import RecvChannelArgs, channel_main
@@ -37,6 +40,8 @@ from multifd_cli.recv.epochs import EpochLoop
 from multifd_cli.recv.listener import Listener
 from multifd_cli.recv.resume import hash_old_copy
 from multifd_cli.recv.sink import Destination
+from multifd_cli.recv.treedest import TreeDest, check_tree_dest
+from multifd_cli.recv.treeorder import TreeOrder
 
 log = logging.getLogger("multifd")
 
@@ -61,6 +66,8 @@ class Receiver:
         self.workers: list[workers.Worker] = []
         self.progress = Progress(events, tty=cfg.progress, json_interval=cfg.json_interval)
         self.blobs: list[dict[str, object]] = []
+        self.tree: TreeDest | None = None  # a directory tree session: its staging
+        self.order: TreeOrder | None = None  # ... and when its TREE operations land
 
     # -- the whole session ------------------------------------------------------------
     def run(self) -> dict[str, object]:
@@ -98,6 +105,8 @@ class Receiver:
             self.listener.release()
             if self.blocks is not None:
                 self.blocks.close()
+            if self.tree is not None:
+                self.tree.close()
             self.dest.close()
 
     def _fail(self, e: BaseException) -> None:
@@ -107,6 +116,8 @@ class Receiver:
         if self.workers:
             workers.terminate(self.workers)
             self.workers = []
+        if self.tree is not None:
+            self.tree.cleanup()  # before publishing: the whole copy; DEST is untouched
         self.dest.discard()
 
     # -- session acceptance -----------------------------------------------------------------
@@ -129,6 +140,9 @@ class Receiver:
                 layout = main.receive(setup_deadline)
                 if not isinstance(cfg, P.Config) or not isinstance(layout, P.Layout):
                     raise ProtocolError("setup: expected CONFIG then LAYOUT")
+                root = main.receive(setup_deadline) if _is_tree(layout) else None
+                if root is not None and not isinstance(root, P.TreeRoot):
+                    raise ProtocolError("setup: expected TREE_ROOT after a tree's LAYOUT")
             except (ConnectionFailed, Timeout) as e:
                 log.warning("dropped a session start: %s", e)
                 main.close()
@@ -138,24 +152,35 @@ class Receiver:
                 continue
             try:
                 self._check_config(cfg)
-            except ProtocolError as e:
+                if root is not None:
+                    c = self.cfg
+                    check_tree_dest(self.dest.path, root, force=c.force, resume=c.resume,
+                                    keep_partial=c.keep_partial)
+            except MultifdError as e:
                 self._refuse(main, "refused a session start", e)
                 continue
             break
         self.session = hello.session
         self.main = main
-        self.dest.plan([(b.name, b.size, b.allocated, b.kind) for b in layout.blocks])
         self.config = cfg
         self.blocks = blocks = Blocks(layout, cfg)
-        self.dest.create()
-        blocks.create_tables()
+        if root is not None:
+            self.tree = TreeDest(self.dest.path, self.dest.hidden_name(), force=self.cfg.force)
+            b = layout.blocks[0]
+            self.tree.check_space(min(b.size, b.allocated))
+            self.order = TreeOrder(self.tree.create())
+        else:
+            self.dest.plan([(b.name, b.size, b.allocated, b.kind) for b in layout.blocks])
+            self.dest.create()
+            blocks.create_tables()
         self.stats.channels = cfg.channels
         if cfg.compression == P.COMPRESSION_AUTO:
             self.stats.compression = "auto"
         else:
             method = by_wire_id(cfg.compression, cfg.level).name
             self.stats.compression = method if method == "none" else f"{method}:{cfg.level}"
-        main.send(P.Accept(P.ACCEPT_RESUME if self.dest.in_place else 0))
+        flags = P.ACCEPT_RESUME if self.dest.in_place else 0
+        main.send(P.Accept(self.tree.accept_flags if self.tree is not None else flags))
         log.info(
             "session %s: %d channels, %d-byte pages, %d block(s), %d bytes",
             self.session.hex()[:8], cfg.channels, cfg.page_size, len(layout.blocks),
@@ -163,7 +188,7 @@ class Receiver:
         )
 
     @staticmethod
-    def _refuse(main: MainConnection, what: str, e: ProtocolError) -> None:
+    def _refuse(main: MainConnection, what: str, e: MultifdError) -> None:
         """Tell a would-be source why (best effort: it may be garbage), and drop it."""
         log.warning("%s: %s", what, e)
         main.abort(e.exit_code, f"destination: {e}")
@@ -202,6 +227,7 @@ class Receiver:
             self.config, self.dest.fds, tuple(self.blocks.tables), self.cfg.timeout, self.hooks,
             new_file=self.dest.new_file, page_sizes=self.blocks.page_sizes,
             shadow_fd=self.dest.shadow_fd,
+            tree_ids_fd=self.tree.ids_fd if self.tree is not None else -1,
         )
         n = self.config.channels
         lsock = self.listener.sock
@@ -229,10 +255,13 @@ class Receiver:
         assert self.main is not None and self.config is not None and self.blocks is not None
         barrier = barrier_for(self.config.channels, len(self.blocks),
                               enabled=not self.hooks.no_barrier)
-        loop = EpochLoop(self.main, self.workers, barrier, self.blocks, self.dest, self.stats,
-                         self.events, self.progress, self.heartbeat)
+        loop = EpochLoop(self.main, self.workers, barrier, self.blocks, self.tree or self.dest,
+                         self.stats, self.events, self.progress, self.heartbeat, self.order)
         digest = loop.run(list(self.main.drain()) + self.listener.early)
-        self._complete(digest, loop.metadata, loop.written_bytes)
+        if self.tree is not None:
+            self._complete_tree(digest, loop.written_bytes)
+        else:
+            self._complete(digest, loop.metadata, loop.written_bytes)
 
     # -- completion -------------------------------------------------------------------------
     def _complete(self, digest: P.Digest, metadata: dict[int, P.Metadata], written: int) -> None:
@@ -252,6 +281,47 @@ class Receiver:
         self.stats.digest = ours.hex()
         self.stats.finished = time.monotonic()
         log.info("verified and completed %s", self.dest.path)
+
+
+    def _complete_tree(self, digest: P.Digest, written: int) -> None:
+        """Verify the tree's shape, then its pages; then make it DEST."""
+        assert self.main is not None and self.tree is not None and self.order is not None
+        self.tree.verify(self.order.manifest)
+        ours = tree_digest(self._channel_digests())
+        if ours != digest.digest:
+            raise VerifyError(
+                f"digest: got {digest.digest.hex()} from the source, "
+                f"computed {ours.hex()} from the tree's files as written"
+            )
+        self.tree.publish()
+        logsetup.hold_signals_from_now()  # DEST is complete and named: this run succeeded
+        self.main.send(P.Complete(ours, written))
+        workers.stop(self.workers)
+        self.workers = []
+        self.tree.cleanup()
+        self.stats.digest = ours.hex()
+        self.stats.finished = time.monotonic()
+        log.info("verified and completed the tree %s", self.dest.path)
+
+    def _channel_digests(self) -> list[bytes]:
+        """Each channel's digest of its files' page tables, in channel order."""
+        assert self.main is not None
+        for w in self.workers:
+            w.send(M.TreeDigest())
+        got: dict[int, bytes] = {}
+        while len(got) < len(self.workers):
+            reports, _ = workers.poll(self.workers, [], self.heartbeat)
+            for w, r in reports:
+                if isinstance(r, M.TreeDigested):
+                    got[w.index] = r.digest
+                elif not isinstance(r, M.Progress):
+                    raise ProtocolError(f"channel report: got {type(r).__name__}")
+            self.main.heartbeat_if_idle(self.heartbeat)
+        return [got[i] for i in range(len(self.workers))]
+
+
+def _is_tree(layout: P.Layout) -> bool:
+    return any(b.kind == P.KIND_TREE for b in layout.blocks)
 
 
 def run(cfg: RecvConfig, events: Events, hooks: TestHooks) -> dict[str, object]:

@@ -233,6 +233,15 @@ class Destination:
         """Start writing back what the last pass wrote, so the final fsync is short."""
         self._writeback.start(self.fds)
 
+    @property
+    def flush_us(self) -> int:
+        """How long the last background flush took (EPOCH_ACK); 0 before the first."""
+        return self._writeback.last_us
+
+    def hidden_name(self) -> str:
+        """A fresh hidden name beside DEST that the next recv of DEST cleans up."""
+        return self._lock.hidden_name()
+
     # -- completion ----------------------------------------------------------------------
     def finalize(self, metadata: dict[int, Metadata] | None = None) -> None:
         """fsync, name it, fsync the directory. Any error is final."""

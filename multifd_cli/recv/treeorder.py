@@ -1,0 +1,100 @@
+"""When a tree session's TREE operations are applied, relative to the epochs' pages.
+
+The source sends the ops that change the tree's shape for epoch k before
+EPOCH_START k, and the TIMES of epoch k (after the final epoch, DIRMETA too) after
+EPOCH_END k (docs/protocol.md, "Directory trees"). They travel on the main
+connection while the channels may still be writing pages of epoch k - 1 or k, so
+recv's main applies them only where the epoch barrier makes that safe:
+
+- shape ops of epoch k: once every channel applied all of epoch k - 1 (closed) and
+  before any channel is released into k. Before EPOCH_START k no channel can be in
+  k, so they are applied at once when k - 1 is already closed, and held otherwise;
+- TIMES/DIRMETA of epoch k: once epoch k is closed, because writing a page moves a
+  file's mtime; at once if it is, else held until it closes.
+
+Any other epoch number is a protocol error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from multifd_cli import wire as P
+from multifd_cli.errors import ProtocolError
+from multifd_cli.recv.tree import TreeApplier
+from multifd_cli.wire.treeops import RANK, Op, TreeOp
+
+LATE_OPS = (Op.TIMES, Op.DIRMETA)
+
+
+class TreeOrder:
+    """Holds TREE operations until the barrier lets them land, then applies them."""
+
+    def __init__(self, applier: TreeApplier) -> None:
+        self.applier = applier
+        self.held: dict[int, list[TreeOp]] = {}  # shape ops of epoch k, until k - 1 closes
+        self.late: dict[int, list[TreeOp]] = {}  # TIMES/DIRMETA of epoch k, until k closes
+        self.shape_epoch = 0  # the epoch whose shape ops were applied last
+        self.finished = False  # DIRMETA applied: only MANIFEST and DIGEST may follow
+        self.manifest: P.Manifest | None = None
+
+    def on_tree(self, msg: P.Tree, started: int, closed: int) -> None:
+        """A TREE message; `started` and `closed` are the barrier's epochs now."""
+        k = msg.epoch
+        if self.finished:
+            raise ProtocolError(f"TREE for epoch {k} after the final DIRMETA")
+        if k == started + 1:
+            _only(msg.ops, lambda op: RANK[op] <= RANK[Op.META],
+                  f"for epoch {k} before its EPOCH_START", "an op that changes the shape")
+            if closed >= started:
+                self._shape(k, msg.ops)
+            else:
+                self.held.setdefault(k, []).extend(msg.ops)
+        elif k == started and k >= 1:
+            _only(msg.ops, lambda op: op in LATE_OPS, f"for epoch {k} after its EPOCH_END",
+                  "TIMES or DIRMETA")
+            if closed >= k:
+                self._late(msg.ops)
+            else:
+                self.late.setdefault(k, []).extend(msg.ops)
+        else:
+            raise ProtocolError(
+                f"TREE epoch: got {k}, expected {started + 1} (before its EPOCH_START)"
+                + (f" or {started} (after its EPOCH_END)" if started else "")
+            )
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if self.finished:
+            raise ProtocolError(f"EPOCH_START {epoch} after the final DIRMETA")
+
+    def on_closed(self, epoch: int) -> None:
+        """Every channel applied all of `epoch`: its times, then the next one's shape."""
+        ops = self.late.pop(epoch, None)
+        if ops:
+            self._late(ops)
+        self.on_release(epoch + 1)
+
+    def on_release(self, epoch: int) -> None:
+        """A channel is about to go into `epoch`: its shape must be in place first
+        (already done at the close of the one before, unless the barrier is off)."""
+        ops = self.held.pop(epoch, None)
+        if ops:
+            self._shape(epoch, ops)
+
+    def _shape(self, epoch: int, ops: Sequence[TreeOp]) -> None:
+        if self.shape_epoch != epoch:
+            self.applier.begin_epoch()
+            self.shape_epoch = epoch
+        self.applier.apply(ops)
+
+    def _late(self, ops: Sequence[TreeOp]) -> None:
+        self.applier.apply(ops)
+        if any(op.op == Op.DIRMETA for op in ops):
+            self.finished = True
+
+
+def _only(ops: Sequence[TreeOp], ok: Callable[[Op], bool], where: str, expected: str) -> None:
+    for op in ops:
+        if not isinstance(op.op, Op) or not ok(op.op):
+            name = op.op.name if isinstance(op.op, Op) else repr(op.op)
+            raise ProtocolError(f"TREE {name} {where}: expected {expected}")
