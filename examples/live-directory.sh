@@ -117,11 +117,11 @@ EOF
 "$py" "$work/app.py" "$src" "$rows" >"$work/app.out" 2>"$work/app.err" &
 writer_pid=$!
 for _ in $(seq 1 300); do
-    grep -q ready "$work/app.out" && break
+    grep -qs ready "$work/app.out" && break
     kill -0 "$writer_pid" 2>/dev/null || break
     sleep 0.1
 done
-if ! grep -q ready "$work/app.out"; then
+if ! grep -qs ready "$work/app.out"; then
     echo "the application did not start: $(cat "$work/app.err")" >&2
     exit 1
 fi
