@@ -445,6 +445,12 @@ def case_tree_static(ctx: Ctx, res: CaseResult) -> None:
             if per:
                 res.summary.append([f"{side} main, bytes per file (peak RSS)", spread(per, 0),
                                     "≈ 200 + page tables", "context"])
+        quiet = [p["entries"] / p["duration_ms"] * 1000 for r in m for p in r["pass_events"]
+                 if p["pass"] > 1 and not p["files_read"] and not p["tree_ops"]
+                 and p["duration_ms"]]
+        if quiet:
+            res.summary.append(["send's pass over the unchanged tree, entries/s (pass event)",
+                                spread(quiet, 0), "≥ 50,000", verdict(med(quiet) >= 50_000)])
         res.tables.append(md_table(
             ["pass", "entries", "tree_ops", "files_read", "duration_ms", "final"],
             [[p["pass"], p["entries"], p["tree_ops"], p["files_read"], p["duration_ms"],
