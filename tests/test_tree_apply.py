@@ -24,6 +24,7 @@ from multifd_cli.common.manifest import ManifestOptions, walk_manifest
 from multifd_cli.errors import IOFailure, ProtocolError
 from multifd_cli.recv.tree import TreeApplier
 from multifd_cli.send.tree import (
+    Snapshot,
     TreeDelta,
     TreeTracker,
     dir_finish,
@@ -60,9 +61,10 @@ def play_pass(
     tracker: TreeTracker,
     rep: Replica,
     order: Callable[[list[TreeOp]], list[TreeOp]] | None = None,
+    snap: Snapshot | None = None,
 ) -> TreeDelta:
-    """One pass: scan, diff, apply, copy the scanned files' content, set times."""
-    snap = scan_tree(src)
+    """One pass: scan (or take SNAP), diff, apply, copy the scanned files' content, set times."""
+    snap = scan_tree(src) if snap is None else snap
     delta = tracker.advance(snap)
     rep.applier.begin_epoch()
     ops = list(delta.ops())
@@ -392,6 +394,55 @@ def test_hard_links_gain_and_lose_single_paths(tmp_path: Path) -> None:
     delta = play_pass(src, tracker, rep)
     assert [(op.op, op.path, op.fid) for op in delta.ops()] == [(Op.UNLINK, b"x", 0)]
     assert delta.dropped == []
+    assert_replica_equals(src, rep)
+    rep.close()
+
+
+def _racy_walk(src: Path, seen_alone: str) -> Snapshot:
+    """A walk that lstat'd SEEN_ALONE before a link() to it: it says one link there."""
+    snap = scan_tree(src)
+    i = next(i for i, p in snap.walk() if p == seen_alone.encode())
+    snap.nlink[i] = 1
+    return snap
+
+
+def test_a_link_the_walk_missed_does_not_drop_the_file(tmp_path: Path) -> None:
+    """Pass 1's walk saw x with one link and its new link y with two; when y goes, x
+    keeps the file: it is not dropped (as it was, leaving recv without the file's id
+    while send still sent its pages)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x").write_bytes(b"data")
+    os.link(src / "x", src / "y")
+    rep = Replica(tmp_path)
+    tracker = TreeTracker()
+    play_pass(src, tracker, rep, snap=_racy_walk(src, "x"))
+    assert_replica_equals(src, rep)
+    os.unlink(src / "y")
+    delta = play_pass(src, tracker, rep)
+    assert [(op.op, op.path, op.fid) for op in delta.ops()] == [(Op.UNLINK, b"y", 0)]
+    assert delta.dropped == []
+    assert_replica_equals(src, rep)
+    rep.close()
+
+
+def test_one_inode_under_two_ids_is_merged_once_the_walk_agrees(tmp_path: Path) -> None:
+    """A walk that raced with link() gave the new path its own id; the next walk sees
+    both paths with two links, and the path moves onto the first id."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x").write_bytes(b"data")
+    rep = Replica(tmp_path)
+    tracker = TreeTracker()
+    play_pass(src, tracker, rep)
+    os.link(src / "x", src / "y")
+    delta = play_pass(src, tracker, rep, snap=_racy_walk(src, "x"))
+    assert [(op.op, op.path) for op in delta.ops()] == [(Op.CREATE, b"y")]  # the race
+    delta = play_pass(src, tracker, rep)
+    assert [(op.op, op.path, op.fid) for op in delta.ops()] == [
+        (Op.UNLINK, b"y", 1), (Op.DROP, b"", 1), (Op.LINK, b"y", 0),
+    ]
+    assert delta.dropped == [1]
     assert_replica_equals(src, rep)
     rep.close()
 

@@ -336,8 +336,8 @@ def test_channel_messages_are_typed_once_per_direction() -> None:
 
     to_channel = set(typing.get_args(M.ToChannel))
     from_channel = set(typing.get_args(M.FromChannel))
-    assert to_channel == {M.Work, M.Flush, M.SendBlob, M.Sync}
-    assert from_channel == {M.Ready, M.Done, M.BlobSent, M.Flushed, M.Synced}
+    assert to_channel == {M.Work, M.TreeWork, M.Forget, M.TreeDigest, M.Flush, M.SendBlob, M.Sync}
+    assert from_channel == {M.Ready, M.Done, M.BlobSent, M.TreeDigested, M.Flushed, M.Synced}
     for cls in to_channel | from_channel:
         assert issubclass(cls, tuple) and cls.__doc__, cls  # NamedTuples, each documented
 
@@ -389,3 +389,22 @@ def test_transport_is_chosen_once_from_the_parsed_destination() -> None:
     assert kind("unix:/run/x.sock") is PeerTransport
     assert kind("ssh:host:/dest") is SshTransport
     assert kind("file:/tmp/x.img") is ImageTransport
+
+
+# -- a tree's page-table digest ------------------------------------------------------------------
+def test_tree_digest_cannot_match_when_a_file_was_never_read() -> None:
+    """send covers every file of its final walk: one whose pages never came (no pass
+    read it) must change send's digest, or a zero-filled copy would verify."""
+    from multifd_cli.common.tables import FileTables, page_hash
+
+    ps = 4096
+    recv = FileTables()
+    send = FileTables()
+    for t in (send, recv):
+        e = t.entry(3)
+        e[0] = 5000
+        e.extend([page_hash(b"a" * ps), page_hash(b"b" * 904)])
+    sizes = {3: 5000, 7: 0}
+    assert send.digest(ps, files=[(3, 5000), (7, 0)]) == recv.digest(ps, sizes.get)
+    # file 8 holds 10 bytes at the end but no pass read it: recv never heard of it
+    assert send.digest(ps, files=[(3, 5000), (7, 0), (8, 10)]) != recv.digest(ps, sizes.get)

@@ -155,20 +155,28 @@ class FileTables:
         for fid in fids:
             self.tables.pop(fid, None)
 
-    def digest(self, page_size: int, size_of: Callable[[int], int | None] | None = None) -> bytes:
+    def digest(self, page_size: int, size_of: Callable[[int], int | None] | None = None,
+               files: Iterable[tuple[int, int | None]] | None = None) -> bytes:
         """xxh3-128 over the files that hold data, in file id order: id and size as u64,
-        then the page hashes. size_of (recv) gives each file's size now, or None for a file that
-        is gone; without it (send) slot 0 is the size."""
+        then the page hashes.
+
+        recv passes size_of (each file's size now, or None for one that is gone) and
+        covers the files it holds tables for. send passes FILES, (id, size) of every
+        file of the final walk, so a file no pass ever read gets no table, marks the
+        digest as missing pages, and cannot verify."""
         h = xxhash.xxh3_128()
-        for fid in sorted(self.tables):
-            t = self.tables[fid]
-            size = t[0] if size_of is None else size_of(fid)
+        if files is None:
+            files = ((fid, self.tables[fid][0] if size_of is None else size_of(fid))
+                     for fid in sorted(self.tables))
+        for fid, size in files:
             if not size:  # gone, or empty: no pages, and recv may never have heard of it
                 continue
             n = pages_of(size, page_size)
             h.update(fid.to_bytes(8, "little") + size.to_bytes(8, "little"))
-            if len(t) - 1 < n:  # pages that never arrived: a digest that cannot match
+            t = self.tables.get(fid)
+            if t is None or len(t) - 1 < n:  # pages that never came: it cannot match
                 h.update(b"missing")
+                continue
             h.update(memoryview(t)[1 : n + 1].cast("B"))
         return bytes(h.digest())
 

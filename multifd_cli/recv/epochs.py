@@ -3,8 +3,10 @@
 Main touches no page bytes here. It reads the source's epoch messages and the
 channels' reports, feeds them to the barrier, and carries out what the barrier
 decides: releasing channels (resizing DEST first when an epoch changes a
-size), and reporting each closed epoch. The loop ends when the source's DIGEST
-describes the last epoch and that epoch is closed.
+size), and reporting each closed epoch, to the source too (EPOCH_ACK). In a tree
+session it hands the TREE operations to recv/treeorder.py, which applies them where
+the barrier makes that safe, and never resizes anything. The loop ends when the
+source's DIGEST describes the last epoch and that epoch is closed.
 """
 
 from __future__ import annotations

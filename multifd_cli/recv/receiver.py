@@ -3,7 +3,9 @@
 Main never touches page bytes. It accepts the connections, checks what the
 source declares, forks one channel per channel connection, hands the epochs to
 the epoch loop (recv/epochs.py, around the barrier of recv/barrier.py), and at
-the end compares digests and names the file.
+the end compares digests and names the file. A directory tree (one KIND_TREE
+block) is staged beside DEST instead (recv/treedest.py) and verified by its manifest
+as well as its pages' digest before it becomes DEST in one rename.
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ class TreePages:
     # -- completion --------------------------------------------------------------------------
     def digest(self) -> bytes:
         """This channel's share of DIGEST: its files as the id directory holds them now
-        (a file dropped from the tree is left out)."""
+        (a file dropped from the tree, or empty, is left out)."""
         return self.files.digest(self.ps, self._size_now)
 
     def _size_now(self, fid: int) -> int | None:

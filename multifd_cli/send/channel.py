@@ -299,11 +299,11 @@ def _serve(index: int, pipe: Connection, sender: ChannelSender | ImageSink,
             res = tree.scan(cmd.block, cmd.files, client)
             pipe.send(Done(cmd.item, res.dirty_pages, res.zero_pages, res.read_bytes,
                            sender.wire_bytes - wire0, time.monotonic() - t0, res.short_read,
-                           tree.vanished))
+                           tuple(tree.unread)))
         elif isinstance(cmd, Forget):
             tree.files.forget(cmd.fids)
         elif isinstance(cmd, TreeDigest):
-            pipe.send(TreeDigested(tree.files.digest(cfg.page_size)))
+            pipe.send(TreeDigested(tree.files.digest(cfg.page_size, files=cmd.files)))
         elif isinstance(cmd, SendBlob):
             sender.epoch = cmd.epoch
             table = args.tables[cmd.block]

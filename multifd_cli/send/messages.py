@@ -61,7 +61,10 @@ class Forget(NamedTuple):
 
 
 class TreeDigest(NamedTuple):
-    """At completion: the digest of this channel's files' page tables."""
+    """At completion: the digest of this channel's files' page tables, over the
+    (file id, size) of its files in the final walk, in file id order."""
+
+    files: tuple[tuple[int, int], ...]
 
 
 class Flush(NamedTuple):
@@ -103,7 +106,10 @@ class Done(NamedTuple):
     wire_bytes: int
     seconds: float
     short_read: bool
-    vanished: int = 0  # tree files no longer at their path when the channel opened them
+    # Tree files no longer at their path when the channel opened them: (dev, ino) of
+    # each, so the next pass reads them wherever they are (a directory may have moved
+    # them, leaving their own size, mtime and ctime as they were).
+    unread: tuple[tuple[int, int], ...] = ()
 
 
 class BlobSent(NamedTuple):

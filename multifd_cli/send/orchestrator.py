@@ -242,7 +242,7 @@ class Orchestrator:
             # what recv's walk of its copy must match, then the pages' digest.
             self.transport.send_tree(epoch, tree.finish_ops())
             self.transport.send_manifest(tree.manifest(self.transport.owners))
-            digest = tree_digest(self.pool.tree_digests())
+            digest = tree_digest(self.pool.tree_digests(tree.files_by_channel(self.pool.count)))
         else:
             for src in blocks.sources:
                 src.check_identity()  # what the last pass read is still what SRC names

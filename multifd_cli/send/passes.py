@@ -48,9 +48,13 @@ class PassResult:
     wire_bytes: int = 0
     short_read: bool = False
     counts: P.Counts = field(default_factory=P.Counts)
-    tree_ops: int = 0  # a directory source: operations sent, files read, files vanished
+    tree_ops: int = 0  # a directory source: operations sent, files read, files not found
     files_read: int = 0
-    vanished: int = 0
+    unread: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def vanished(self) -> int:
+        return len(self.unread)
 
 
 @dataclass
@@ -134,6 +138,7 @@ class PassRunner:
         self.old_copy = old_copy
         self.next_channel = 0  # the round-robin start carries over between passes
         self.throttle_pct = throttle_pct  # what the writer is throttled to, for the event
+        self.unread: list[tuple[int, int]] = []  # tree files the last pass could not read
 
     def run(self, epoch: int, full: bool, final: bool = False, paused_at: float = 0.0) -> PassResult:
         """One epoch: announce it, scan and send, flush, sync, report."""
@@ -143,10 +148,12 @@ class PassRunner:
         if tree is not None:
             # The tree's shape changes go first: recv applies them before any page of
             # this epoch, once every page of the last one is in.
-            delta = tree.advance(final)
+            delta = tree.advance(final, self.unread)
             ops = self.transport.send_tree(epoch, delta.ops())
             sizes = [tree.total_bytes()]
-            self.estimator.walk_seconds = tree.walk_seconds
+            # The final pass walks the tree, and recv walks its copy to verify it
+            # before it completes: about two walks of the downtime.
+            self.estimator.walk_seconds = 2 * tree.walk_seconds
         else:
             for src in blocks.sources:
                 src.check_identity()
@@ -159,6 +166,7 @@ class PassRunner:
         self._begin_epoch(epoch, sizes)
         wire_before = sum(self.pool.wire)
         res = self._hand_out(epoch, full) if delta is None else self._hand_out_tree(epoch, delta)
+        self.unread = res.unread  # read again next pass, wherever the walk finds them
         res.tree_ops = ops
         sync_start = time.monotonic()
         # The one order that closes an epoch: pages.flush(), then blob.send(), then
@@ -300,7 +308,7 @@ class PassRunner:
         res.zero_pages += done.zero_pages
         res.read_bytes += done.read_bytes
         res.short_read |= done.short_read
-        res.vanished += done.vanished
+        res.unread.extend(done.unread)
         self.state.live_wire += done.wire_bytes
         self.estimator.on_sent(time.monotonic(), done.wire_bytes)
 

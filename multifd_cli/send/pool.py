@@ -111,10 +111,11 @@ class ChannelPool:
                 got[w.index] = (w, expect_report(msg, kind))
         return list(got.values())
 
-    def tree_digests(self) -> list[bytes]:
-        """Each channel's digest of its tree files' page tables, in channel order."""
+    def tree_digests(self, files: Sequence[tuple[tuple[int, int], ...]]) -> list[bytes]:
+        """Each channel's digest of its tree files' page tables, in channel order;
+        files[c] are channel c's (file id, size) in the final walk."""
         for w in self.workers:
-            w.send(TreeDigest())
+            w.send(TreeDigest(files[w.index]))
         got = sorted(self.gather(TreeDigested), key=lambda r: r[0].index)
         return [msg.digest for _, msg in got]
 

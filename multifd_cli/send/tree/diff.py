@@ -202,6 +202,10 @@ class _Differ:
         self.left_key: dict[Key, int] = {}
         self.left_at: dict[int, int] = {}  # old fid -> an old index of it
         self.same: list[tuple[int, int]] = []  # linked files whose path kept its inode
+        # Every file id a path kept, whatever its link count said: a walk that races
+        # with link() or unlink() can see one inode with different link counts at its
+        # paths, so nlink alone cannot say whether a file that lost a path still has one.
+        self.kept = array("q")
 
     def match(self, old: Snapshot) -> None:
         """Pair old and new entries by path, directory by directory from the root."""
@@ -242,6 +246,7 @@ class _Differ:
             if old.ino[o] != new.ino[c] or old.dev[o] != new.dev[c]:
                 return False
             new.fid[c] = old.fid[o]
+            self.kept.append(old.fid[o])
             if new.nlink[c] > 1 or old.nlink[o] > 1:
                 self.same.append((o, c))  # resolved with moves and links
             else:
@@ -316,15 +321,31 @@ class _Differ:
         old, new, found = self.old, self.new, self.found
         known = dict(self.left_key)
         linked: set[int] = set()  # fids with several paths, compared once
+        merged: set[int] = set()  # fids found to be another fid's inode
+        relinked: set[int] = set()  # the fids they were found to be
         for o, c in self.same:
             assert old is not None
             fid = new.fid[c]
-            known[new.key(c)] = fid
+            first = known.setdefault(new.key(c), fid)
+            if first != fid:
+                # One inode under two file ids: a walk that raced with link() saw
+                # the link count at one path before the link existed. Now that the
+                # walk agrees, this path moves to the first id and this id goes.
+                found.left.append(o)
+                new.fid[c] = first
+                found.moved_in.append(c)
+                merged.add(fid)
+                relinked.add(first)
+                self._file_changes(old, o, c)
+                continue
             if fid not in linked:
                 linked.add(fid)
                 self._file_changes(old, o, c)
         moved: set[int] = set()
         fresh: set[int] = set()  # new fids with more than one link
+        # Fresh paths with several links first, so that a path of the same inode seen
+        # with one link (before the link existed) finds their id.
+        self.added_files = array("i", sorted(self.added_files, key=lambda c: new.nlink[c] <= 1))
         for c in self.added_files:
             key = new.key(c)
             found_fid = known.get(key)
@@ -349,7 +370,11 @@ class _Differ:
                 self._file_changes(old, self.left_at[fid], c)
             moved.add(fid)
             found.moved_in.append(c)
-        found.staying = moved | linked
+        staying = (moved | linked | relinked) - merged
+        lost = {old.fid[o] for o in found.left} - staying if old is not None else set()
+        if lost:  # a file that lost a path may keep another one that nlink did not show
+            staying |= lost.intersection(self.kept) - merged
+        found.staying = staying
 
 
 def dir_finish(snap: Snapshot) -> list[TreeOp]:

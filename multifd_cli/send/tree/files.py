@@ -31,17 +31,17 @@ class TreeReader:
         self.page_size = page_size
         self.files = FileTables()
         self._tick = tick
-        self.vanished = 0  # files of the last batch no longer at their path
+        self.unread: list[tuple[int, int]] = []  # files of the last batch not at their path
 
     def scan(self, block: int, items: tuple[ScanItem, ...], client: PagedClient) -> ScanResult:
         """Queue every changed page of ITEMS; a file that no longer holds the scanned
         inode is skipped (the next pass's delta says where it went)."""
         res = ScanResult()
-        self.vanished = 0
+        self.unread = []
         for item in items:
             fd = open_scanned(self.root, item.path, item.dev, item.ino)
             if fd is None:
-                self.vanished += 1
+                self.unread.append((item.dev, item.ino))
                 continue
             try:
                 self._scan_file(fd, block, item, client, res)

@@ -62,8 +62,10 @@ class TreeSource:
         self._warned_sockets = False
 
     # -- per pass ---------------------------------------------------------------------------
-    def advance(self, final: bool) -> TreeDelta:
-        """Walk the tree and return what changed since the last pass."""
+    def advance(self, final: bool, unread: Iterable[tuple[int, int]] = ()) -> TreeDelta:
+        """Walk the tree and return what changed since the last pass. UNREAD are the
+        (dev, ino) of files the last pass could not read at their path: they are read
+        this pass whatever their stat says."""
         t0 = time.monotonic()
         snap = self._next
         self._next = None
@@ -73,6 +75,7 @@ class TreeSource:
             else:
                 snap = self._scan()
         mapped = shared_writable_mapped() if os.geteuid() == 0 else set()
+        mapped.update(unread)
         if snap is self.tracker.snapshot:
             delta, _ = diff_snapshots(snap, snap, self.tracker.next_fid)
         else:
@@ -102,6 +105,19 @@ class TreeSource:
         return sum(size[i] for i in range(len(snap)) if kind[i] == FILE)
 
     # -- completion -------------------------------------------------------------------------
+    def files_by_channel(self, channels: int) -> list[tuple[tuple[int, int], ...]]:
+        """(file id, size) of every file of the final walk, per owning channel, in file
+        id order: what the channels' digests must cover."""
+        snap = self.snapshot
+        seen: dict[int, int] = {}
+        for i in range(len(snap)):
+            if snap.kind[i] == FILE:
+                seen[snap.fid[i]] = snap.size[i]
+        out: list[list[tuple[int, int]]] = [[] for _ in range(channels)]
+        for fid in sorted(seen):
+            out[fid % channels].append((fid, seen[fid]))
+        return [tuple(files) for files in out]
+
     def finish_ops(self) -> list[TreeOp]:
         """DIRMETA for every directory, deepest first, after the final TIMES."""
         return dir_finish(self.snapshot)
