@@ -229,8 +229,10 @@ def case_tree_live(ctx: Ctx, res: CaseResult) -> None:
           spread(secs(st, "transferred_bytes"), 0, 1 / MiB),
           f"{sum(not x['differences'] for x in st)}/{len(st)}"]]))
     res.tables.append(md_table(
-        ["live run", "pass: entries / tree_ops / files_read / duration_ms"],
-        [[i + 1, "; ".join(f"{p['pass']}{'F' if p['final'] else ''}: {p['entries']} / "
+        ["live run", "downtime_ms", "of it after the final pass (completion)",
+         "pass: entries / tree_ops / files_read / duration_ms (F: final)"],
+        [[i + 1, x["downtime_ms"], f"{x['after_final_pass_ms']:.0f}"
+          if x.get("after_final_pass_ms") is not None else "-", "; ".join(f"{p['pass']}{'F' if p['final'] else ''}: {p['entries']} / "
                            f"{p['tree_ops']} / {p['files_read']} / {p['duration_ms']}"
                            for p in x["pass_events"])] for i, x in enumerate(lv)]))
     res.tables.append(md_table(

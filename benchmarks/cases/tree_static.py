@@ -269,6 +269,9 @@ def tree_migrate(src: Path, dst: Path, *, channels: int = 2, extra: Sequence[str
     if not dst.is_dir():
         raise BenchError(f"{dst} is not a directory after completion")
     sw = [e for e in sev if e.get("event") == "switchover"]
+    final = [e for e in sev if e.get("event") == "pass" and e.get("final")]
+    # Of the downtime, what follows the final pass: recv's verification and fsyncs.
+    after_final = (s["ts"] - final[-1]["ts"]) * 1000 if final and "ts" in s else None
     keys = ("pass", "entries", "tree_ops", "files_read", "dirty_bytes", "sent_bytes",
             "duration_ms", "expected_downtime_ms", "final")
     return {
@@ -276,6 +279,7 @@ def tree_migrate(src: Path, dst: Path, *, channels: int = 2, extra: Sequence[str
         "downtime_ms": s.get("downtime_ms"), "passes": s.get("passes"),
         "paused": s.get("paused"), "transferred_bytes": s.get("transferred_bytes"),
         "expected_downtime_ms": sw[-1].get("expected_downtime_ms") if sw else None,
+        "after_final_pass_ms": after_final,
         "send_hwm_kb": watch.main["send"], "recv_hwm_kb": watch.main["recv"],
         "send_channel_hwm_kb": watch.child["send"], "recv_channel_hwm_kb": watch.child["recv"],
         "pass_events": [{k: e.get(k) for k in keys}
