@@ -328,6 +328,11 @@ def recv(dest: str, listen: str, force: bool, keep_partial: bool, from_: str, ch
               default="keep-paused", show_default=True,
               help="What to do with the paused writer once the copy is complete. keep-paused, "
                    "like QEMU's postmigrate, stops writes that the copy would never see.")
+@click.option("--tracker", type=click.Choice(["auto", "hash", "kernel"]), default="auto",
+              show_default=True, envvar="MULTIFD_TRACKER", show_envvar=True,
+              help="What finds the dirty pages: kernel (tracefs events, as root on a disk "
+                   "filesystem), hash (reads the whole source each pass), or auto: kernel "
+                   "where it can be had, else hash with a warning saying why.")
 @click.option("--auto-converge", is_flag=True,
               help="Throttle the writer when it dirties faster than the link sends.")
 @click.option("--strict-downtime", is_flag=True,
@@ -366,7 +371,7 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
          remote_force: bool, channels: int, compress: str, page_size: int,
          packet_size: int, max_passes: int, downtime_limit: float, pause_pid: tuple[int, ...],
          pause_cgroup: str, pause_cmd: str, resume_cmd: str, after_success: str,
-         auto_converge: bool, strict_downtime: bool, wait_for_recv: float, max_bandwidth: int,
+         tracker: str, auto_converge: bool, strict_downtime: bool, wait_for_recv: float, max_bandwidth: int,
          control: str, no_mtime_shortcut: bool, json_events: bool, timeout: float,
          log_level: str | None, log_file: str | None, debug: bool, progress: bool | None, quiet: bool,
          json_interval: float, state_cmd: str, state_file: str, state_name: str,
@@ -395,6 +400,7 @@ def send(sources: tuple[str, ...], to: str, ssh_cmd: str, remote_command: str,
             downtime_limit_ms=downtime_limit, max_passes=max_passes,
             auto_converge=auto_converge, strict_downtime=strict_downtime,
             max_bandwidth=max_bandwidth, mtime_shortcut=not no_mtime_shortcut,
+            tracker=tracker,
         ),
         pause=PauseSpec(pause_pid, pause_cgroup, pause_cmd, resume_cmd),
         after_success=after_success, control=control,

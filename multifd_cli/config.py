@@ -76,6 +76,7 @@ class Convergence:
     strict_downtime: bool = False
     max_bandwidth: int = 0  # bytes/s shared by all channels; 0 is unlimited
     mtime_shortcut: bool = True  # an unchanged size, mtime and ctime ends the passes
+    tracker: str = "auto"  # auto, hash or kernel: what finds the dirty pages (send/dirty.py)
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,8 @@ class SendConfig:
         if not 1 <= self.channels <= MAX_CHANNELS:
             raise UsageError(f"--channels {self.channels}: expected 1 to {MAX_CHANNELS}")
         conv = self.convergence
+        if conv.tracker not in ("auto", "hash", "kernel"):
+            raise UsageError(f"--tracker {conv.tracker!r}: expected auto, hash or kernel")
         if conv.max_passes < 1:
             raise UsageError(f"--max-passes {conv.max_passes}: expected at least 1")
         _check_range("--timeout", self.timeout, 0.1, MAX_TIMEOUT)

@@ -68,6 +68,7 @@ class Stats:
     passes: int = 0
     digest: str = ""
     paused: bool = False
+    expected_downtime: float | None = None  # send: the estimate the switchover was decided on
 
     def summary(self) -> dict[str, Any]:
         end = self.finished or time.monotonic()
@@ -88,6 +89,8 @@ class Stats:
             "digest": self.digest,
             "payload_bytes": self.payload_bytes,
             "paused": self.paused,
+            "expected_downtime_ms": None if self.expected_downtime is None
+            else round(self.expected_downtime * 1000, 1),
         }
 
 

@@ -125,9 +125,21 @@ def test_bound_names_the_biggest_part_of_the_downtime() -> None:
     # A slow scan: 4 GiB scanned in 2 s, little sent.
     est.end_pass(sample(1, 0.0, 2.0, 64 * MiB, 64 * MiB, 4096 * MiB))
     est.end_pass(sample(2, 2.5, 2.0, 1 * MiB, 1 * MiB, 4096 * MiB))
-    assert "scanning the source" in est.bound(4096 * MiB)
+    assert "the hash tracker reads all of the source" in est.bound(4096 * MiB)
     # A writer that outruns the link: the send part dominates.
     est2 = Estimator(channels=2, scan_is_free=True, bandwidth_cap=10 * MiB)
     est2.pending_bytes = 50 * MiB
     est2.end_pass(sample(1, 0.0, 1.0, 64 * MiB, 64 * MiB, 0))
     assert "MiB/s of bandwidth" in est2.bound(64 * MiB)
+
+
+def test_kernel_tracker_pays_its_pass_start_and_its_window_not_the_size() -> None:
+    est = Estimator(channels=2)
+    est.end_pass(sample(1, 0.0, 2.0, 64 * MiB, 64 * MiB, 4096 * MiB))
+    est.end_pass(sample(2, 2.5, 2.0, 1 * MiB, 1 * MiB, 4096 * MiB))
+    hashed = est.scan_seconds(4096 * MiB)
+    assert hashed == pytest.approx(2.0)  # the measured rate: 4 GiB in 2 s
+    est.tracker_cost, est.scan_bytes = 0.030, 8 * MiB
+    assert est.scan_seconds(4096 * MiB) == pytest.approx(0.030 + 8 / 4096 * 2.0)
+    assert est.scan_seconds(8192 * MiB) == est.scan_seconds(1024 * MiB)  # flat in size
+    assert "kernel tracker" in est.bound(4096 * MiB) or "bandwidth" in est.bound(4096 * MiB)

@@ -271,13 +271,16 @@ def test_poll_keeps_a_small_buffer_from_overrunning(kdir: Path) -> None:
     src = make_source(kdir / "src", 64 << 20)
     fd = os.open(src, os.O_RDWR)
     try:
-        with KernelTracker([str(src)], buffer_kb=64) as t:
+        # 16,384 folio events (~800 KiB of ring) against 256 KiB per CPU: only polling
+        # keeps up. The block filter is disk-wide and this machine's disk is shared, so
+        # the margin leaves room for others' I/O.
+        with KernelTracker([str(src)], buffer_kb=256) as t:
             t.begin_pass()
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # small folios from here on
             pages = range(0, (64 << 20) // PAGE, 4)
             for n, page in enumerate(pages):
                 os.pwrite(fd, b"q" * 64, page * PAGE)
-                if n % 50 == 0:
+                if n % 20 == 0:
                     t.poll()
             w = t.begin_pass()
             assert not w.full, w.reason
@@ -480,9 +483,16 @@ def test_forced_overrun_is_reported_and_then_recovers(kdir: Path) -> None:
             w = t.begin_pass()
             assert w.full, w
             assert "lost" in w.reason or "overran" in w.reason, w.reason
-            # The re-marked window is intact: the next pass is exact again.
-            os.pwrite(fd, b"p", 77 * PAGE)
-            w = t.begin_pass()
+            # The re-marked window is intact: the next pass is exact again. The block
+            # filter is disk-wide and this machine's disk is shared, so a 4 KiB buffer
+            # can overrun again on someone else's I/O: allow a few tries, each of
+            # which must either say so or report the write.
+            for _ in range(5):
+                os.pwrite(fd, b"p", 77 * PAGE)
+                w = t.begin_pass()
+                if not w.full:
+                    break
+                assert "lost" in w.reason or "overran" in w.reason, w.reason
             assert not w.full, w.reason
             assert in_ranges(w, src, 77 * PAGE)
     finally:

@@ -21,6 +21,7 @@ LAZY = {
     "ctypes.util": "find_library() runs ldconfig (~13 ms); libc is in the process already",
     "rich": "only when a progress bar is drawn on a terminal",
     "rich.progress": "only when a progress bar is drawn (45-115 ms)",
+    "multifd_cli.send.ktrace": "only when the kernel tracker is chosen, after parsing",
     "matplotlib": "only `multifd report`, an optional extra (~700 ms with pyplot)",
 }
 

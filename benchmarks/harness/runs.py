@@ -75,11 +75,14 @@ def multifd_migrate(src: Path, dst: Path, *, channels: int = 2, compress: str | 
         "s": wall, "recv_s": recv_wall, "from_recv_start_s": send.end - recv_start,
         "total_time_ms": s.get("total_time_ms"), "recv_total_time_ms": r.get("total_time_ms"),
         "downtime_ms": s.get("downtime_ms"), "passes": s.get("passes"),
+        "expected_downtime_ms": s.get("expected_downtime_ms"),
         "transferred_bytes": s.get("transferred_bytes"), "paused": s.get("paused"),
         "normal_pages": s.get("normal_pages"), "zero_pages": s.get("zero_pages"),
         "send_rss_kb": send.maxrss_kb, "recv_rss_kb": recv.maxrss_kb,
         "pass_events": [{k: e.get(k) for k in ("pass", "dirty_bytes", "sent_bytes",
-                                                "duration_ms", "final")} for e in passes],
+                                                "duration_ms", "final", "read_bytes", "tracker",
+                                                "tracker_fallback", "expected_downtime_ms")}
+                        for e in passes],
     }
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from multifd_cli.errors import (
     EXIT_CHANNEL_KILLED,
+    EXIT_CODES,
     EXIT_INTERNAL,
     ConnectionFailed,
     MultifdError,
@@ -260,6 +261,11 @@ def death_of(w: Worker) -> WorkerFailed:
                             EXIT_CHANNEL_KILLED, w.index)
     if code is None:
         return WorkerFailed("the channel process is gone", EXIT_INTERNAL, w.index)
+    if code in EXIT_CODES and code not in (0, EXIT_INTERNAL):
+        # A channel exits with the code of the error it reported; if the report
+        # itself was lost, the code still says what kind of failure it was.
+        return WorkerFailed(f"the channel process exited with status {code} "
+                            f"({EXIT_CODES[code]})", code, w.index)
     return WorkerFailed(f"channel process died (exit status {code})", EXIT_INTERNAL, w.index)
 
 

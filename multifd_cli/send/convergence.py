@@ -4,12 +4,20 @@ Pure and clock-free (callers pass times in), so the policy is unit-tested
 without processes. The switchover rule is QEMU's: stop the writer once what is
 left can be sent within the downtime limit at the measured bandwidth.
 
-    expected downtime = final scan time + remaining / bandwidth + sync latency
+    expected downtime = final scan time + (remaining + in flight) / bandwidth
+                        + sync latency
 
 where the final scan time is the tracker's measured scan rate times the size
-(about zero for the API tracker, which reads only what was marked), remaining
-is what the last pass found dirty, and the sync latency is measured from the
-flush + sync of the last pass plus one round trip for completion.
+(about zero for the API tracker, which reads only what was marked; the
+kernel tracker's own pass start plus its window's bytes), remaining is what
+the last pass found dirty, and the sync latency is measured from the flush +
+sync of the last pass plus one round trip for completion.
+
+Bandwidth is what the destination acknowledged, not what went into local
+socket buffers: recv sends EPOCH_ACK as it closes each epoch (Delivery). A
+relay that buffers a lot makes a pass look sent long before it is applied; the
+ack's lag after the pass's sync, the bytes still unacknowledged, and recv's
+flush of DEST are then counted too.
 """
 
 from __future__ import annotations
@@ -41,6 +49,73 @@ class PassSample:
 
 
 @dataclass
+class Delivery:
+    """What recv acknowledged having applied (EPOCH_ACK), against what send sent.
+
+    An epoch's ack may arrive before send has recorded the epoch's end (it is
+    awaited right after the sync); the two are matched by epoch either way.
+    """
+
+    expected: bool = False  # recv acknowledges epochs (a peer; not a file: image)
+    ignored: bool = False  # test only: estimate as if no ack ever came (the old estimate)
+    epoch: int = 0  # the latest epoch recv acknowledged
+    acked: int = 0  # wire bytes recv had read from its channels when it closed it
+    sent: int = 0  # wire bytes send had put into its sockets, as of its last sync
+    lag: float = 0.0  # seconds from send's sync of an epoch to recv's ack of it
+    flush: float = 0.0  # seconds recv's last flush of DEST took
+    overdue: float = 0.0  # how long the last awaited ack kept us waiting in vain
+    rate: float = 0.0  # bytes/s delivered while the destination was busy
+    # epoch -> (start of the pass, its sync, send's wire total then); epoch -> (ack, acked)
+    synced: dict[int, tuple[float, float, int]] = field(default_factory=dict)
+    acks: dict[int, tuple[float, int]] = field(default_factory=dict)
+    base: tuple[float, int] = (0.0, 0)  # the previous matched ack: when, and bytes acked
+
+    def on_synced(self, epoch: int, started: float, now: float, sent: int) -> None:
+        """Send closed `epoch` at `now` with `sent` wire bytes in total so far."""
+        self.synced[epoch] = (started, now, sent)
+        self.sent = sent
+        self._match(epoch)
+
+    def on_ack(self, now: float, epoch: int, wire_bytes: int, flush_us: int) -> None:
+        """recv closed `epoch`, having read `wire_bytes` in all."""
+        if self.ignored:
+            return
+        self.flush = flush_us / 1e6
+        self.epoch, self.acked = max(self.epoch, epoch), max(self.acked, wire_bytes)
+        self.acks[epoch] = (now, wire_bytes)
+        self._match(epoch)
+
+    def _match(self, epoch: int) -> None:
+        if epoch not in self.synced or epoch not in self.acks:
+            return
+        started, synced, _ = self.synced.pop(epoch)
+        now, wire_bytes = self.acks.pop(epoch)
+        self.lag = max(0.0, now - synced)
+        # Delivered during this epoch: from when it started (or the previous ack, if
+        # later) to this ack. A hash pass that scans more than it sends under-reports
+        # the link, so the best recent sample is kept, decaying as _best_bandwidth does.
+        span = now - max(started, self.base[0])
+        got = wire_bytes - self.base[1]
+        if span > 0 and got >= 1 << 20:
+            self.rate = max(self.rate * 0.9, got / span)
+        self.base = (now, wire_bytes)
+
+    @property
+    def seen(self) -> bool:
+        return self.epoch > 0
+
+    @property
+    def in_flight(self) -> int:
+        """Bytes send counted as sent that recv has not acknowledged yet."""
+        return max(0, self.sent - self.acked) if self.expected else 0
+
+    def latency(self) -> float:
+        """From a pass's sync until recv has applied it: measured, or at least as long
+        as the last ack kept us waiting."""
+        return max(self.lag, self.overdue)
+
+
+@dataclass
 class Estimator:
     """Running estimates for one migration."""
 
@@ -55,6 +130,12 @@ class Estimator:
     # learns it by scanning, so after the first pass (which sent everything)
     # it knows nothing yet about the writer.
     pending_bytes: int | None = None
+    # The kernel tracker: what its own pass start (marker, writeback, drain) last
+    # cost, and how many bytes its last window made the pass read. The final pass
+    # pays both instead of a scan of the whole source.
+    tracker_cost: float | None = None
+    scan_bytes: int = 0
+    delivery: Delivery = field(default_factory=Delivery)
     # A directory source reads only files whose stat changed: its final scan costs
     # about one walk of the tree (measured each pass), not a read of every byte.
     walk_seconds: float | None = None
@@ -71,8 +152,15 @@ class Estimator:
         if span >= 0.1 and total >= 1 << 20:
             self._best_bandwidth = max(self._best_bandwidth * 0.9, total / span)
 
+    def on_ack(self, now: float, epoch: int, wire_bytes: int, flush_us: int) -> None:
+        """recv closed `epoch` (EPOCH_ACK) having read `wire_bytes` from its channels."""
+        self.delivery.on_ack(now, epoch, wire_bytes, flush_us)
+
     def end_pass(self, sample: PassSample) -> None:
         self.passes.append(sample)
+        d = self.delivery
+        d.on_synced(sample.number, sample.started, sample.started + sample.duration,
+                    d.sent + sample.wire_bytes)
         if sample.duration > 0 and sample.wire_bytes >= 4 << 20:
             rate = sample.wire_bytes / sample.duration
             self._best_bandwidth = max(self._best_bandwidth, rate)
@@ -86,8 +174,11 @@ class Estimator:
     # -- outputs --------------------------------------------------------------------------
     @property
     def bandwidth(self) -> float:
-        """Bytes/s the channels together put on the wire, capped by --max-bandwidth."""
+        """Bytes/s the channels together put on the wire, capped by --max-bandwidth,
+        and by what recv acknowledged applying once its acks arrive."""
         bw = self._best_bandwidth
+        if self.delivery.rate:
+            bw = min(bw, self.delivery.rate) if bw else self.delivery.rate
         if self.bandwidth_cap:
             bw = min(bw, self.bandwidth_cap) if bw else self.bandwidth_cap
         return bw
@@ -110,16 +201,28 @@ class Estimator:
         return self.passes[-1].dirty_bytes if self.passes else 0
 
     def scan_seconds(self, size: int) -> float:
+        """What finding the final pass's dirty pages costs: nothing for the API
+        tracker, the tracker's pass start and its window's bytes for the kernel
+        tracker, one walk for a directory tree, and reading all `size` bytes for
+        the hash tracker."""
         if self.walk_seconds is not None:
             return self.walk_seconds
         if self.scan_is_free:
             return 0.0
         rate = self.scan_rate or ASSUMED_SCAN_BYTES_PER_S * self.channels
+        if self.tracker_cost is not None:
+            return self.tracker_cost + self.scan_bytes / rate
         return size / rate
 
     def sync_seconds(self) -> float:
         if not self.passes:
             return 0.0
+        d = self.delivery
+        if d.expected:
+            # Measured: send's flush+sync, the lag until recv had applied the pass and
+            # said so (delivery through any buffers, and one round trip), and recv's
+            # flush of DEST, which completion waits for.
+            return self.passes[-1].sync_seconds + d.latency() + d.flush
         # The final pass pays one flush+sync and the completion round trip,
         # which costs about as much again.
         return 2 * self.passes[-1].sync_seconds
@@ -129,7 +232,8 @@ class Estimator:
         if not self.passes or (len(self.passes) < 2 and self.pending_bytes is None):
             return float("inf")
         bw = self.bandwidth
-        send = self.remaining / bw if bw else (0.0 if not self.remaining else float("inf"))
+        left = self.remaining + self.delivery.in_flight
+        send = left / bw if bw else (0.0 if not left else float("inf"))
         return self.scan_seconds(size) + send + self.sync_seconds()
 
     def converging(self) -> bool:
@@ -150,13 +254,16 @@ class Estimator:
         """What the expected downtime is mostly made of, in words for the user."""
         bw = self.bandwidth
         parts = {
-            f"scanning the source takes about {self.scan_seconds(size) * 1000:.0f} ms "
-            "(the hash tracker reads all of it)": self.scan_seconds(size),
+            f"finding the dirty pages takes about {self.scan_seconds(size) * 1000:.0f} ms "
+            + ("(the kernel tracker's writeback and reads)" if self.tracker_cost is not None
+               else "(the hash tracker reads all of the source)"): self.scan_seconds(size),
             f"the writer dirties {self.dirty_rate / 2**20:.1f} MiB/s against "
             f"{bw / 2**20:.1f} MiB/s of bandwidth, leaving {self.remaining / 2**20:.1f} MiB "
             "for the final pass": self.remaining / bw if bw else math.inf,
-            f"flush, sync and completion take about {self.sync_seconds() * 1000:.0f} ms":
-                self.sync_seconds(),
+            f"flush, sync, delivery and completion take about "
+            f"{self.sync_seconds() * 1000:.0f} ms"
+            + (f" (recv acknowledged a pass {self.delivery.latency() * 1000:.0f} ms after it "
+               "was sent)" if self.delivery.expected else ""): self.sync_seconds(),
         }
         return max(parts, key=lambda k: parts[k])
 

@@ -30,6 +30,7 @@ from multifd_cli.events import Events, Stats
 from multifd_cli.proc import logsetup
 from multifd_cli.send.channel import SendChannelArgs
 from multifd_cli.send.convergence import Estimator
+from multifd_cli.send.dirty import Tracking, open_tracking
 from multifd_cli.send.passes import Blocks, OldCopy, PassRunner
 from multifd_cli.send.pool import ChannelPool
 from multifd_cli.send.ratelimit import SharedRateLimit
@@ -82,11 +83,16 @@ class Orchestrator:
         self.steering = Steering(cfg, events, self.state, self.estimator, self.writer, self.limit)
         self.transport: Transport = open_transport(cfg, self._on_main_message)
         self.pool = ChannelPool(cfg.channels, self.heartbeat, self._watched, self._tick)
+        self.tracking = Tracking()
 
     # -- the whole migration -----------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
             self._open_sources(stack)
+            self.tracking = open_tracking(self.cfg.convergence.tracker, self.blocks.sources,
+                                          self.cfg.page_size, self.dirty_log is not None,
+                                          self.estimator)
+            stack.callback(self.tracking.close)  # the tracefs instance, on every exit path
             self._warn_unpaused_writers()
             stack.enter_context(self.steering)
             transport = stack.enter_context(self.transport)
@@ -194,6 +200,8 @@ class Orchestrator:
         """What recv says mid-migration: old-copy hashes, and each closed epoch."""
         if isinstance(msg, P.EpochAck):
             log.debug("recv applied epoch %d: %d bytes written", msg.epoch, msg.written_bytes)
+            # Delivered bandwidth, the bytes still in flight, recv's flush (convergence.py).
+            self.estimator.on_ack(time.monotonic(), msg.epoch, msg.wire_bytes, msg.flush_us)
             return
         self.old_copy.on_main_message(msg)
 
@@ -206,11 +214,13 @@ class Orchestrator:
 
     # -- passes -----------------------------------------------------------------------------------
     def _migrate(self) -> None:
+        policy = ConvergencePolicy(self.cfg.convergence, self.state, self.estimator, self.writer,
+                                   self.blocks, self.dirty_log,
+                                   # recv acks epochs over the main connection, if there is one
+                                   self.pool.poll if self.transport.watched() else None)
         runner = PassRunner(self.blocks, self.pool, self.transport, self.state, self.estimator,
                             self.events, self.dirty_log, self.old_copy,
-                            lambda: self.writer.throttle.pct)
-        policy = ConvergencePolicy(self.cfg.convergence, self.state, self.estimator, self.writer,
-                                   self.blocks, self.dirty_log)
+                            lambda: self.writer.throttle.pct, self.tracking, policy.await_ack)
         policy.warn_if_scan_exceeds_limit()
         epoch = 0
         while True:

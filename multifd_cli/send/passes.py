@@ -25,6 +25,7 @@ from multifd_cli.common.tables import chunk_pages, pages_of
 from multifd_cli.errors import ProtocolError, expect
 from multifd_cli.events import Events
 from multifd_cli.send.convergence import Estimator, PassSample
+from multifd_cli.send.dirty import Tracking
 from multifd_cli.send.messages import Done, Forget, TreeWork, Work
 from multifd_cli.send.pool import ChannelPool, expect_report
 from multifd_cli.send.sources import Blob, Source
@@ -127,7 +128,8 @@ class PassRunner:
     def __init__(self, blocks: Blocks, pool: ChannelPool, transport: Transport,
                  state: MigrationState, estimator: Estimator, events: Events,
                  dirty_log: DirtyLog | None, old_copy: OldCopy,
-                 throttle_pct: Callable[[], int]) -> None:
+                 throttle_pct: Callable[[], int], tracking: Tracking | None = None,
+                 await_ack: Callable[[int], None] | None = None) -> None:
         self.blocks = blocks
         self.pool = pool
         self.transport = transport
@@ -138,11 +140,15 @@ class PassRunner:
         self.old_copy = old_copy
         self.next_channel = 0  # the round-robin start carries over between passes
         self.throttle_pct = throttle_pct  # what the writer is throttled to, for the event
+        self.tracking = tracking or Tracking()  # which ranges a pass reads (send/dirty.py)
+        self.await_ack = await_ack  # recv's ack of the epoch, before the estimate (switchover.py)
         self.unread: list[tuple[int, int]] = []  # tree files the last pass could not read
 
     def run(self, epoch: int, full: bool, final: bool = False, paused_at: float = 0.0) -> PassResult:
         """One epoch: announce it, scan and send, flush, sync, report."""
         state, blocks = self.state, self.blocks
+        # Before the sizes: the kernel tracker's pass start (send/dirty.py says why).
+        self.tracking.begin(epoch, full, final)
         pass_start = time.monotonic()
         tree, delta, ops = blocks.tree, None, 0
         if tree is not None:
@@ -179,6 +185,8 @@ class PassRunner:
             # Writing a page moves a file's mtime: the times go once the pages are in.
             res.tree_ops += self.transport.send_tree(epoch, delta.times())
         now = time.monotonic()
+        if self.await_ack is not None and not final:
+            self.await_ack(epoch)
         res.wire_bytes = sum(self.pool.wire) - wire_before
         self._report(epoch, res, pass_start, sync_start, now, final)
         return res
@@ -230,9 +238,8 @@ class PassRunner:
                     run_start, run_end = c, c + 1
             return items
         for b, size in enumerate(sizes):
-            n = pages_of(size, ps)
-            for start in range(0, n, step):
-                items.append((b, start, min(n, start + step)))
+            for start, end in self.tracking.spans(b, pages_of(size, ps), step, full):
+                items.append((b, start, end))
         return items
 
     def _hand_out(self, epoch: int, full: bool) -> PassResult:
@@ -256,6 +263,7 @@ class PassRunner:
             full = False
         sizes = self.state.sizes
         while items or any(outstanding):
+            self.tracking.tick()
             for _ in range(n):
                 c = self.next_channel
                 self.next_channel = (c + 1) % n
@@ -345,6 +353,8 @@ class PassRunner:
             expected_downtime_ms=round(expected * 1000, 1) if expected != float("inf") else None,
             throttle_pct=self.throttle_pct(),
             final=final,
+            read_bytes=res.read_bytes,
+            **self.tracking.fields(),
         )
         log.info(
             "pass %d: %d dirty pages, %d zero pages, %d bytes sent in %.0f ms",

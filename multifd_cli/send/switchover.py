@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from typing import Any, Callable, Sequence
 
 from multifd_cli.config import Convergence
-from multifd_cli.errors import ConvergeError, IOFailure
+from multifd_cli.errors import ConvergeError, IOFailure, ProtocolError
 from multifd_cli.events import Events
 from multifd_cli.send.convergence import Estimator, StallWatch
 from multifd_cli.send.passes import Blocks, PassResult, PassRunner
@@ -25,6 +27,11 @@ from multifd_cli.writer.guard import WriterGuard
 
 log = logging.getLogger("multifd")
 
+#: The longest send waits after a pass for recv to acknowledge it (the data drains).
+ACK_WAIT_S = 30.0
+#: Test only: "1" makes the estimates ignore recv's acks, as they did before them,
+#: to show that a buffering relay then breaks the downtime limit.
+IGNORE_ACKS_ENV = "MULTIFD_TEST_IGNORE_ACKS"
 # mtime/ctime granularity can be a clock tick or more; a change within this
 # window of the pass start might not move them, so the shortcut is not trusted.
 MTIME_MARGIN_NS = 2_000_000_000
@@ -34,7 +41,8 @@ class ConvergencePolicy:
     """After each pass: another one, or switch over now (or give up)."""
 
     def __init__(self, conv: Convergence, state: MigrationState, estimator: Estimator,
-                 writer: WriterGuard, blocks: Blocks, dirty_log: DirtyLog | None) -> None:
+                 writer: WriterGuard, blocks: Blocks, dirty_log: DirtyLog | None,
+                 pump: Callable[[], Sequence[Any]] | None = None) -> None:
         self.conv = conv
         self.state = state
         self.estimator = estimator
@@ -43,6 +51,10 @@ class ConvergencePolicy:
         self.dirty_log = dirty_log
         self.saw_changes = False  # a later pass found dirty pages: someone writes
         self.stall = StallWatch()
+        self.pump = pump  # serves the main connection (and the channels) for a moment
+        if os.environ.get(IGNORE_ACKS_ENV) == "1":
+            self.pump = None
+            estimator.delivery.ignored = True
         self._keys: list[tuple[int, int, int]] = []
         self._wall_start = 0
 
@@ -125,6 +137,26 @@ class ConvergencePolicy:
             log.info("auto-converge: throttling the writer to %d%%", 100 - pct)
         return False
 
+    def await_ack(self, epoch: int) -> None:
+        """Wait for recv's ack of this epoch before the estimate.
+
+        The decision then sees what was delivered, not what still sits in socket
+        buffers and relays; and the next pass starts once the last one has drained,
+        as sending faster than the destination applies only fills buffers that the
+        downtime would have to wait for. Bounded by ACK_WAIT_S: an ack that takes
+        longer counts as the least the delivery takes (Delivery.overdue).
+        """
+        d = self.estimator.delivery
+        if self.pump is None or not self.writer.can_pause:
+            return
+        d.expected = True
+        start = time.monotonic()
+        deadline = start + ACK_WAIT_S
+        while d.epoch < epoch and time.monotonic() < deadline:
+            for _w, msg in self.pump():
+                raise ProtocolError(f"channel: unexpected {type(msg).__name__} between passes")
+        d.overdue = 0.0 if d.epoch >= epoch else time.monotonic() - start
+
     def _unchanged(self) -> bool:
         """Size, mtime and ctime unchanged since the pass began, and old enough to trust.
 
@@ -157,6 +189,7 @@ class Switchover:
         self.state.phase = "switchover"
         self.limit.set_rate(0)  # the downtime runs at full speed
         expected = self.estimator.expected_downtime(sum(self.state.sizes))
+        self.state.stats.expected_downtime = expected if math.isfinite(expected) else None
         self.events.emit(
             "switchover", **{"pass": epoch + 1},
             expected_downtime_ms=round(expected * 1000, 1) if math.isfinite(expected) else None,

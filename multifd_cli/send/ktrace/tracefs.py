@@ -214,7 +214,7 @@ def list_instances(root: int) -> list[str]:
 # means send (and anything that inherited the write end) is gone.
 _GUARDIAN = r"""
 import errno, os, sys, time
-root, rd, name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+root, rd, name = int(sys.argv[1]), int(sys.argv[2]), bytes.fromhex(sys.argv[3]).decode()
 while True:
     try:
         if not os.read(rd, 4096):
@@ -241,7 +241,9 @@ class Guardian:
         rd, self._wr = os.pipe()
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _GUARDIAN, str(root), str(rd), name],
+                # The name in hex: its command line must not pass for one of send's
+                # channels (tools and tests find those by "multifd" in it).
+                [sys.executable, "-c", _GUARDIAN, str(root), str(rd), name.encode().hex()],
                 pass_fds=(root, rd),
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,

@@ -147,7 +147,10 @@ class KernelTracker:
     `direct` adds the block-layer events (O_DIRECT writers, device sources);
     `narrow` lets writeback's bios narrow large folios to their written blocks
     (off: every dirtied folio is read whole, up to 2 MiB per event).
-    `order="unsound"` and `edge_hook` exist only for tests: the hook runs between
+    `blind` (drop every write event) and `safety_net=False` (trust the events
+    even when stat disagrees) exist only for the negative controls, which show
+    that the stat net catches a blind tracker and that the copy goes wrong
+    without it. `order="unsound"` and `edge_hook` exist only for tests: the hook runs between
     the two steps of a pass start ("between") and before the drain ("before
     drain"), where a racing store shows the unsound order missing a write and
     the carried tail of a window being needed.
@@ -165,11 +168,15 @@ class KernelTracker:
         narrow: bool = True,
         guardian: bool = True,
         edge_hook: Callable[[str], None] | None = None,
+        blind: bool = False,
+        safety_net: bool = True,
     ) -> None:
         global _instances_made
         if order not in ("sound", "unsound"):
             raise ValueError(f"order {order!r}: sound or unsound")
         self.order = order
+        self._blind = blind
+        self._safety_net = safety_net
         self._edge_hook = edge_hook
         self._window = _Window()
         self._next = _Window()
@@ -226,8 +233,13 @@ class KernelTracker:
 
     # -- passes ----------------------------------------------------------
 
-    def begin_pass(self) -> PassWindow:
-        """Close the current window: stat, marker, writeback, drain. Then the caller reads."""
+    def begin_pass(self, final: bool = False) -> PassWindow:
+        """Close the current window: stat, marker, writeback, drain. Then the caller reads.
+
+        `final` (the writers are paused, and no window follows): the window's own
+        dirty extents are written back (their bios narrow the folios), but not the
+        rest of the sources, which only makes every folio clean for a next window.
+        """
         t0 = time.perf_counter()
         now = self._src.stat_all()
         before = self._src.stats
@@ -245,7 +257,7 @@ class KernelTracker:
             else:
                 self._mark()
                 self._edge("between")
-                self._writeback()
+                self._writeback(clean_all=not final)
             self._edge("before drain")
             self._drain(wait_marker=True)
             if not self._tail_lost:
@@ -282,7 +294,7 @@ class KernelTracker:
         self._past = False
         self._trace.mark(self._target)
 
-    def _writeback(self) -> None:
+    def _writeback(self, clean_all: bool = True) -> None:
         """Write back in pieces the buffer can hold, draining between them.
 
         Our own writeback's block events are what narrow large folios; written in
@@ -301,7 +313,8 @@ class KernelTracker:
             for lo, hi in writeback_batches(spans, self._flush_bytes):
                 self._src.writeback(self._src.inodes.get(ino, []), lo, hi - lo)
                 self._drain(wait_marker=False)
-        self._src.writeback()
+        if clean_all:
+            self._src.writeback()
 
     def _drain(self, wait_marker: bool) -> None:
         """Read the pipe dry, sorting events either side of the current marker.
@@ -344,6 +357,8 @@ class KernelTracker:
 
     def _ingest(self, win: _Window, ev: parse.Event) -> bool:
         """Add one event to a window; True if it says events were lost."""
+        if self._blind and isinstance(ev, (parse.Folio, parse.NoPage)):
+            return False
         if isinstance(ev, parse.Folio):
             if ev.ino in self._src.inodes:
                 win.folios.setdefault(ev.ino, set()).add(ev.index)
@@ -372,6 +387,8 @@ class KernelTracker:
             self._window.own.append(ev)
             if self._target is not None:
                 self._next.own.append(ev)
+        elif self._blind:
+            return
         elif not ev.completion:
             self._inflight.append(ev)
             if len(self._inflight) > _MAX_INFLIGHT:
@@ -400,7 +417,7 @@ class KernelTracker:
             for p in self._src.inodes.get(ino, []):
                 rescan[p] = f"{ev} changed it without dirtying a page"
         for p, st in now.items():
-            why = rescan_reason(before[p], st, p in ranges)
+            why = rescan_reason(before[p], st, p in ranges) if self._safety_net else None
             if why and p not in rescan:
                 rescan[p] = why
             grown = grown_range(before[p], st)
