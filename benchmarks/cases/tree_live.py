@@ -173,6 +173,21 @@ def live_run(src: Path, dst: Path, seed: int, env: dict[str, str] | None = None)
     return s
 
 
+def stale_control(src: Path, dst: Path, seed: int) -> Sample:
+    """The negative control: a live run whose final pass reuses the previous walk. It must
+    not pass unnoticed: either send itself finds the stale walk (a file it was told to read
+    is gone: exit 7, nothing at DEST) or the comparison finds the copy different."""
+    try:
+        return live_run(src, dst, seed, {"MULTIFD_TEST_STALE_TREE": "1"})
+    except BenchError as e:
+        if " exited 7: " not in str(e):
+            raise
+        if dst.exists():
+            raise BenchError(f"send failed with exit 7 but left {dst}") from None
+        msg = str(e).split(" exited 7: ", 1)[1]
+        return {"differences": [f"send exit 7 (nothing at DEST): {msg}"]}
+
+
 def case_tree_live(ctx: Ctx, res: CaseResult) -> None:
     """Live tree with --pause-pid vs a static multifd copy of the same tree, interleaved."""
     files = live_files(ctx)
@@ -187,8 +202,9 @@ def case_tree_live(ctx: Ctx, res: CaseResult) -> None:
                  "killed. The writer's achieved rates are its own counters at its last report "
                  "before the pause. Static: multifd copy of the same tree at rest, interleaved. "
                  "After the rounds, a negative control: one live run with "
-                 "MULTIFD_TEST_STALE_TREE=1 (the final pass reuses the previous walk), whose "
-                 "copy the comparison must find different.")
+                 "MULTIFD_TEST_STALE_TREE=1 (the final pass reuses the previous walk), which must "
+                 "not pass unnoticed: send may find it itself (exit 7, nothing at DEST), else "
+                 "the comparison must find the copy different.")
     base, why = probe_tree_support(ctx.disk)
     if base is None:
         res.error = f"multifd cannot migrate a directory in this build: {why}"
@@ -207,7 +223,7 @@ def case_tree_live(ctx: Ctx, res: CaseResult) -> None:
 
     runs = interleave({"live": lambda: live_run(src, dst, next(seeds)), "static": static},
                       ctx.pairs, ctx.log)
-    control = live_run(src, dst, next(seeds), {"MULTIFD_TEST_STALE_TREE": "1"})
+    control = stale_control(src, dst, next(seeds))
     shutil.rmtree(src, ignore_errors=True)
     shutil.rmtree(dst, ignore_errors=True)
     lv, st = runs["live"], runs["static"]
