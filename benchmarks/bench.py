@@ -26,6 +26,10 @@ Rules every case follows:
 * Nothing is installed by this script. Peers that are missing get a row saying how to
   install them: `apt-get install socat rsync zstd`; the qemu case needs
   qemu-system-x86_64 (`apt-get update && apt-get install -y qemu-system-x86`).
+* The tree cases copy 100,000 small files (about 3 GiB; 10,000 with --quick);
+  MULTIFD_BENCH_TREE_FILES and MULTIFD_BENCH_TREE_MAX_KIB change the tree of
+  tree-static and tree-scan, MULTIFD_BENCH_TREE_LIVE_FILES (10,000) that of tree-live.
+  tree-pg needs PostgreSQL, root and a cgroup v2 mount.
 
 Results go to benchmarks/results/bench-YYYYmmdd-HHMMSS.{md,json} and latest.{md,json};
 the markdown is printed.

@@ -84,7 +84,7 @@ def show(res: subprocess.CompletedProcess[str]) -> str:
 def test_the_scripts_exist() -> None:
     names = {p.name for p in SCRIPTS}
     assert {"migrate-file.sh", "live-migrate.sh", "retry-on-failure.sh",
-            "block-device.sh"} <= names, names
+            "block-device.sh", "live-directory.sh"} <= names, names
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -151,6 +151,23 @@ def test_live_migrate(run_script: Run) -> None:
     assert "paused: True" in res.stdout
     assert "verify: source (writer paused) and copy are identical" in res.stdout
     assert "old writer continued and stopped" in res.stdout
+
+
+# -- live-directory.sh ------------------------------------------------------------------------------
+
+
+def test_live_directory(run_script: Run) -> None:
+    """A live SQLite directory: the copy equals the paused source file by file, and after a
+    crash at the pause both recover to the same rows."""
+    res = run_script("live-directory.sh", timeout=180)
+    if res.returncode == SKIPPED:
+        pytest.skip(res.stdout.strip() or "live-directory.sh skipped")
+    assert res.returncode == 0, show(res)
+    out = res.stdout
+    assert "<- final pass, application paused" in out, out
+    assert "paused: True" in out, out
+    assert "verify: the paused directory and the copy are identical, file by file" in out, out
+    assert "recovered: source and copy pass integrity_check and agree:" in out, out
 
 
 # -- retry-on-failure.sh ------------------------------------------------------------------------------

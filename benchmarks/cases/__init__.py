@@ -25,6 +25,9 @@ from cases import (
     startup,
     static_disk,
     static_tmpfs,
+    tree_live,
+    tree_pg,
+    tree_static,
 )
 
 CASES: dict[str, Callable[[Ctx, CaseResult], None]] = {
@@ -42,4 +45,8 @@ CASES: dict[str, Callable[[Ctx, CaseResult], None]] = {
     "resume": resume.case_resume,
     "auto": auto.case_auto,
     "scale": scale.case_scale,
+    "tree-static": tree_static.case_tree_static,
+    "tree-scan": tree_static.case_tree_scan,
+    "tree-live": tree_live.case_tree_live,
+    "tree-pg": tree_pg.case_tree_pg,
 }

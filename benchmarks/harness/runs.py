@@ -65,14 +65,8 @@ def multifd_migrate(src: Path, dst: Path, *, channels: int = 2, compress: str | 
         if wproc is not None:
             wproc.signal(signal.SIGCONT)
             wproc.kill()
-    sev, rev = send.events(), recv.events()
-    done = [e for e in sev if e.get("event") == "completed"]
-    rdone = [e for e in rev if e.get("event") == "completed"]
-    if not done or not rdone:
-        raise BenchError(f"no completed event: send {sev[-1:]} recv {rev[-1:]}")
-    s, r = done[-1], rdone[-1]
-    if s.get("digest") != r.get("digest"):
-        raise BenchError(f"digest mismatch: send {s.get('digest')} recv {r.get('digest')}")
+    sev = send.events()
+    s, r = completed_pair(send, recv)
     if dst.stat().st_size != src.stat().st_size:
         raise BenchError(f"size mismatch: {dst} is {dst.stat().st_size} bytes")
     passes = [e for e in sev if e.get("event") == "pass"]
@@ -90,6 +84,19 @@ def multifd_migrate(src: Path, dst: Path, *, channels: int = 2, compress: str | 
                                                 "tracker_fallback", "expected_downtime_ms")}
                         for e in passes],
     }
+
+
+def completed_pair(send: Proc, recv: Proc) -> tuple[Sample, Sample]:
+    """The `completed` events of send and recv, which must carry the same digest."""
+    sev, rev = send.events(), recv.events()
+    done = [e for e in sev if e.get("event") == "completed"]
+    rdone = [e for e in rev if e.get("event") == "completed"]
+    if not done or not rdone:
+        raise BenchError(f"no completed event: send {sev[-1:]} recv {rev[-1:]}")
+    s, r = done[-1], rdone[-1]
+    if s.get("digest") != r.get("digest"):
+        raise BenchError(f"digest mismatch: send {s.get('digest')} recv {r.get('digest')}")
+    return s, r
 
 
 def rss_text(samples: Sequence[Sample]) -> str:
