@@ -225,7 +225,7 @@ def live_migration(tmp_path: Path, kit: Kit, tree_writers: list[TreeWriter], see
 def test_live_tree_equals_the_source_at_the_pause(tmp_path: Path, kit: Kit,
                                                    tree_writers: list[TreeWriter],
                                                    run: int) -> None:
-    src, dest, send, ops = live_migration(tmp_path, kit, tree_writers, seed=run + 1, rate=200)
+    src, dest, send, ops = live_migration(tmp_path, kit, tree_writers, seed=run + 1, rate=500)
     # The shape really changed while the migration ran, in every way a service changes it.
     for kind in ("create", "append", "save", "rename", "link", "symlink", "unlink", "mkdir"):
         assert ops[kind] > 0, f"no {kind} during the migration: {ops}"
