@@ -180,7 +180,9 @@ def test_overrun_with_a_tiny_buffer_falls_back(kdir: Path, kit: Kit,  # noqa: F8
     """A 4 KiB-per-CPU trace buffer overruns; those passes hash the source whole."""
     size = 64 * MiB
     src = make_source(kdir / "src", size, seed=20 + run)
-    events = live_copy(kit, started, src, kdir / "dst", "pwrite", seed=run,
+    # A capped pass 1 lasts long enough (over 0.3 s) for pass 2's window to hold far
+    # more events than 4 KiB can: without the cap a fast run could overrun nowhere.
+    events = live_copy(kit, started, src, kdir / "dst", "pwrite", run, "--max-bandwidth", "200M",
                        env={"MULTIFD_TEST_KTRACE": "buffer=4"})
     fell = [p for p in passes(events)[1:] if p["tracker_fallback"]]
     assert fell, passes(events)
