@@ -281,8 +281,10 @@ class StallWatch:
         if not math.isfinite(expected):
             return False
         if expected < self.best * (1 - STALL_GAIN):
-            self.best = expected
             self.flat = 0
         else:
             self.flat += 1
+        # The best so far is the lowest estimate, gain or not: otherwise a slow
+        # creep of a few % a pass beats a stale best every third pass and never stalls.
+        self.best = min(self.best, expected)
         return self.flat >= STALL_PASSES
