@@ -16,12 +16,12 @@ from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
+from test_kernel_tracker import PAGE, covered, kdir, make_source
 
-from multifd_cli.send.ktrace import KernelTracker
+from multifd_cli.send.ktrace import KernelTracker, PassWindow
 from multifd_cli.send.ktrace.bio import Bio
 from multifd_cli.send.ktrace.inflight import Inflight
 from multifd_cli.send.ktrace.tracker import NARROW_PAYS_BELOW, overlap_bytes
-from test_kernel_tracker import PAGE, covered, kdir, make_source
 
 __all__ = ["kdir"]  # the fixture, imported for pytest
 
@@ -45,53 +45,47 @@ def _dirty(fd: int, offsets: list[int], rng: random.Random) -> None:
         os.pwrite(fd, rng.randbytes(PAGE), off)
 
 
-def test_dense_writer_final_pass_skips_the_writeback_and_still_covers_every_write(
-        kdir: Path) -> None:
-    src = make_source(kdir / "src", 16 << 20)
-    rng = random.Random(3)
-    dense = [i * PAGE for i in range((4 << 20) // PAGE)]  # every page of 4 MiB
+def _final_pass(src: Path, first: list[int], again: list[int],
+                seed: int) -> tuple[float, bool | None, PassWindow]:
+    """Dirty FIRST, close a window, dirty AGAIN, close the final one: what narrowing
+    kept of the first window, what the final pass start chose, and its window, which
+    must cover every write of AGAIN whatever it chose."""
+    rng = random.Random(seed)
     fd = os.open(src, os.O_RDWR)
     try:
         with KernelTracker([str(src)]) as t:
             assert t.begin_pass().full
-            _dirty(fd, dense, rng)
+            _dirty(fd, first, rng)
             w = t.begin_pass()
             assert not w.full, w.reason
-            assert t.narrow_kept is not None and t.narrow_kept >= NARROW_PAYS_BELOW, t.narrow_kept
-            again = rng.sample(dense, 300)
+            assert t.narrow_kept is not None
             _dirty(fd, again, rng)
             final = t.begin_pass(final=True)
-            assert t.final_narrowed is False
             assert not final.full, final.reason
             for off in again:
                 assert covered(final, src, off), (off, final.ranges)
+            return t.narrow_kept, t.final_narrowed, final
     finally:
         os.close(fd)
+
+
+def test_dense_writer_final_pass_skips_the_writeback_and_still_covers_every_write(
+        kdir: Path) -> None:
+    dense = [i * PAGE for i in range((4 << 20) // PAGE)]  # every page of 4 MiB
+    again = random.Random(3).sample(dense, 300)
+    kept, narrowed, _ = _final_pass(make_source(kdir / "src", 16 << 20), dense, again, 3)
+    assert kept >= NARROW_PAYS_BELOW and narrowed is False, kept
 
 
 def test_sparse_writer_final_pass_still_narrows(kdir: Path) -> None:
-    src = make_source(kdir / "src", 64 << 20)
     rng = random.Random(4)
     # One page in each 2 MiB: a largest folio per write, almost none of it dirty.
     sparse = [(i << 21) + rng.randrange(512) * PAGE for i in range(32)]
-    fd = os.open(src, os.O_RDWR)
-    try:
-        with KernelTracker([str(src)]) as t:
-            assert t.begin_pass().full
-            _dirty(fd, sparse, rng)
-            w = t.begin_pass()
-            assert not w.full, w.reason
-            assert t.narrow_kept is not None and t.narrow_kept < NARROW_PAYS_BELOW, t.narrow_kept
-            again = sparse[::3]
-            _dirty(fd, again, rng)
-            final = t.begin_pass(final=True)
-            assert t.final_narrowed is True
-            for off in again:
-                assert covered(final, src, off), (off, final.ranges)
-            # Narrowed: far less than a 2 MiB folio per write.
-            assert final.dirty_bytes() <= len(again) * (256 << 10), final.ranges
-    finally:
-        os.close(fd)
+    again = sparse[::3]
+    kept, narrowed, final = _final_pass(make_source(kdir / "src", 64 << 20), sparse, again, 4)
+    assert kept < NARROW_PAYS_BELOW and narrowed is True, kept
+    # Narrowed: far less than a 2 MiB folio per write.
+    assert final.dirty_bytes() <= len(again) * (256 << 10), final.ranges
 
 
 # -- the in-flight bios: the same answers as a plain list, found by sector ------------------
