@@ -45,7 +45,7 @@ def test_expected_downtime_adds_scan_send_and_sync() -> None:
     # Pass 2 found 8 MiB dirty and sent them; it scanned 1 GiB in 0.3 s.
     est.end_pass(sample(2, 1.0, 0.3, 8 * MiB, 8 * MiB, 1024 * MiB, sync=0.01))
     bw = est.bandwidth
-    assert bw == pytest.approx(1024 * MiB)
+    assert bw == pytest.approx(0.9 * 1024 * MiB)  # pass 1's rate, a pass old
     # Pass 1 was all sending and says nothing about scanning; pass 2 was a scan.
     assert est.scan_rate == pytest.approx(1024 * MiB / 0.3)
     want = 1024 * MiB / est.scan_rate + 8 * MiB / bw + 2 * 0.01
@@ -86,7 +86,26 @@ def test_on_sent_measures_a_window_of_sending() -> None:
     est = Estimator()
     for i in range(11):
         est.on_sent(i * 0.05, 8 * MiB)  # 8 MiB every 50 ms = 160 MiB/s
-    assert est.bandwidth == pytest.approx(88 * MiB / 0.5)
+    assert est.bandwidth == pytest.approx(160 * MiB)
+
+
+def test_a_scan_bound_pass_does_not_pull_the_link_down_to_the_writer() -> None:
+    # Pass 1 sends at 200 MiB/s. Then hash passes send only what a 30 MiB/s writer
+    # dirtied, a report every 50 ms: the link is as fast as before, give or take the
+    # tenth per pass that lets a slower link be followed.
+    est = Estimator()
+    t = 0.0
+    for _ in range(40):
+        t += 0.05
+        est.on_sent(t, 10 * MiB)
+    est.end_pass(PassSample(1, 0.0, t, 400 * MiB, 400 * MiB, 400 * MiB, 0.01))
+    for n in range(2, 5):
+        start = t
+        for _ in range(20):
+            t += 0.05
+            est.on_sent(t, int(1.5 * MiB))
+        est.end_pass(PassSample(n, start, t - start, 30 * MiB, 30 * MiB, 4096 * MiB, 0.01))
+    assert 0.9**3 * 200 * MiB * 0.99 <= est.bandwidth <= 200 * MiB * 1.01
 
 
 # -- the stall rule: passes that stop improving the expected downtime are wasted -------------

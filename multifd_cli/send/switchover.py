@@ -82,6 +82,13 @@ class ConvergencePolicy:
         if self.dirty_log is not None:
             self.estimator.pending_bytes = self.dirty_log.pending_bytes()
         expected = self.estimator.expected_downtime(sum(self.state.sizes))
+        if math.isfinite(expected):
+            find, send, sync = self.estimator.parts(sum(self.state.sizes))
+            est = self.estimator
+            log.debug("pass %d: expected downtime %.0f ms = find %.0f + send %.0f (%.1f MiB "
+                      "left, %.1f in flight, at %.0f MiB/s) + sync and completion %.0f",
+                      epoch, expected * 1000, find * 1000, send * 1000, est.remaining / 2**20,
+                      est.delivery.in_flight / 2**20, est.bandwidth / 2**20, sync * 1000)
         if not self.writer.can_pause:
             if epoch > 1 and found == 0 and not res.short_read and not res.tree_ops:
                 return True  # a pass that found nothing to send confirms the copy
