@@ -13,20 +13,25 @@ manifest covers xattrs; a destination that cannot hold a value fails with exit 7
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
-from helpers.mfdkit import Kit, assert_within
-from helpers.treekit import TreeWriter, assert_replica
+from helpers.mfdkit import MULTIFD, Kit, assert_within, child_env, read_event
+from helpers.treekit import TreeWriter, assert_replica, python_for
 from test_tree_shape import migrate, tree_ok
 
 from multifd_cli.common.manifest import ManifestOptions, walk_manifest, xattr_digest
 from multifd_cli.errors import ProtocolError
+from multifd_cli.send.tree.diff import TreeTracker
+from multifd_cli.send.tree.scan import scan_tree
 from multifd_cli.wire.treecodec import decode_xattrs, encode_xattrs, parse_tree, tree_payload
 from multifd_cli.wire.treeops import Op, TreeOp
 
@@ -150,6 +155,28 @@ def test_big_values_and_many_names_on_tmpfs(shm: Path, kit: Kit) -> None:
     assert len(os.getxattr(dest / "big", "user.big")) == 65536
 
 
+def test_sets_over_the_limits_are_cut_with_one_warning(shm: Path, kit: Kit) -> None:
+    """More than MAX_XATTRS names, or a set over 1 MiB: the first names (bytewise) travel,
+    the rest are named in one warning, and both manifests leave out the same ones."""
+    src, dest = shm / "src", shm / "dest"
+    src.mkdir()
+    (src / "names").write_bytes(b"")
+    for i in range(300):
+        os.setxattr(src / "names", f"user.n{i:03}", b"v")
+    (src / "bytes").write_bytes(b"")
+    for i in range(20):
+        os.setxattr(src / "bytes", f"user.b{i:02}", os.urandom(65536))
+    send, recv = migrate(kit, src, dest, "--preserve")
+    tree_ok(send, recv)
+    assert sorted(os.listxattr(dest / "names")) == [f"user.n{i:03}" for i in range(256)]
+    kept = sorted(os.listxattr(dest / "bytes"))
+    assert kept == [f"user.b{i:02}" for i in range(15)], kept
+    for name in kept:
+        assert os.getxattr(dest / "bytes", name) == os.getxattr(src / "bytes", name)
+    warned = [ln for ln in send.err.splitlines() if "over the size limits" in ln]
+    assert len(warned) == 1 and "skipped 49 extended attributes" in warned[0], send.err
+
+
 def test_a_destination_that_cannot_hold_a_value_fails_with_exit_7(shm: Path, tmp_path: Path,
                                                                   kit: Kit) -> None:
     if takes_user_xattrs(tmp_path, 8192):
@@ -164,6 +191,51 @@ def test_a_destination_that_cannot_hold_a_value_fails_with_exit_7(shm: Path, tmp
     assert "cannot keep extended attribute user.huge" in message, message
     send.error(7)
     assert not dest.exists()
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to run recv as another user")
+def test_a_recv_without_root_gets_the_user_namespace_only(tmp_path: Path, kit: Kit) -> None:
+    """trusted.* travels to a root recv only; a recv without root gets user.*, also on a
+    file whose mode it may not write, and both manifests leave trusted.* out."""
+    nobody = python_for("nobody")
+    if nobody is None:
+        pytest.skip("the user nobody cannot run this checkout's Python")
+    src = tmp_path / "src"
+    src.mkdir()
+    build_tagged(src)
+    os.setxattr(src / "tagged", "trusted.t", b"root only")
+    os.setxattr(src / "dir", "trusted.d", b"root only")
+    public = Path(tempfile.mkdtemp(prefix="mfd-xattr-", dir="/tmp"))
+    try:
+        os.chown(public, pwd.getpwnam("nobody").pw_uid, -1)
+        dest = public / "dest"
+        recv = subprocess.Popen([*nobody, "recv", "--json", "--timeout", "60", "--listen",
+                                 "tcp:127.0.0.1:0", str(dest)], cwd="/", text=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            _, ev = read_event(recv)
+            assert ev["event"] == "listening", ev
+            kit.send(src, ev["uri"], "--preserve", timeout=60).wait(120).ok()
+            _, err = recv.communicate(timeout=60)
+            assert recv.returncode == 0, err
+        finally:
+            if recv.poll() is None:
+                recv.kill()
+                recv.communicate()
+        got = {p: {n: v for n, v in names.items() if n.startswith(b"user.")}
+               for p, names in xattr_map(src).items()}
+        assert {p: names for p, names in got.items() if names} == xattr_map(dest)
+        assert os.getxattr(dest / "readonly", "user.ro") == b"kept though the file is read-only"
+        assert stat.S_IMODE((dest / "readonly").stat().st_mode) == 0o444
+        assert "trusted.t" not in os.listxattr(dest / "tagged")
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+    # The control: a root recv gets trusted.* too.
+    root_dest = tmp_path / "root-dest"
+    tree_ok(*migrate(kit, src, root_dest, "--preserve"))
+    assert os.getxattr(root_dest / "dir", "trusted.d") == b"root only"
+    assert_same_xattrs(src, root_dest)
 
 
 # -- a tree whose xattrs change while it is migrated -------------------------------------------------
@@ -205,6 +277,64 @@ def test_live_xattrs_equal_the_source_at_the_pause(tmp_path: Path, kit: Kit, see
         assert assert_same_xattrs(src, dest) > 50
     finally:
         w.kill()
+
+
+# -- what it costs ----------------------------------------------------------------------------------
+
+
+def _traced_send(kit: Kit, tmp_path: Path, src: Path, *args: str) -> str:
+    """Migrate SRC with send under strace; the xattr calls send made on SRC's entries."""
+    log = tmp_path / "strace.log"
+    r, uri = kit.recv(tmp_path / "dest", timeout=60)
+    calls = "listxattr,llistxattr,flistxattr,getxattr,lgetxattr,fgetxattr"
+    subprocess.run(["strace", "-f", "-qq", "-e", f"trace={calls}", "-o", str(log), *MULTIFD,
+                    "send", "--timeout", "60", str(src), "--to", uri, *args],
+                   check=True, timeout=180, capture_output=True, env=child_env())
+    r.wait(60).ok()
+    return "\n".join(ln for ln in log.read_text().splitlines() if str(src) in ln)
+
+
+def test_without_preserve_send_makes_no_xattr_call(tmp_path: Path, kit: Kit,
+                                                   strace_ok: None) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    build_tagged(src)
+    assert _traced_send(kit, tmp_path, src) == ""
+    # The control: the same trace sees them with --preserve, one listing per entry.
+    shutil.rmtree(tmp_path / "dest")
+    traced = _traced_send(kit, tmp_path, src, "--preserve")
+    listed = [ln for ln in traced.splitlines() if "listxattr(" in ln]
+    assert len(listed) >= len(list(src.rglob("*"))) + 1, traced
+
+
+def test_a_pass_reads_xattrs_only_of_entries_whose_ctime_moved(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    build_tagged(src)
+    tracker = TreeTracker()
+    tracker.carry_xattrs(os.fsencode(src), privileged=ROOT)
+
+    def xattr_pass() -> tuple[list[int], list[TreeOp]]:
+        delta = tracker.advance(scan_tree(src))
+        late = [op for op in delta.times() if op.op == Op.XATTRS]
+        checked = delta.found.xattrs
+        assert checked is not None
+        return list(checked.checked), late
+
+    checked, ops = xattr_pass()
+    assert len(checked) == len(tracker.snapshot or []) and len(ops) >= 8
+    time.sleep(0.05)  # past the racy window of the walk (diff.RACY_NS)
+    xattr_pass()
+    checked, ops = xattr_pass()
+    assert (checked, ops) == ([], []), "an unchanged tree was read again"
+    os.setxattr(src / "dir" / "sub" / "f", "user.deep", b"changed")
+    os.chmod(src / "plain", 0o600)  # ctime moves, the (empty) set does not
+    checked, ops = xattr_pass()
+    snap = tracker.snapshot
+    assert snap is not None
+    assert sorted(snap.path(c) for c in checked) == [b"dir/sub/f", b"plain"]
+    assert [(op.path, decode_xattrs(op.target)) for op in ops] == [
+        (b"dir/sub/f", [(b"user.deep", b"changed")])]
 
 
 # -- negative controls -------------------------------------------------------------------------------
