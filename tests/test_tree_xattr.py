@@ -337,6 +337,26 @@ def test_a_pass_reads_xattrs_only_of_entries_whose_ctime_moved(tmp_path: Path) -
         (b"dir/sub/f", [(b"user.deep", b"changed")])]
 
 
+def test_an_entry_gone_from_its_path_before_its_read_is_read_next_pass(tmp_path: Path) -> None:
+    """A new tagged file whose directory is renamed between the walk and the read: the
+    move leaves the file's ctime alone, so only remembering the failed read gets its
+    set to recv."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"x")
+    os.setxattr(src / "d" / "f", "user.a", b"1")
+    time.sleep(0.05)  # not racy at the first walk either
+    tracker = TreeTracker()
+    tracker.carry_xattrs(os.fsencode(src), privileged=ROOT)
+    delta = tracker.advance(scan_tree(src))
+    os.rename(src / "d", src / "e")
+    assert [op.path for op in delta.times() if op.op == Op.XATTRS] == []
+    time.sleep(0.05)
+    delta = tracker.advance(scan_tree(src))
+    ops = [op for op in delta.times() if op.op == Op.XATTRS]
+    assert [(op.path, decode_xattrs(op.target)) for op in ops] == [(b"e/f", [(b"user.a", b"1")])]
+
+
 # -- negative controls -------------------------------------------------------------------------------
 
 

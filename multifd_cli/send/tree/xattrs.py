@@ -23,7 +23,10 @@ copy's security.capability (as a write on the source would).
 Sets are read after the epoch's pages, when the late ops are built, by path, and
 checked against the walk's (dev, ino). What they read may be newer than the walk;
 that only matters until the next pass, which reads them again because the change
-moved the ctime. Under the pause nothing moves, so the last pass's sets are exact.
+moved the ctime. An entry that is no longer at its path by then (its directory was
+renamed, which leaves its ctime alone) is remembered by (dev, ino) and read in the
+next pass wherever it is. Under the pause nothing moves, so the last pass's sets
+are exact.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class XattrReader:
         self.privileged = privileged
         self.skipped: list[bytes] = []  # "path: name" over the limits, for one warning
         self.warned = False
+        self.unread: set[tuple[int, int]] = set()  # (dev, ino) a pass could not read
 
     def read(self, snap: Snapshot, i: int, path: bytes) -> list[tuple[bytes, bytes]] | None:
         """Entry I's carried set, within the limits, or None when PATH no longer holds
@@ -115,6 +119,8 @@ class XattrPass:
         self.reader = reader
         self.new = new
         self.old = old  # the last snapshot's digests, or None: read everything
+        self.retry = reader.unread  # what the last pass could not read at its path
+        reader.unread = set()
         self.digests = array("Q", bytes(8 * len(new)))
         self.checked = array("i")  # new indices to read
         self.prev = array("Q")  # their digest as recv has it
@@ -126,7 +132,7 @@ class XattrPass:
         old = self.old
         if o < 0 or old is None:
             self._check(c, 0, False)
-        elif moved or racy:
+        elif moved or racy or (self.retry and self.new.key(c) in self.retry):
             self._check(c, old[o], moved and self.new.kind[c] == FILE)
         else:
             self.digests[c] = old[o]
@@ -145,6 +151,7 @@ class XattrPass:
             pairs = reader.read(new, c, path)
             if pairs is None:
                 self.digests[c] = prev  # recv keeps what it had; the next pass reads again
+                reader.unread.add(new.key(c))
                 continue
             digest = xattr_digest(pairs)
             self.digests[c] = digest
