@@ -319,7 +319,7 @@ def test_a_pass_reads_xattrs_only_of_entries_whose_ctime_moved(tmp_path: Path) -
         late = [op for op in delta.times() if op.op == Op.XATTRS]
         checked = delta.found.xattrs
         assert checked is not None
-        return list(checked.checked), late
+        return list(checked.reads()), late
 
     checked, ops = xattr_pass()
     assert len(checked) == len(tracker.snapshot or []) and len(ops) >= 8

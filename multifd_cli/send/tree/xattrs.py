@@ -35,7 +35,7 @@ import errno
 import logging
 import os
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from multifd_cli.common.manifest import read_xattrs, xattr_digest
 from multifd_cli.errors import IOFailure
@@ -122,7 +122,7 @@ class XattrPass:
         self.retry = reader.unread  # what the last pass could not read at its path
         reader.unread = set()
         self.digests = array("Q", bytes(8 * len(new)))
-        self.checked = array("i")  # new indices to read
+        self.checked = array("i")  # new indices to read (all of them when old is None)
         self.prev = array("Q")  # their digest as recv has it
         self.force = bytearray()  # a file whose ctime moved: send a non-empty set anyway
 
@@ -130,7 +130,9 @@ class XattrPass:
         """New entry C, which was old entry O (-1: new to the replica). MOVED: its
         ctime moved; RACY: the last walk may have missed a change."""
         old = self.old
-        if o < 0 or old is None:
+        if old is None:
+            return  # ops() reads every entry: no list of them needed
+        if o < 0:
             self._check(c, 0, False)
         elif moved or racy or (self.retry and self.new.key(c) in self.retry):
             self._check(c, old[o], moved and self.new.kind[c] == FILE)
@@ -142,11 +144,18 @@ class XattrPass:
         self.prev.append(prev)
         self.force.append(force)
 
+    def reads(self) -> Sequence[int]:
+        """The new indices whose xattrs ops() reads."""
+        return range(len(self.new)) if self.old is None else self.checked
+
     def ops(self) -> Iterator[TreeOp]:
         """XATTRS ops, one per entry (one per file id) whose set recv must get."""
         new, reader = self.new, self.reader
         sent: set[int] = set()  # file ids already given their set this pass
-        for c, prev, force in zip(self.checked, self.prev, self.force):
+        todo: Iterable[tuple[int, int, int]] = zip(self.checked, self.prev, self.force)
+        if self.old is None:  # the first pass: everything is new to recv
+            todo = ((c, 0, 0) for c in self.reads())
+        for c, prev, force in todo:
             path = new.path(c)
             pairs = reader.read(new, c, path)
             if pairs is None:
