@@ -273,6 +273,7 @@ def test_live_xattrs_equal_the_source_at_the_pause(tmp_path: Path, kit: Kit, see
             assert ops.get(kind, 0) > 0, f"no {kind} during the migration: {ops}"
         passes = [e for e in send.events if e["event"] == "pass"]
         assert len(passes) >= 2, passes
+        assert sum(p["tree_ops"] for p in passes[1:]) > 0, "later passes sent no changes"
         assert_replica(src, dest, owners=ROOT)
         assert assert_same_xattrs(src, dest) > 50
     finally:
