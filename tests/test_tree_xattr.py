@@ -30,6 +30,7 @@ from test_tree_shape import migrate, tree_ok
 
 from multifd_cli.common.manifest import ManifestOptions, walk_manifest, xattr_digest
 from multifd_cli.errors import ProtocolError
+from multifd_cli.recv.tree import TreeApplier
 from multifd_cli.send.tree.diff import TreeTracker
 from multifd_cli.send.tree.scan import scan_tree
 from multifd_cli.wire.treecodec import decode_xattrs, encode_xattrs, parse_tree, tree_payload
@@ -398,6 +399,42 @@ def test_the_manifest_digest_covers_xattrs(tmp_path: Path) -> None:
     os.setxattr(root, "user.a", b"1")  # the root's count too
     assert walk_manifest(root, opts).digest() != bare
     assert xattr_digest([]) == 0 and xattr_digest([(b"user.a", b"")]) != 0
+
+
+# -- the XATTRS op at recv ---------------------------------------------------------------------------
+
+
+def test_recv_replaces_the_set_and_refuses_what_is_not_carried(tmp_path: Path) -> None:
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "ids").mkdir()
+    flags = os.O_RDONLY | os.O_DIRECTORY
+    root_fd = os.open(tmp_path / "tree", flags)
+    ids_fd = os.open(tmp_path / "ids", flags)
+    applier = TreeApplier(root_fd, ids_fd, keep_owner=False, can_mknod=False)
+    try:
+        applier.apply([TreeOp(Op.MKDIR, b"d")])
+        applier.begin_epoch()
+        applier.apply([TreeOp(Op.XATTRS, b"d", target=encode_xattrs([(b"user.a", b"1"),
+                                                                       (b"user.b", b"2")]))])
+        assert sorted(os.listxattr(tmp_path / "tree" / "d")) == ["user.a", "user.b"]
+        applier.begin_epoch()
+        applier.apply([TreeOp(Op.XATTRS, b"d", target=encode_xattrs([(b"user.b", b"3")]))])
+        assert os.listxattr(tmp_path / "tree" / "d") == ["user.b"]
+        assert os.getxattr(tmp_path / "tree" / "d", "user.b") == b"3"
+        applier.begin_epoch()
+        applier.apply([TreeOp(Op.XATTRS, b"")])  # the root, emptied
+        applier.apply([TreeOp(Op.XATTRS, b"d")])
+        assert os.listxattr(tmp_path / "tree" / "d") == []
+        applier.begin_epoch()
+        with pytest.raises(ProtocolError, match="not carried"):  # trusted.* needs a root recv
+            applier.apply([TreeOp(Op.XATTRS, b"d", target=encode_xattrs([(b"trusted.t", b"")]))])
+        applier.begin_epoch()
+        with pytest.raises(ProtocolError, match="out of order"):
+            applier.apply([TreeOp(Op.TIMES, b"d", mtime_ns=1), TreeOp(Op.XATTRS, b"d")])
+    finally:
+        applier.close()
+        os.close(root_fd)
+        os.close(ids_fd)
 
 
 # -- the XATTRS codec --------------------------------------------------------------------------------
