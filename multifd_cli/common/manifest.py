@@ -13,27 +13,39 @@ sorted at a time, never the whole tree's paths.
 
 Hard-link groups are encoded as the ordinal of the group's first path in that order,
 so the numbers do not depend on inode numbers, which differ between the two sides.
+
+With --preserve (FLAG_XATTRS) each entry also carries the xxh3-64 of its xattr set in
+the namespaces the tree carries (wire.treeops.xattr_carried), so a copy that lacks
+or alters one fails verification instead of passing silently.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
+import xxhash
+
 from multifd_cli.errors import IOFailure
-from multifd_cli.wire.treeops import EntryType, entry_type
+from multifd_cli.wire.treecodec import encode_xattrs
+from multifd_cli.wire.treeops import EntryType, entry_type, xattr_carried
 
 MAGIC = b"MFDTREE\x01"
 FLAG_MTIME = 0x01
 FLAG_OWNER = 0x02
 FLAG_DEVICES = 0x04
+FLAG_XATTRS = 0x08
 
 _ENTRY = struct.Struct(">HBHQqIIQq")
+_XATTRS = struct.Struct(">Q")
 _NO_LINK = -1
+#: errnos that mean "this filesystem or entry holds no xattrs", not a failure.
+_NO_XATTRS = {errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 class ManifestOptions(NamedTuple):
@@ -43,17 +55,21 @@ class ManifestOptions(NamedTuple):
     owners: uid/gid; only where the receiver keeps them (it runs as root).
     devices: char/block device nodes; off when the receiver cannot create them, so
     that both sides leave out the same entries.
+    xattrs: each entry's xattr digest (--preserve); which namespaces count follows
+    owners, which is "recv runs as root" (wire.treeops.xattr_carried).
     """
 
     mtimes: bool = True
     owners: bool = False
     devices: bool = True
+    xattrs: bool = False
 
     def flags(self) -> int:
         return (
             (FLAG_MTIME if self.mtimes else 0)
             | (FLAG_OWNER if self.owners else 0)
             | (FLAG_DEVICES if self.devices else 0)
+            | (FLAG_XATTRS if self.xattrs else 0)
         )
 
 
@@ -74,6 +90,50 @@ class ManifestEntry(NamedTuple):
     rdev: int
     link: int
     target: bytes
+    xattrs: int = 0
+
+
+def xattr_digest(pairs: Iterable[tuple[bytes, bytes]]) -> int:
+    """The xxh3-64 of an xattr set's canonical encoding; 0 for the empty set (never for
+    another), so "has no xattrs" costs nothing to say."""
+    data = encode_xattrs(pairs)
+    return (xxhash.xxh3_64_intdigest(data) or 1) if data else 0
+
+
+def read_xattrs(path: bytes | int, privileged: bool, *,
+                follow: bool = False) -> list[tuple[bytes, bytes]]:
+    """The carried (name, value) pairs of PATH (or an open descriptor), sorted.
+
+    A filesystem without xattr support has none. A name removed between the listing
+    and the read is left out: its removal moved the entry's ctime. Other errors
+    (a vanished entry, EACCES) are the caller's to judge, as OSError.
+    """
+    try:
+        if isinstance(path, int):
+            names = os.listxattr(path)
+        else:
+            names = os.listxattr(path, follow_symlinks=follow)
+    except OSError as e:
+        if e.errno in _NO_XATTRS:
+            return []
+        raise
+    pairs = []
+    for text in names:
+        name = os.fsencode(text)
+        if not xattr_carried(name, privileged):
+            continue
+        try:
+            if isinstance(path, int):
+                value = os.getxattr(path, name)
+            else:
+                value = os.getxattr(path, name, follow_symlinks=follow)
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                continue
+            raise
+        pairs.append((name, value))
+    pairs.sort()
+    return pairs
 
 
 class ManifestBuilder:
@@ -107,8 +167,10 @@ class ManifestBuilder:
         rdev: int = 0,
         target: bytes = b"",
         key: object = None,
+        xattrs: int = 0,
     ) -> None:
-        """Add one entry; modes are masked to permission bits, irrelevant fields zeroed."""
+        """Add one entry; modes are masked to permission bits, irrelevant fields zeroed.
+        xattrs is the entry's xattr_digest(), counted only with options.xattrs."""
         opts = self.options
         if kind in (EntryType.CHR, EntryType.BLK) and not opts.devices:
             return
@@ -128,8 +190,9 @@ class ManifestBuilder:
             rdev=rdev if kind in (EntryType.CHR, EntryType.BLK) else 0,
             link=link,
             target=target if kind == EntryType.SYMLINK else b"",
+            xattrs=xattrs if opts.xattrs else 0,
         )
-        data = encode_entry(entry)
+        data = encode_entry(entry, opts.xattrs)
         self._hash.update(data)
         if self.entries is not None and self.encoded is not None:
             self.entries.append(entry)
@@ -143,14 +206,16 @@ class ManifestBuilder:
         return h.digest()
 
 
-def encode_entry(e: ManifestEntry) -> bytes:
-    """The canonical bytes of one entry; paths and targets are length-prefixed."""
+def encode_entry(e: ManifestEntry, xattrs: bool = False) -> bytes:
+    """The canonical bytes of one entry; paths and targets are length-prefixed, and
+    with XATTRS the entry's xattr digest follows."""
     if len(e.path) > 0xFFFF or len(e.target) > 0xFFFF:
         raise IOFailure(f"tree path too long for the manifest: {e.path!r}")
     head = _ENTRY.pack(
         len(e.path), int(e.kind), e.mode, e.size, e.mtime_ns, e.uid, e.gid, e.rdev, e.link
     )
-    return head + e.path + struct.pack(">H", len(e.target)) + e.target
+    tail = _XATTRS.pack(e.xattrs) if xattrs else b""
+    return head + e.path + struct.pack(">H", len(e.target)) + e.target + tail
 
 
 def walk_manifest(
@@ -165,10 +230,14 @@ def walk_manifest(
     recv uses it on its staging tree at completion. skip_names leaves out top-level
     names (the receiver's hidden id directory, if it lives inside the tree). Only
     files with more than one link are remembered for link groups, so memory stays
-    proportional to hard-linked files.
+    proportional to hard-linked files. With options.xattrs every entry's xattrs are
+    read (one listxattr each, and a getxattr per name).
     """
     builder = ManifestBuilder(options, keep=keep)
-    for path, st, target in _walk(os.fsencode(root), skip_names):
+    for path, st, target, where in _walk(os.fsencode(root), skip_names):
+        digest = 0
+        if options.xattrs:
+            digest = xattr_digest(read_xattrs(where, options.owners, follow=not path))
         builder.add(
             path,
             entry_type(st.st_mode),
@@ -180,6 +249,7 @@ def walk_manifest(
             rdev=st.st_rdev,
             target=target,
             key=(st.st_dev, st.st_ino) if st.st_nlink > 1 else None,
+            xattrs=digest,
         )
     return builder
 
@@ -187,13 +257,16 @@ def walk_manifest(
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _walk(rootb: bytes, skip: frozenset[bytes]) -> Iterator[tuple[bytes, os.stat_result, bytes]]:
-    """(path, lstat, symlink target) in canonical order, without recursion (trees can
-    be deep), each directory read through its parent's descriptor: a path may be
-    longer than PATH_MAX below the root and still be walked."""
+def _walk(rootb: bytes,
+          skip: frozenset[bytes]) -> Iterator[tuple[bytes, os.stat_result, bytes, bytes]]:
+    """(path, lstat, symlink target, a path that names the entry) in canonical order,
+    without recursion (trees can be deep), each directory read through its parent's
+    descriptor: a path may be longer than PATH_MAX below the root and still be walked.
+    The naming path goes through /proc/self/fd and the parent's descriptor, for the
+    xattr calls, which take no dir_fd."""
     # The root may be a symlink to the tree, as send's SOURCE may; below it, nothing is followed.
     st = os.stat(rootb)
-    yield b"", st, b""
+    yield b"", st, b"", rootb
     if not stat.S_ISDIR(st.st_mode):
         return
     frames: list[tuple[int, bytes, list[tuple[bytes, os.stat_result]]]] = []
@@ -209,7 +282,7 @@ def _walk(rootb: bytes, skip: frozenset[bytes]) -> Iterator[tuple[bytes, os.stat
             name, st = kids.pop()
             path = rel + b"/" + name if rel else name
             target = os.readlink(name, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else b""
-            yield path, st, target
+            yield path, st, target, b"/proc/self/fd/%d/%s" % (fd, name)
             if stat.S_ISDIR(st.st_mode):
                 child = os.open(name, _DIR, dir_fd=fd)
                 frames.append((child, path, _children(child, frozenset())))

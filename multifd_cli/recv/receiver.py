@@ -167,7 +167,8 @@ class Receiver:
         self.config = cfg
         self.blocks = blocks = Blocks(layout, cfg)
         if root is not None:
-            self.tree = TreeDest(self.dest.path, self.dest.hidden_name(), force=self.cfg.force)
+            self.tree = TreeDest(self.dest.path, self.dest.hidden_name(), force=self.cfg.force,
+                                 xattrs=bool(cfg.features & P.CONFIG_XATTRS))
             b = layout.blocks[0]
             self.tree.check_space(min(b.size, b.allocated))
             self.order = TreeOrder(self.tree.create())

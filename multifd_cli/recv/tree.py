@@ -30,8 +30,10 @@ import stat
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from multifd_cli.common.manifest import read_xattrs
 from multifd_cli.errors import IOFailure, ProtocolError
-from multifd_cli.wire.treeops import Op, TreeOp, check_rank, split_path
+from multifd_cli.wire.treecodec import decode_xattrs
+from multifd_cli.wire.treeops import Op, TreeOp, check_rank, split_path, xattr_carried
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -240,6 +242,9 @@ class TreeApplier:
             if kind == Op.REMOVE:  # the path is free again for what comes next
                 self._skipped.discard(op.path)
             return
+        if kind == Op.XATTRS:
+            self._xattrs(op)
+            return
         pfd, name = self.dirs.parent(op.path)
         if kind == Op.UNLINK:
             self._check_is(pfd, name, op)
@@ -320,6 +325,67 @@ class TreeApplier:
             if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
                 raise ProtocolError(f"tree META of {op.path!r} names no file id")
             os.chmod(name, op.mode & 0o7777, dir_fd=pfd)
+
+    def _xattrs(self, op: TreeOp) -> None:
+        """Make the entry's set in the carried namespaces exactly OP's: remove what is
+        not in it, set what is. A name this destination refuses (no xattr support,
+        no privilege, a value too big for its filesystem) is IOFailure (exit 7), at
+        the pass that first carries it, before the source is paused: rsync -X calls
+        that a partial transfer, and a copy that silently lacks it would fail the
+        manifest at completion anyway."""
+        pairs = decode_xattrs(op.target)
+        for name, _ in pairs:
+            if not xattr_carried(name, self.keep_owner):
+                raise ProtocolError(f"tree XATTRS of {op.path!r}: {name!r} is not carried")
+        if op.fid >= 0:
+            self._set_xattrs(self.files.get(op.fid), op, pairs)
+        elif not op.path:
+            self._set_xattrs(self.root_fd, op, pairs)
+        else:
+            pfd, name = self.dirs.parent(op.path)
+            # xattr calls take no dir_fd; this path resolves through the checked parent
+            # descriptor and does not follow a symlink at its end.
+            self._set_xattrs(b"/proc/self/fd/%d/%s" % (pfd, name), op, pairs)
+
+    def _set_xattrs(self, where: int | bytes, op: TreeOp,
+                    pairs: list[tuple[bytes, bytes]]) -> None:
+        wanted = dict(pairs)
+        follow = isinstance(where, int)  # a descriptor is the entry itself
+        name = b""
+        try:
+            for name, _ in read_xattrs(where, self.keep_owner, follow=follow):
+                if name not in wanted:
+                    if isinstance(where, int):
+                        os.removexattr(where, name)
+                    else:
+                        os.removexattr(where, name, follow_symlinks=False)
+            for name, value in pairs:
+                self._setxattr(where, name, value)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            shown = os.fsdecode(op.path) if op.path else "the tree's root"
+            what = f"extended attribute {os.fsdecode(name)}" if name else "extended attributes"
+            raise IOFailure(f"{shown}: the destination cannot keep {what} (--preserve): "
+                            f"{e.strerror}") from None
+
+    def _setxattr(self, where: int | bytes, name: bytes, value: bytes) -> None:
+        if not isinstance(where, int):
+            os.setxattr(where, name, value, follow_symlinks=False)
+            return
+        try:
+            os.setxattr(where, name, value)
+        except PermissionError:
+            if self.keep_owner:
+                raise
+            # Without root, user.* of a file whose mode lacks u+w cannot be set; lift
+            # the mode just for the call, as FdCache._open does for the open.
+            mode = stat.S_IMODE(os.fstat(where).st_mode)
+            os.fchmod(where, mode | 0o200)
+            try:
+                os.setxattr(where, name, value)
+            finally:
+                os.fchmod(where, mode)
 
     def _dirmeta(self, op: TreeOp) -> None:
         if op.path:

@@ -87,13 +87,14 @@ def check_tree_dest(path: str, root: P.TreeRoot, *, force: bool, resume: bool,
 class TreeDest:
     """The staging directory of one tree session, from creation to DEST or nothing."""
 
-    def __init__(self, path: str, hidden: str, *, force: bool) -> None:
+    def __init__(self, path: str, hidden: str, *, force: bool, xattrs: bool = False) -> None:
         self.path = path
         self.dir = os.path.dirname(path)
         self.hidden = hidden  # beside DEST; removed by the next recv if we are killed
         self.staging = os.path.join(hidden, "tree")
         self.force = force
         self.owners = os.geteuid() == 0  # keeps owners and makes device nodes
+        self.xattrs = xattrs  # CONFIG_XATTRS: the manifest covers each entry's xattrs
         self.root_fd = -1
         self.ids_fd = -1
         self.applier: TreeApplier | None = None
@@ -140,7 +141,8 @@ class TreeDest:
         """The staging tree's shape and metadata must be the source's at the pause."""
         if manifest is None:
             raise VerifyError("tree verification failed: no MANIFEST arrived before DIGEST")
-        opts = ManifestOptions(mtimes=True, owners=self.owners, devices=self.owners)
+        opts = ManifestOptions(mtimes=True, owners=self.owners, devices=self.owners,
+                               xattrs=self.xattrs)
         try:
             ours = walk_manifest(self.staging, opts)
         except OSError as e:

@@ -9,8 +9,9 @@ recv's main applies them only where the epoch barrier makes that safe:
 - shape ops of epoch k: once every channel applied all of epoch k - 1 (closed) and
   before any channel is released into k. Before EPOCH_START k no channel can be in
   k, so they are applied at once when k - 1 is already closed, and held otherwise;
-- TIMES/DIRMETA of epoch k: once epoch k is closed, because writing a page moves a
-  file's mtime; at once if it is, else held until it closes.
+- XATTRS/TIMES/DIRMETA of epoch k: once epoch k is closed, because writing a page
+  moves a file's mtime (and drops its security.capability); at once if it is, else
+  held until it closes. Their phase order restarts with each epoch.
 
 Any other epoch number is a protocol error.
 """
@@ -24,7 +25,7 @@ from multifd_cli.errors import ProtocolError
 from multifd_cli.recv.tree import TreeApplier
 from multifd_cli.wire.treeops import RANK, Op, TreeOp
 
-LATE_OPS = (Op.TIMES, Op.DIRMETA)
+LATE_OPS = (Op.XATTRS, Op.TIMES, Op.DIRMETA)
 
 
 class TreeOrder:
@@ -35,6 +36,7 @@ class TreeOrder:
         self.held: dict[int, list[TreeOp]] = {}  # shape ops of epoch k, until k - 1 closes
         self.late: dict[int, list[TreeOp]] = {}  # TIMES/DIRMETA of epoch k, until k closes
         self.shape_epoch = 0  # the epoch whose shape ops were applied last
+        self.late_epoch = 0  # the epoch whose late ops were applied last
         self.finished = False  # DIRMETA applied: only MANIFEST and DIGEST may follow
         self.manifest: P.Manifest | None = None
 
@@ -52,9 +54,9 @@ class TreeOrder:
                 self.held.setdefault(k, []).extend(msg.ops)
         elif k == started and k >= 1:
             _only(msg.ops, lambda op: op in LATE_OPS, f"for epoch {k} after its EPOCH_END",
-                  "TIMES or DIRMETA")
+                  "XATTRS, TIMES or DIRMETA")
             if closed >= k:
-                self._late(msg.ops)
+                self._late(k, msg.ops)
             else:
                 self.late.setdefault(k, []).extend(msg.ops)
         else:
@@ -71,7 +73,7 @@ class TreeOrder:
         """Every channel applied all of `epoch`: its times, then the next one's shape."""
         ops = self.late.pop(epoch, None)
         if ops:
-            self._late(ops)
+            self._late(epoch, ops)
         self.on_release(epoch + 1)
 
     def on_release(self, epoch: int) -> None:
@@ -87,7 +89,10 @@ class TreeOrder:
             self.shape_epoch = epoch
         self.applier.apply(ops)
 
-    def _late(self, ops: Sequence[TreeOp]) -> None:
+    def _late(self, epoch: int, ops: Sequence[TreeOp]) -> None:
+        if self.late_epoch != epoch:  # XATTRS may follow the last epoch's TIMES
+            self.applier.begin_epoch()
+            self.late_epoch = epoch
         self.applier.apply(ops)
         if any(op.op == Op.DIRMETA for op in ops):
             self.finished = True

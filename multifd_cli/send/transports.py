@@ -153,8 +153,9 @@ class PeerTransport(Transport):
         sock, conv = handshake.client(sock, P.ROLE_MAIN, session, cfg.timeout, cfg.security)
         self.main = main = MainConnection(sock, conv, cfg.timeout)
         spec = cfg.compression
+        xattrs = tree is not None and cfg.preserve  # a file's travel in METADATA instead
         config = P.Config(cfg.channels, spec.wire_id, spec.effective_level, cfg.page_size,
-                          cfg.packet_size)
+                          cfg.packet_size, P.CONFIG_XATTRS if xattrs else 0)
         if tree is not None:
             size = tree.total_bytes()
             main.send(config, P.Layout((P.BlockInfo("", size, size, P.KIND_TREE),)),
@@ -169,6 +170,8 @@ class PeerTransport(Transport):
             raise ProtocolError(f"setup: got {type(reply).__name__}, expected ACCEPT")
         self.resume = reply.resume
         self.owners = reply.owners
+        if tree is not None and xattrs:  # root recv: trusted.* and security.* travel too
+            tree.tracker.carry_xattrs(tree.root, privileged=self.owners)
         if self.resume:
             log.info("the destination holds an old copy: pass 1 sends only what differs")
         for msg in main.drain():

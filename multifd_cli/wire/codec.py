@@ -33,6 +33,7 @@ from multifd_cli.wire.messages import (
     BLOCK_SIZE,
     COMPLETE,
     CONFIG,
+    CONFIG_XATTRS,
     DIGEST,
     EPOCH_ACK,
     EPOCH_END,
@@ -618,6 +619,8 @@ def check_config(c: Config, *, max_channels: int = MAX_CHANNELS) -> None:
         raise ProtocolError(
             f"packet size: got {c.packet_size}, expected a multiple of {ps} up to {MAX_PACKET_SIZE}"
         )
+    if c.features & ~CONFIG_XATTRS:
+        raise ProtocolError(f"CONFIG features: got {c.features:#x}, expected a subset of {CONFIG_XATTRS:#x}")
 
 
 # --- one encoder for every message ----------------------------------------------------

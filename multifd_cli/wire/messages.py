@@ -37,6 +37,7 @@ MAC_LEN = 32
 FEATURE_PSK = 0x01  # HELLO features: the sender will prove it knows the pre-shared key
 ACCEPT_RESUME = 0x01  # ACCEPT flags: DEST holds an old copy; RESUME_HASHES follow
 ACCEPT_OWNERS = 0x02  # ACCEPT flags: recv keeps owners and makes device nodes (a tree's manifest)
+CONFIG_XATTRS = 0x01  # CONFIG features: a tree's xattrs travel (--preserve); its manifest covers them
 MAX_RESUME_HASHES = 65536  # page hashes in one RESUME_HASHES message
 COMPRESSION_AUTO = 127  # CONFIG: each packet's header names its own codec (--compress auto)
 KIND_PAGES = 0  # a block copied page by page, pass after pass (a file or device)
@@ -110,9 +111,9 @@ RESUME_HASHES = struct.Struct("<HQI")  # block id, first page, count; count u64 
 METADATA = struct.Struct("<HIIIqH")  # block id, mode, uid, gid, mtime ns, xattr count
 XATTR = struct.Struct("<HI")  # name length, value length; name and value follow
 TREE = struct.Struct("<II")  # epoch, operation count; the operations follow
-# op, file id, mode, uid, gid, size, rdev, mtime ns, path length, target length;
-# the path and the symlink target follow
-TREE_OP = struct.Struct("<BqIiiqQqHH")
+# op, file id, mode, uid, gid, size, rdev, mtime ns, path length, data length;
+# the path and the data (a symlink's target, or XATTRS's set) follow
+TREE_OP = struct.Struct("<BqIiiqQqHI")
 TREE_ROOT = struct.Struct("<16sH")  # boot id, count; count (dev, ino) u64 pairs follow
 DEV_INO = struct.Struct("<QQ")
 MANIFEST = struct.Struct("<Q32s")  # entries, SHA-256 of the tree's manifest

@@ -1,10 +1,11 @@
 """The codec of the directory-tree messages (TREE, TREE_ROOT), apart from codec.py
 so that each stays a size one can read; codec.py's encode() and parse_control()
-dispatch here."""
+dispatch here. Also the encoding of one entry's xattr set, which XATTRS carries and
+both sides' manifests hash (common.manifest), so the two cannot drift apart."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from multifd_cli.errors import ProtocolError, expect
 from multifd_cli.wire.messages import (
@@ -14,13 +15,47 @@ from multifd_cli.wire.messages import (
     MAX_TREE_FILE_SIZE,
     MAX_TREE_OPS,
     MAX_TREE_PATH,
+    MAX_XATTR_VALUE,
+    MAX_XATTRS,
     TREE,
     TREE_OP,
     TREE_ROOT,
+    XATTR,
     Tree,
     TreeRoot,
 )
 from multifd_cli.wire.treeops import Op, TreeOp
+
+MAX_XATTR_NAME = 255  # XATTR_NAME_MAX of Linux
+
+
+def encode_xattrs(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """The canonical bytes of an xattr set: XATTR entries in bytewise name order."""
+    return b"".join(XATTR.pack(len(n), len(v)) + n + v for n, v in sorted(pairs))
+
+
+def decode_xattrs(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The (name, value) pairs of an encoded set, or ProtocolError: names 1..255 bytes
+    without NUL, in strictly increasing order (so each once), at most MAX_XATTRS of
+    them, values at most MAX_XATTR_VALUE, and nothing left over."""
+    pairs: list[tuple[bytes, bytes]] = []
+    pos = 0
+    while pos < len(data):
+        if len(pairs) >= MAX_XATTRS or pos + XATTR.size > len(data):
+            raise ProtocolError(f"XATTRS set: more than {MAX_XATTRS} entries or a cut entry")
+        nlen, vlen = XATTR.unpack_from(data, pos)
+        pos += XATTR.size
+        if not 1 <= nlen <= MAX_XATTR_NAME or vlen > MAX_XATTR_VALUE or pos + nlen + vlen > len(data):
+            raise ProtocolError(
+                f"XATTRS lengths: got {nlen} and {vlen}, expected 1..{MAX_XATTR_NAME} and at "
+                f"most {MAX_XATTR_VALUE} within the set"
+            )
+        name = data[pos : pos + nlen]
+        if b"\0" in name or (pairs and name <= pairs[-1][0]):
+            raise ProtocolError(f"XATTRS name {name!r}: holds NUL, or not in increasing order")
+        pairs.append((name, data[pos + nlen : pos + nlen + vlen]))
+        pos += nlen + vlen
+    return pairs
 
 
 def tree_payload(epoch: int, ops: Sequence[TreeOp]) -> bytes:
@@ -51,20 +86,23 @@ def parse_tree(p: bytes) -> Tree:
     for _ in range(n):
         op, fid, mode, uid, gid, size, rdev, mtime_ns, plen, tlen = TREE_OP.unpack_from(p, pos)
         pos += TREE_OP.size
-        if plen > MAX_TREE_PATH or tlen > MAX_TREE_PATH or pos + plen + tlen > len(p):
-            raise ProtocolError(
-                f"TREE path and target lengths: got {plen} and {tlen}, expected at most "
-                f"{MAX_TREE_PATH} each within the payload"
-            )
         try:
             kind = Op(op)
         except ValueError:
             raise ProtocolError(f"TREE operation: got {op}, expected 1..{max(Op)}") from None
+        tmax = len(p) if kind == Op.XATTRS else MAX_TREE_PATH  # a set is bounded by the payload
+        if plen > MAX_TREE_PATH or tlen > tmax or pos + plen + tlen > len(p):
+            raise ProtocolError(
+                f"TREE path and target lengths: got {plen} and {tlen}, expected at most "
+                f"{MAX_TREE_PATH} each (a set: any) within the payload"
+            )
         if fid > MAX_FILE_ID or size >= MAX_TREE_FILE_SIZE or size < -1 or fid < -1:
             raise ProtocolError(f"TREE {kind.name}: file id {fid} or size {size} out of range")
         path = p[pos : pos + plen]
         target = p[pos + plen : pos + plen + tlen]
         pos += plen + tlen
+        if kind == Op.XATTRS:
+            decode_xattrs(target)
         ops.append(TreeOp(kind, path, fid, mode, uid, gid, size, target, rdev, mtime_ns))
     expect("TREE length", len(p), pos)
     return Tree(epoch, tuple(ops))

@@ -65,6 +65,7 @@ class Op(IntEnum):
     META = 10  # 7: mode, owner and (for files) size of a non-directory
     TIMES = 11  # after the epoch's pages: the mtime of a non-directory
     DIRMETA = 12  # at completion: a directory's mode, owner and mtime, deepest first
+    XATTRS = 13  # after the epoch's pages, before TIMES: an entry's whole xattr set
 
 
 #: The phases of one delta, in the order they are applied. Splitting "out" from "in"
@@ -96,8 +97,9 @@ RANK = {
     Op.SYMLINK: 6,
     Op.MKNOD: 6,
     Op.META: 7,
-    Op.TIMES: 8,
-    Op.DIRMETA: 9,
+    Op.XATTRS: 8,
+    Op.TIMES: 9,
+    Op.DIRMETA: 10,
 }
 
 
@@ -113,7 +115,10 @@ def check_rank(op: Op, current: int) -> int:
 
 class TreeOp(NamedTuple):
     """One operation. Unused fields keep their defaults, so a codec can encode only the
-    fields an op uses. uid/gid of -1 mean "leave as is"; size -1 means unchanged."""
+    fields an op uses. uid/gid of -1 mean "leave as is"; size -1 means unchanged.
+    target is a symlink's target, or for XATTRS the entry's encoded xattr set
+    (wire.treecodec.encode_xattrs), kept as bytes so that whoever sizes a TREE
+    message by its ops' bytes counts the set too."""
 
     op: Op
     path: bytes = b""
@@ -125,6 +130,20 @@ class TreeOp(NamedTuple):
     target: bytes = b""
     rdev: int = 0
     mtime_ns: int = 0
+
+
+#: The xattr namespaces a tree carries with --preserve. user.* always; trusted.* and
+#: security.* only when recv runs as root, as rsync -X copies them only for root
+#: (without privilege they can be neither read nor set). system.* holds ACLs, which
+#: are not part of -X.
+USER_XATTRS = (b"user.",)
+PRIVILEGED_XATTRS = (b"user.", b"trusted.", b"security.")
+
+
+def xattr_carried(name: bytes, privileged: bool) -> bool:
+    """Whether a tree carries the xattr NAME; PRIVILEGED is recv running as root
+    (ACCEPT_OWNERS), which both sides know, so both leave out the same names."""
+    return name.startswith(PRIVILEGED_XATTRS if privileged else USER_XATTRS)
 
 
 def skipped_warning(what: str, paths: list[bytes], limit: int = 20) -> str | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import xxhash
 
 from multifd_cli import wire as P
+from multifd_cli.wire.treecodec import encode_xattrs
 from multifd_cli.wire.treeops import Op, TreeOp
 
 HERE = Path(__file__).resolve().parent
@@ -61,13 +62,18 @@ LAYOUT = P.Layout(
     )
 )
 # One operation of each shape: a file id with a size, a symlink with a target, a
-# non-UTF-8 path, and a removal that uses only the path.
+# non-UTF-8 path, a removal that uses only the path, and (--preserve) a file id's
+# whole xattr set (one value not UTF-8) and a directory's set emptied.
 TREE = P.Tree(4, (
     TreeOp(Op.MKDIR, b"pg_wal"),
     TreeOp(Op.CREATE, b"pg_wal/000000010000000000000001", 7, 0o100600, 26, 26, 16 << 20),
     TreeOp(Op.SYMLINK, b"latest", -1, 0o120777, 0, 0, -1, b"pg_wal/\xff"),
     TreeOp(Op.TIMES, b"", 7, mtime_ns=1_700_000_000_123_456_789),
     TreeOp(Op.REMOVE, b"caf\xc3\xa9.sock"),
+    TreeOp(Op.XATTRS, b"pg_wal/000000010000000000000001", 7,
+           target=encode_xattrs([(b"user.mime_type", b"application/octet-stream"),
+                                 (b"user.checksum", b"\x00\xff\x10")])),
+    TreeOp(Op.XATTRS, b"pg_wal"),
 ))
 TREE_ROOT = P.TreeRoot(bytes(range(16, 32)), ((2049, 131073), (2049, 2)))
 

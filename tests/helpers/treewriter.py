@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import time
+from typing import Callable
 
 STATUS_BYTES = 1024
 MAX_FILE = 256 << 10
@@ -208,14 +209,20 @@ def populate(root: str, n: int, rng: random.Random) -> None:
         tree.symlink()
 
 
-def main() -> None:
+def writer_args() -> argparse.ArgumentParser:
+    """The arguments every writer script takes (xattrwriter.py too)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("root")
     ap.add_argument("--status")
     ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--files", type=int, default=300)
     ap.add_argument("--populate", type=int, default=0)
+    return ap
+
+
+def main() -> None:
+    ap = writer_args()
+    ap.add_argument("--files", type=int, default=300)
     ap.add_argument("--only", default="", help="comma-separated kinds (default: all)")
     a = ap.parse_args()
     rng = random.Random(a.seed)
@@ -223,12 +230,19 @@ def main() -> None:
         populate(a.root, a.populate, rng)
         return
     tree = Tree(a.root, rng)
+    only = set(filter(None, a.only.split(",")))
+    run_at_rate(lambda: tree.step(a.files, only), a.status, a.rate)
+
+
+def run_at_rate(step: Callable[[], str | None], status: str, rate: float) -> None:
+    """Call STEP RATE times a second, forever, counting the kinds it returns in STATUS
+    (xattrwriter.py runs its own steps with it too)."""
     counts = {"ops": 0}
-    fd = os.open(a.status, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    period = 1.0 / a.rate
+    fd = os.open(status, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    period = 1.0 / rate
     due = time.monotonic()
     while True:
-        kind = tree.step(a.files, set(filter(None, a.only.split(","))))
+        kind = step()
         if kind is not None:
             counts[kind] = counts.get(kind, 0) + 1
             counts["ops"] += 1

@@ -21,6 +21,7 @@ from collections.abc import Collection, Iterator
 from typing import NamedTuple
 
 from multifd_cli.send.tree.scan import DIR, FILE, SYMLINK, Snapshot
+from multifd_cli.send.tree.xattrs import XattrPass, XattrReader
 from multifd_cli.wire.treeops import EntryType, Op, TreeOp
 
 Key = tuple[int, int]
@@ -65,6 +66,7 @@ class _Found:
         self.times = array("i")  # new: mtime to set after the epoch's pages
         self.scan = array("i")  # new: files to read
         self.staying: set[int] = set()  # fids that left a path but still exist
+        self.xattrs: XattrPass | None = None  # --preserve: the entries whose xattrs to read
 
 
 class TreeDelta:
@@ -72,8 +74,9 @@ class TreeDelta:
     returns a fresh iterator, so the delta can be read more than once.
 
     ops(): phase-ordered TreeOps (wire.treeops.PHASES), applied at the start of the
-    epoch, before its pages. times(): TIMES ops, applied after the epoch's pages,
-    because writing a page moves the receiver's mtime. scan(): the files to read.
+    epoch, before its pages. times(): XATTRS then TIMES ops, applied after the
+    epoch's pages, because writing a page moves the receiver's mtime (and drops a
+    file's security.capability). scan(): the files to read.
     dropped: file ids that no longer exist; their page tables can go.
     """
 
@@ -132,6 +135,8 @@ class TreeDelta:
 
     def times(self) -> Iterator[TreeOp]:
         new = self.new
+        if self.found.xattrs is not None:
+            yield from self.found.xattrs.ops()
         for c in self.found.times:
             fid = new.fid[c] if new.kind[c] == FILE else -1
             yield TreeOp(Op.TIMES, new.path(c), fid, mtime_ns=new.mtime[c])
@@ -161,6 +166,13 @@ class TreeTracker:
     def __init__(self) -> None:
         self.snapshot: Snapshot | None = None
         self.next_fid = 0
+        self.xattrs: XattrReader | None = None  # --preserve: see carry_xattrs()
+        self.xattr_digests: array[int] | None = None  # per entry of `snapshot`
+
+    def carry_xattrs(self, root: bytes, privileged: bool) -> None:
+        """From the next pass on, deltas carry xattrs (send/tree/xattrs.py); PRIVILEGED:
+        recv runs as root, so trusted.* and security.* travel too."""
+        self.xattrs = XattrReader(root, privileged)
 
     def advance(self, new: Snapshot, mapped: Collection[Key] = ()) -> TreeDelta:
         """The delta from the last snapshot to NEW, which becomes the last snapshot.
@@ -169,21 +181,31 @@ class TreeTracker:
         procmaps.shared_writable_mapped); they are read even when their stat did not
         change, because writes through a mapping do not move mtime.
         """
-        delta, self.next_fid = diff_snapshots(self.snapshot, new, self.next_fid, mapped)
+        xattrs = None
+        if self.xattrs is not None:
+            xattrs = XattrPass(self.xattrs, new, self.xattr_digests)
+        delta, self.next_fid = diff_snapshots(self.snapshot, new, self.next_fid, mapped, xattrs)
         self.snapshot = new
+        self.xattr_digests = xattrs.digests if xattrs is not None else None
         return delta
 
 
 def diff_snapshots(
-    old: Snapshot | None, new: Snapshot, next_fid: int = 0, mapped: Collection[Key] = ()
+    old: Snapshot | None, new: Snapshot, next_fid: int = 0, mapped: Collection[Key] = (),
+    xattrs: XattrPass | None = None,
 ) -> tuple[TreeDelta, int]:
     """The delta from OLD (None: an empty replica) to NEW, and the next free file id.
-    Assigns NEW's file ids as a side effect."""
+    Assigns NEW's file ids as a side effect. XATTRS (--preserve) is told, for every
+    entry of NEW, what it was in OLD, and yields the delta's XATTRS ops."""
     differ = _Differ(old, new, next_fid, mapped)
+    differ.found.xattrs = xattrs
     if old is None:
+        if xattrs is not None:
+            xattrs.entry(0)
         for c in new.child_range(0):
             differ.add(c)
     else:
+        differ.xattrs_of(old, 0, 0)
         differ.match(old)
     differ.resolve()
     return TreeDelta(old, new, differ.found), differ.next_fid
@@ -225,6 +247,7 @@ class _Differ:
                 unmatched = index.values()
             for o, c in pairs:
                 if o >= 0 and self._same_entry(old, o, c):
+                    self.xattrs_of(old, o, c)
                     if new.kind[c] == DIR:
                         stack.append((o, c))
                     continue
@@ -233,6 +256,13 @@ class _Differ:
                 self.add(c)
             for o in unmatched:
                 self._remove(old, o)
+
+    def xattrs_of(self, old: Snapshot, o: int, c: int) -> None:
+        """Tell the pass's XattrPass that new entry C was old entry O."""
+        xp = self.found.xattrs
+        if xp is not None:
+            xp.entry(c, o, old.ctime[o] != self.new.ctime[c],
+                     old.ctime[o] >= old.started_ns - RACY_NS)
 
     def _same_entry(self, old: Snapshot, o: int, c: int) -> bool:
         """True when the entry at a path is still the same thing (metadata aside)."""
@@ -287,8 +317,11 @@ class _Differ:
             c = stack.pop()
             kind = new.kind[c]
             if kind == FILE:
-                self.added_files.append(c)
-            elif kind == DIR:
+                self.added_files.append(c)  # XattrPass.entry() once resolved
+                continue
+            if found.xattrs is not None:
+                found.xattrs.entry(c)
+            if kind == DIR:
                 found.new_dirs.append(c)
                 stack.extend(reversed(new.child_range(c)))
             else:
@@ -346,9 +379,17 @@ class _Differ:
         # Fresh paths with several links first, so that a path of the same inode seen
         # with one link (before the link existed) finds their id.
         self.added_files = array("i", sorted(self.added_files, key=lambda c: new.nlink[c] <= 1))
+        xp = found.xattrs
         for c in self.added_files:
             key = new.key(c)
             found_fid = known.get(key)
+            if xp is not None:  # a moved file was its old entry; any other is new
+                was = self.left_at.get(found_fid, -1) if found_fid is not None else -1
+                if was >= 0 and found_fid not in fresh:
+                    assert old is not None
+                    self.xattrs_of(old, was, c)
+                else:
+                    xp.entry(c)
             if found_fid is None:
                 fid = self.next_fid
                 self.next_fid += 1

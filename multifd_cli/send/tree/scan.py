@@ -18,7 +18,7 @@ import os
 import stat
 import time
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from multifd_cli.common.manifest import DEFAULT_OPTIONS, ManifestBuilder, ManifestOptions
 from multifd_cli.errors import IOFailure, UsageError
@@ -243,9 +243,14 @@ def _rel(rootb: bytes, path: bytes) -> bytes:
 
 
 def snapshot_manifest(
-    snap: Snapshot, options: ManifestOptions = DEFAULT_OPTIONS, *, keep: bool = False
+    snap: Snapshot, options: ManifestOptions = DEFAULT_OPTIONS, *, keep: bool = False,
+    xattrs: Sequence[int] | None = None,
 ) -> ManifestBuilder:
-    """The manifest of a snapshot; equals walk_manifest() of an identical tree."""
+    """The manifest of a snapshot; equals walk_manifest() of an identical tree.
+    XATTRS: each entry's xattr digest (TreeTracker.xattr_digests under --preserve);
+    given, the manifest covers xattrs, as recv's does when CONFIG says CONFIG_XATTRS."""
+    if xattrs is not None:
+        options = options._replace(xattrs=True)
     builder = ManifestBuilder(options, keep=keep)
     for i, path in snap.walk():
         kind = EntryType(snap.kind[i])
@@ -260,5 +265,6 @@ def snapshot_manifest(
             rdev=snap.rdev.get(i, 0),
             target=snap.target.get(i, b""),
             key=snap.key(i) if snap.nlink[i] > 1 else None,
+            xattrs=xattrs[i] if xattrs is not None else 0,
         )
     return builder

@@ -132,7 +132,8 @@ class TreeSource:
     def manifest(self, owners: bool) -> P.Manifest:
         """What recv's walk of its copy must match (owners and devices only where recv
         keeps them)."""
-        builder = snapshot_manifest(self.snapshot, ManifestOptions(True, owners, owners))
+        builder = snapshot_manifest(self.snapshot, ManifestOptions(True, owners, owners),
+                                    xattrs=self.tracker.xattr_digests)
         return P.Manifest(builder.count, builder.digest())
 
     def identity(self) -> P.TreeRoot:
@@ -240,9 +241,6 @@ def open_tree(cfg: SendConfig, stale_final: bool = False) -> TreeSource | None:
     if cfg.state.wanted:
         raise UsageError(f"source {first} is a directory: --state-cmd/--state-file need file "
                          "sources")
-    if cfg.preserve:
-        log.info("a directory keeps modes, owners (as root) and mtimes without --preserve; "
-                 "extended attributes are not carried for trees yet")
     if len(cfg.sources) == 1:
         return TreeSource(first, one_file_system=cfg.reading.one_file_system,
                           stale_final=stale_final)
