@@ -1,0 +1,307 @@
+"""The kernel tracker for directory trees, inside real migrations and in its pure parts.
+
+A live tree (small files whose shape a tree writer changes, plus two 64 MiB files
+rewritten a page at a time by pwrite and through a shared mapping) is migrated
+with `--tracker kernel --pause-pid`: the copy must equal the tree at the pause,
+and the later passes must read only about what was written (`read_bytes` of the
+pass event), not the big files whole. The negative controls use
+MULTIFD_TEST_KTRACE: `blind` drops every write event, so only the stat net can
+save the copy (it does, for writers that move mtime); `blind,no-net` trusts the
+empty windows and the copy must go wrong.
+
+recv writes DEST on the same disk, and its writes pass the tracker's device
+filter. test_recv_writes_do_not_overrun_later_windows measures that: pass 1's
+window may overflow (whole-copy writes: pass 2 then reads by stat, as without
+the tracker), later windows must not.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from helpers.mfdkit import Kit, release
+from helpers.treekit import TreeWriter, assert_replica, populate
+from test_kernel_tracker import kdir, make_source  # noqa: F401 (fixtures)
+
+from multifd_cli.send.ktrace.treeplan import FilePlan, FileState, PlanStats, plan_delta, plan_file
+from multifd_cli.send.ktrace.treewatch import TreeWindow
+from multifd_cli.send.tree.diff import ScanItem, TreeTracker
+from multifd_cli.send.tree.files import read_spans
+from multifd_cli.send.tree.scan import scan_tree
+
+MiB = 1 << 20
+PAGE = 4096
+BIG = 64 * MiB
+RUNS = range(3)
+
+# A gentle writer: one 4 KiB store every 20 ms, by pwrite or through a shared mapping,
+# each a new counter, so a missed page differs from the copy.
+SLOW_WRITER = r"""
+import mmap, os, random, struct, sys, time
+path, mode, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rng = random.Random(seed)
+fd = os.open(path, os.O_RDWR)
+size = os.fstat(fd).st_size
+m = mmap.mmap(fd, size, mmap.MAP_SHARED) if mode == "mmap" else None
+print("ready", flush=True)
+n = 0
+while True:
+    n += 1
+    page = rng.randrange(size // 4096)
+    data = struct.pack("<QQ", n, page) * 256
+    if m is not None:
+        m[page * 4096 : page * 4096 + 4096] = data
+    else:
+        os.pwrite(fd, data, page * 4096)
+    time.sleep(0.02)
+"""
+
+
+class SlowWriter:
+    def __init__(self, path: Path, mode: str, seed: int) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, "-c", SLOW_WRITER, str(path), mode, str(seed)],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+        assert self.popen.stdout is not None
+        assert self.popen.stdout.readline().strip() == "ready"
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def kill(self) -> None:
+        release(self.pid)
+        self.popen.kill()
+        self.popen.wait(10)
+
+
+@pytest.fixture
+def writers() -> Iterator[list[Any]]:
+    started: list[Any] = []
+    yield started
+    for w in started:
+        w.kill()
+
+
+def passes(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e["event"] == "pass"]
+
+
+def live_tree(kit: Kit, base: Path, writers: list[Any], seed: int, *args: str,
+              env: dict[str, str] | None = None, shape: bool = True,
+              modes: tuple[str, ...] = ("pwrite", "mmap"), tracker: str = "kernel"
+              ) -> tuple[Path, Path, Any]:
+    """Migrate a live tree with --tracker kernel; returns (src, dest, send's Done)."""
+    src, dest = base / "src", base / "dest"
+    # The tree writer changes the shape of shape/ only: the big files stay where they are.
+    populate(src / "shape", 150, seed)
+    (src / "big").mkdir()
+    for mode in modes:
+        make_source(src / "big" / f"{mode}.dat", BIG, seed=seed)
+    pids = []
+    if shape:
+        tw = TreeWriter(src / "shape", base / "counts", rate=100, seed=seed, files=150)
+        writers.append(tw)
+        pids.append(tw.pid)
+    for mode in modes:
+        w = SlowWriter(src / "big" / f"{mode}.dat", mode, seed)
+        writers.append(w)
+        pids.append(w.pid)
+    time.sleep(0.3)
+    recv, uri = kit.recv(dest, "--force")
+    pause = [a for p in pids for a in ("--pause-pid", str(p))]
+    send = kit.send(src, uri, "--tracker", tracker, *pause, "--downtime-limit", "1",
+                    "--max-passes", "5", *args, env=env, timeout=60)
+    done = send.wait(240)
+    done.ok()
+    recv.wait(60).ok()
+    return src, dest, done
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_live_tree_reads_what_was_written(kdir: Path, kit: Kit,  # noqa: F811
+                                          writers: list[Any], run: int) -> None:
+    src, dest, done = live_tree(kit, kdir, writers, seed=run + 1)
+    assert_replica(src, dest, owners=True)  # the writers are still paused (keep-paused)
+    ps = passes(done.events)
+    assert len(ps) >= 4, ps
+    assert all(p["tracker"] == "kernel" for p in ps), ps
+    assert ps[0]["read_bytes"] >= 2 * BIG, ps[0]
+    # Pass 3 on: each big file had some 25 stores per pass, a folio (at most 2 MiB) each.
+    # The stat rule reads both whole every pass (128 MiB): the tracker reads a fraction.
+    later = [p for p in ps[2:] if not p["tracker_fallback"].startswith("every tree file")]
+    assert later, ps
+    for p in later:
+        assert p["read_bytes"] < BIG, p
+        assert p["tracker_ranged_files"] >= 1, p
+    # The final pass (writers paused) read at most what its short window reported.
+    assert ps[-1]["final"] and ps[-1]["read_bytes"] < BIG, ps[-1]
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_blind_tree_tracker_is_caught_by_the_safety_net(kdir: Path, kit: Kit,  # noqa: F811
+                                                        writers: list[Any], run: int) -> None:
+    """Negative control, half one: no event reaches the tracker. pwrite moves mtime, so
+    the stat net reads the written files whole and the copy is right."""
+    src, dest, done = live_tree(kit, kdir, writers, 10 + run, modes=("pwrite",),
+                                env={"MULTIFD_TEST_KTRACE": "blind"})
+    assert_replica(src, dest, owners=True)
+    later = passes(done.events)[1:]
+    assert any("saw no write" in p["tracker_fallback"] for p in later), later
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_blind_tree_tracker_without_the_net_loses_writes(kdir: Path, kit: Kit,  # noqa: F811
+                                                         writers: list[Any], run: int) -> None:
+    """Negative control, half two: blind and without the net, the big file's stores after
+    pass 1 are never read, and the copy differs. The comparison above can fail."""
+    src, dest, done = live_tree(kit, kdir, writers, 20 + run, modes=("pwrite",), shape=False,
+                                env={"MULTIFD_TEST_KTRACE": "blind,no-net"})
+    big = Path("big") / "pwrite.dat"
+    assert (src / big).read_bytes() != (dest / big).read_bytes()
+    ps = passes(done.events)
+    trusted = [p for p in ps[1:] if not p["tracker_fallback"].startswith("every tree file")]
+    assert trusted and all(p["read_bytes"] < BIG for p in trusted), ps
+
+
+def test_recv_writes_do_not_overrun_later_windows(kdir: Path, kit: Kit,  # noqa: F811
+                                                  writers: list[Any]) -> None:
+    """recv's whole-copy writes land on the same disk and pass the device filter. Only
+    pass 2 (the window of pass 1's copy) may fall back; later windows stay whole."""
+    src, dest, done = live_tree(kit, kdir, writers, 31, shape=False)
+    assert_replica(src, dest, owners=True)
+    ps = passes(done.events)
+    lost = [p["pass"] for p in ps[2:] if p["tracker_fallback"].startswith("every tree file")]
+    assert not lost, ps
+
+
+def test_tracker_kernel_on_a_tmpfs_tree(kit: Kit) -> None:
+    """--tracker kernel: exit 2 in one line; auto: one WARNING, the stat rule, the reason
+    in every pass event, and a correct copy."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm tmpfs")
+    src = shm / f"mfd-ktree-{os.getpid()}"
+    populate(src, 20, 3)
+    try:
+        recv, uri = kit.recv(kit.tmp / "dst")
+        msg = kit.send(src, uri, "--tracker", "kernel").wait(30).error(2)
+        assert "tmpfs has no writeback" in msg and "\n" not in msg.strip(), msg
+        recv.kill()
+        recv2, uri2 = kit.recv(kit.tmp / "dst2")
+        done = kit.send(src, uri2).wait(60)
+        done.ok()
+        recv2.wait(60).ok()
+        warn = [ln for ln in done.err.splitlines() if "WARNING" in ln and "tracker" in ln]
+        assert len(warn) == 1 and "tmpfs" in warn[0], done.err
+        for p in passes(done.events):
+            assert p["tracker"] == "hash" and "tmpfs" in p["tracker_reason"], p
+        assert_replica(src, kit.tmp / "dst2", owners=True)
+    finally:
+        subprocess.run(["rm", "-rf", str(src)], check=False)
+
+
+# -- the pure parts ----------------------------------------------------------------------------
+
+EXT = 1 << 16  # a stand-in folio: 16 pages
+
+
+def extent(i: int) -> tuple[int, int]:
+    return i * PAGE, i * PAGE + EXT
+
+
+OLD = FileState(size=BIG, mtime_ns=100, ctime_ns=100)
+
+
+@pytest.mark.parametrize("old, new, folios, nopage, want", [
+    # New to the walk: read whole.
+    (None, OLD, (), None, "whole"),
+    # Nothing moved, no event (a mapped file, a racily clean one): nothing to read.
+    (OLD, OLD, (), None, []),
+    # ctime alone (rename, chmod, link) with no event: no data changed.
+    (OLD, FileState(BIG, 100, 200), (), None, []),
+    # mtime moved with no event (an unseen write): the net reads it whole.
+    (OLD, FileState(BIG, 200, 200), (), None, "whole"),
+    # size moved with no event (an extending ftruncate): whole too.
+    (OLD, FileState(BIG + 1, 100, 200), (), None, "whole"),
+    # Events: their folio extents, merged.
+    (OLD, FileState(BIG, 200, 200), (3, 4), None, [(3 * PAGE, 4 * PAGE + EXT)]),
+    # Events with no stat change (stores through a mapping in the same tick).
+    (OLD, OLD, (7,), None, [(7 * PAGE, 7 * PAGE + EXT)]),
+    # Events and growth: the grown tail too.
+    (OLD, FileState(BIG + 10, 200, 200), (0,), None, [(0, EXT), (BIG, BIG + 10)]),
+    # A no-page event (fallocate, punch, direct I/O) or a shrink: whole.
+    (OLD, FileState(BIG, 200, 200), (3,), "iomap_dio_complete", "whole"),
+    (OLD, OLD, (), "ext4_punch_hole", "whole"),
+    (OLD, FileState(BIG - 1, 200, 200), (3,), None, "whole"),
+])
+def test_plan_file(old: FileState | None, new: FileState, folios: tuple[int, ...],
+                   nopage: str | None, want: Any) -> None:
+    plan = plan_file(old, new, folios, nopage, extent)
+    if want == "whole":
+        assert plan.whole and plan.reason, plan
+    else:
+        assert plan == FilePlan(want), plan
+
+
+def test_plan_file_without_the_net_trusts_the_empty_window() -> None:
+    plan = plan_file(OLD, FileState(BIG + PAGE, 200, 200), (), None, extent, safety_net=False)
+    assert plan == FilePlan([(BIG, BIG + PAGE)])
+    assert plan_file(OLD, FileState(BIG, 200, 200), (), None, extent, safety_net=True).whole
+
+
+def test_read_spans_round_to_pages_and_cut_at_the_size() -> None:
+    size = 10 * PAGE + 5
+    item = ScanItem(1, b"f", 1, 2, size, ((PAGE + 1, PAGE + 2), (5 * PAGE, 20 * PAGE),
+                                          (2 * PAGE - 1, 2 * PAGE + 1), (30 * PAGE, 31 * PAGE)))
+    assert read_spans(item, PAGE) == [(PAGE, 3 * PAGE), (5 * PAGE, size)]
+    assert read_spans(item._replace(ranges=None), PAGE) == [(0, size)]
+    assert read_spans(item._replace(size=0, ranges=None), PAGE) == []
+    assert read_spans(item._replace(ranges=()), PAGE) == []
+
+
+def test_plan_delta_on_a_real_walk(tmp_path: Path) -> None:
+    """Two real walks and a made-up window: the file with events is read where they point
+    (though its stat did not move), the renamed one is skipped, the new one read whole,
+    an untraced device's file and an unread one whole."""
+    root = tmp_path / "t"
+    root.mkdir()
+    for name in ("a", "b", "c"):
+        (root / name).write_bytes(os.urandom(8 * PAGE))
+    old_ns = time.time_ns() - 10**9
+    for name in ("a", "b", "c"):
+        os.utime(root / name, ns=(old_ns, old_ns))
+    tracker = TreeTracker()
+    tracker.advance(scan_tree(os.fsencode(root)))
+    time.sleep(0.05)
+    os.rename(root / "b", root / "b2")  # ctime only
+    (root / "d").write_bytes(b"new")
+    os.utime(root / "c", ns=(old_ns + 1, old_ns + 1))  # mtime, no event
+    snap = scan_tree(os.fsencode(root))
+    delta = tracker.advance(snap)
+    ino = {n: os.stat(root / n).st_ino for n in ("a", "b2", "c", "d")}
+    dev = os.stat(root).st_dev
+    window = TreeWindow(2, False, "", {ino["a"]: {1}}, {}, 1, 0.0)
+    stats = PlanStats()
+    got = {os.fsdecode(i.path): i.ranges
+           for i in plan_delta(delta, window, {dev}, set(), extent, stats)}
+    assert got == {"a": ((PAGE, 8 * PAGE),), "c": None, "d": None}, got
+    assert stats.ranged == 1 and stats.whole["new to the walk"] == 1, stats
+    # a's pages go with no stat change: its mtime must be set again after them.
+    assert "a" in {os.fsdecode(op.path) for op in delta.times()}
+    # Not traced: the delta's files, whole (a and b2 too: their ctime is racily close
+    # to the first walk, which only the kernel window can vouch for).
+    got = {os.fsdecode(i.path): i.ranges
+           for i in plan_delta(delta, window, {dev + 1}, set(), extent, PlanStats())}
+    assert set(got) == {"a", "b2", "c", "d"} and all(r is None for r in got.values()), got
+    # A file the last pass could not read is read whole whatever the window says.
+    got = {os.fsdecode(i.path): i.ranges
+           for i in plan_delta(delta, window, {dev}, {(dev, ino["a"])}, extent, PlanStats())}
+    assert got["a"] is None, got
+
