@@ -250,6 +250,16 @@ def test_plan_file(old: FileState | None, new: FileState, folios: tuple[int, ...
         assert plan == FilePlan(want), plan
 
 
+def test_plan_file_a_write_after_the_marker_waits_for_its_window() -> None:
+    """mtime moved, no event in this window, but one after its marker (the write fell
+    between the marker and the walk): the next window reads it; none later: whole."""
+    moved = FileState(BIG, 200, 200)
+    assert plan_file(OLD, moved, (), None, extent, later=True) == FilePlan([])
+    assert plan_file(OLD, moved, (), None, extent, later=False).whole
+    grown = FileState(BIG + PAGE, 200, 200)
+    assert plan_file(OLD, grown, (), None, extent, later=True) == FilePlan([(BIG, BIG + PAGE)])
+
+
 def test_plan_file_without_the_net_trusts_the_empty_window() -> None:
     plan = plan_file(OLD, FileState(BIG + PAGE, 200, 200), (), None, extent, safety_net=False)
     assert plan == FilePlan([(BIG, BIG + PAGE)])
@@ -305,3 +315,41 @@ def test_plan_delta_on_a_real_walk(tmp_path: Path) -> None:
            for i in plan_delta(delta, window, {dev}, {(dev, ino["a"])}, extent, PlanStats())}
     assert got["a"] is None, got
 
+
+
+def test_a_tmpfs_inside_the_tree_keeps_the_stat_rule(kdir: Path, kit: Kit,  # noqa: F811
+                                                      writers: list[Any]) -> None:
+    """The tree is on ext4 with a tmpfs mounted inside: the kernel tracker takes the ext4
+    part, the tmpfs part keeps the stat rule (its mapped file is read every pass), one
+    WARNING line and every pass event say so, and the copy is right."""
+    src, dest = kdir / "src", kdir / "dest"
+    (src / "mnt").mkdir(parents=True)
+    make_source(src / "disk.dat", 8 * MiB, seed=5)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs",
+                       str(src / "mnt")]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        make_source(src / "mnt" / "shm.dat", 4 * MiB, seed=6)
+        pids = []
+        for path, mode in ((src / "disk.dat", "pwrite"), (src / "mnt" / "shm.dat", "mmap")):
+            w = SlowWriter(path, mode, 7)
+            writers.append(w)
+            pids.append(w.pid)
+        recv, uri = kit.recv(dest, "--force")
+        pause = [a for p in pids for a in ("--pause-pid", str(p))]
+        done = kit.send(src, uri, "--tracker", "kernel", *pause, "--downtime-limit", "1",
+                        "--max-passes", "4", timeout=60).wait(180)
+        done.ok()
+        recv.wait(60).ok()
+        assert_replica(src, dest, owners=True)
+        warn = [ln for ln in done.err.splitlines() if "WARNING" in ln and "tmpfs" in ln]
+        assert len(warn) == 1, done.err
+        ps = passes(done.events)
+        assert all(p["tracker"] == "kernel" and "tmpfs" in p["tracker_reason"] for p in ps), ps
+        # The mapped tmpfs file moves no stat: only the mapping rule reads it, every pass.
+        assert all(p["files_read"] >= 1 and p["read_bytes"] >= 4 * MiB for p in ps[1:]), ps
+    finally:
+        for w in writers:
+            w.kill()
+        writers.clear()
+        subprocess.run(["umount", "-l", str(src / "mnt")], check=False)

@@ -189,7 +189,7 @@ class TreeKernelTracking(Tracking):
 
         self.stats = PlanStats()
         return plan_delta(delta, w, self.tracker.devs, unread, self.tracker.extent,
-                          self.stats, self.tracker.safety_net)
+                          self.stats, self.tracker.safety_net, self.tracker.since_marker())
 
     def tick(self) -> None:
         now = time.monotonic()

@@ -55,13 +55,15 @@ def plan_file(
     nopage: str | None,
     extent: Callable[[int], tuple[int, int]],
     safety_net: bool = True,
+    later: bool = False,
 ) -> FilePlan:
     """What this pass must read of a file the tracker vouches for, window trusted.
 
     `old` is the last walk's stat (None: new to the walk), `new` this walk's,
     `folios` the folio indexes the window reported for its inode, `nopage` the
     name of an event that changed it without dirtying a page (fallocate, punch,
-    truncate, direct I/O).
+    truncate, direct I/O). `later`: the trace has events for it after this pass's
+    marker (the next window's, drained once the walk was done).
 
     Why this is sound. Every way ext4 changes a file's data is one of: a folio
     going clean to dirty (write(2), splice, a store through a shared mapping:
@@ -78,6 +80,13 @@ def plan_file(
     link and unlink move ctime and no byte of data, and every data write also
     moves mtime, which the rule above catches. Files new to the walk were
     never read, so they are read whole.
+
+    The walk stats after the marker, so a write between the two moves the stat
+    with its event in the next window: with `later` set, the stat's move is
+    accounted for, and the next pass reads where that event points. Reading
+    the file whole here instead would be sound too, but would cost a large
+    file that is written now and then its whole size whenever a write falls
+    between the marker and the walk's stat of it.
     """
     if old is None:
         return FilePlan(None, "new to the walk")
@@ -91,7 +100,7 @@ def plan_file(
     if safety_net:
         moved = [n for n, a, b in (("size", old.size, new.size),
                                    ("mtime", old.mtime_ns, new.mtime_ns)) if a != b]
-        if moved:
+        if moved and not later:
             return FilePlan(None, f"{', '.join(moved)} changed but the tracker saw no write")
     return FilePlan(grown)
 
@@ -125,6 +134,7 @@ def plan_delta(
     extent: Callable[[int], tuple[int, int]],
     stats: PlanStats,
     safety_net: bool = True,
+    later: Collection[int] = (),
 ) -> Iterator[ScanItem]:
     """The delta's files to read, narrowed by a trusted `window` on filesystems `devs`.
 
@@ -132,7 +142,8 @@ def plan_delta(
     delta lists have, since recv's writes move its copy's mtime.
 
     `unread` are (dev, ino) of files the last pass could not read at their
-    path: read whole, whatever the window says.
+    path: read whole, whatever the window says. `later` are inodes with events
+    after the window's marker (see plan_file).
     """
     new, old = delta.new, delta.old
     scan = delta.found.scan
@@ -169,7 +180,7 @@ def plan_delta(
         else:
             plan = plan_file(before, FileState(item.size, new.mtime[c], new.ctime[c]),
                              window.folios.get(item.ino, ()), window.nopage.get(item.ino),
-                             extent, safety_net)
+                             extent, safety_net, item.ino in later)
         if plan.ranges is None:
             stats.whole[plan.reason] += 1
             yield item

@@ -150,6 +150,12 @@ class TreeKernelTracker(MarkedTrace):
         return TreeWindow(self._seq, full, reason, w.folios, w.nopage, w.events,
                           time.perf_counter() - t0)
 
+    def since_marker(self) -> set[int]:
+        """Inodes with events after the last pass start's marker, drained now: the walk
+        that followed the marker may have seen their writes' stat already."""
+        self.poll()
+        return set(self._window.folios) | set(self._window.nopage)
+
     def _syncfs(self) -> None:
         for fd in self._fds:
             syncfs(fd)
