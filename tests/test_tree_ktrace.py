@@ -137,9 +137,9 @@ def test_live_tree_reads_what_was_written(kdir: Path, kit: Kit,  # noqa: F811
     # The stat rule reads both whole every pass (128 MiB): the tracker reads a fraction.
     later = [p for p in ps[2:] if not p["tracker_fallback"].startswith("every tree file")]
     assert later, ps
-    for p in later:
-        assert p["read_bytes"] < BIG, p
-        assert p["tracker_ranged_files"] >= 1, p
+    assert all(p["read_bytes"] < BIG for p in later), later
+    # A short window may hold no store at all; over the later passes some must.
+    assert sum(p["tracker_ranged_files"] for p in later) >= 1, later
     # The final pass (writers paused) read at most what its short window reported.
     assert ps[-1]["final"] and ps[-1]["read_bytes"] < BIG, ps[-1]
 
@@ -168,6 +168,18 @@ def test_blind_tree_tracker_without_the_net_loses_writes(kdir: Path, kit: Kit,  
     ps = passes(done.events)
     trusted = [p for p in ps[1:] if not p["tracker_fallback"].startswith("every tree file")]
     assert trusted and all(p["read_bytes"] < BIG for p in trusted), ps
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_overrun_windows_fall_back_to_the_stat_rule(kdir: Path, kit: Kit,  # noqa: F811
+                                                    writers: list[Any], run: int) -> None:
+    """A 4 KiB buffer overruns in most windows: those passes read by stat, the files the
+    last trusted plan left to the lost window included, and the copy is still right."""
+    src, dest, done = live_tree(kit, kdir, writers, 40 + run,
+                                env={"MULTIFD_TEST_KTRACE": "buffer=4"})
+    assert_replica(src, dest, owners=True)
+    ps = passes(done.events)
+    assert any(p["tracker_fallback"].startswith("every tree file") for p in ps[1:]), ps
 
 
 def test_recv_writes_do_not_overrun_later_windows(kdir: Path, kit: Kit,  # noqa: F811
@@ -310,6 +322,12 @@ def test_plan_delta_on_a_real_walk(tmp_path: Path) -> None:
     got = {os.fsdecode(i.path): i.ranges
            for i in plan_delta(delta, window, {dev + 1}, set(), extent, PlanStats())}
     assert set(got) == {"a", "b2", "c", "d"} and all(r is None for r in got.values()), got
+    # c's mtime moved with no event in the window but one after its marker: left to the
+    # next window, and owed to a pass whose window is lost.
+    stats = PlanStats()
+    got = {os.fsdecode(i.path): i.ranges for i in plan_delta(
+        delta, window, {dev}, set(), extent, stats, later={ino["c"]})}
+    assert "c" not in got and stats.owed == {(dev, ino["c"])}, (got, stats)
     # A file the last pass could not read is read whole whatever the window says.
     got = {os.fsdecode(i.path): i.ranges
            for i in plan_delta(delta, window, {dev}, {(dev, ino["a"])}, extent, PlanStats())}

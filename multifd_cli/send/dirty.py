@@ -73,6 +73,10 @@ class Tracking:
         mapped files need not be read for being mapped."""
         return frozenset()
 
+    def owed(self) -> Collection[tuple[int, int]]:
+        """(dev, ino) of tree files this pass must read whole whatever their stat says."""
+        return ()
+
     def tree_items(self, delta: TreeDelta, unread: Collection[tuple[int, int]]
                    ) -> Iterator[ScanItem]:
         """The tree files this pass reads: every file the delta lists, whole."""
@@ -163,10 +167,14 @@ class TreeKernelTracking(Tracking):
         self.tracker = tracker
         self.window: TreeWindow | None = None
         self.stats: PlanStats | None = None
+        self._owed: Collection[tuple[int, int]] = ()
         self._polled = 0.0
 
     def begin(self, epoch: int, full: bool, final: bool = False) -> None:
         w = self.tracker.begin_pass(final=final)
+        # A lost window cannot vouch for the writes after the last marker: the files the
+        # last plan left to it (PlanStats.owed) are read whole.
+        self._owed = self.stats.owed if self.stats is not None and w.full else ()
         self.window = w
         self.stats = None
         self._polled = time.monotonic()
@@ -179,6 +187,9 @@ class TreeKernelTracking(Tracking):
     def vouched(self) -> Collection[int]:
         w = self.window
         return frozenset() if w is None or w.full else self.tracker.devs
+
+    def owed(self) -> Collection[tuple[int, int]]:
+        return self._owed
 
     def tree_items(self, delta: TreeDelta, unread: Collection[tuple[int, int]]
                    ) -> Iterator[ScanItem]:

@@ -154,7 +154,8 @@ class PassRunner:
         if tree is not None:
             # The tree's shape changes go first: recv applies them before any page of
             # this epoch, once every page of the last one is in.
-            delta = tree.advance(final, self.unread, self.tracking.vouched())
+            delta = tree.advance(final, [*self.unread, *self.tracking.owed()],
+                                 self.tracking.vouched())
             ops = self.transport.send_tree(epoch, delta.ops())
             sizes = [tree.total_bytes()]
             # The final pass walks the tree, and recv walks its copy to verify it

@@ -86,7 +86,11 @@ def plan_file(
     accounted for, and the next pass reads where that event points. Reading
     the file whole here instead would be sound too, but would cost a large
     file that is written now and then its whole size whenever a write falls
-    between the marker and the walk's stat of it.
+    between the marker and the walk's stat of it. Should that next window be
+    lost, its pass falls back to the stat rule, which compares with this walk
+    and so would not see such a write: plan_delta lists these files (and every
+    file whose stat moved but that was not read whole) in PlanStats.owed, and a
+    pass with a lost window reads them whole.
     """
     if old is None:
         return FilePlan(None, "new to the walk")
@@ -118,6 +122,10 @@ class PlanStats:
     ranged_bytes: int = 0
     skipped: int = 0  # files in the delta the window says need no read
     whole: Counter[str] = field(default_factory=Counter)  # why a file was read whole
+    # (dev, ino) of files whose size or mtime moved but that were not read whole: a write
+    # between the marker and the walk's stat of them has its event in the next window
+    # only, so if that window is lost, the stat rule alone would not read them again.
+    owed: set[tuple[int, int]] = field(default_factory=set)
 
     def summary(self) -> str:
         if not self.whole:
@@ -185,6 +193,8 @@ def plan_delta(
             stats.whole[plan.reason] += 1
             yield item
             continue
+        if before is not None and (before.size, before.mtime_ns) != (item.size, new.mtime[c]):
+            stats.owed.add((item.dev, item.ino))
         ranges = clip(plan.ranges, item.size)
         if not ranges:
             stats.skipped += 1
