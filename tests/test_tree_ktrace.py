@@ -17,6 +17,8 @@ the tracker), later windows must not.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import subprocess
 import sys
@@ -30,7 +32,7 @@ from helpers.treekit import TreeWriter, assert_replica, populate
 from test_kernel_tracker import kdir, make_source  # noqa: F401 (fixtures)
 
 from multifd_cli.send.ktrace.treeplan import FilePlan, FileState, PlanStats, plan_delta, plan_file
-from multifd_cli.send.ktrace.treewatch import TreeWindow
+from multifd_cli.send.ktrace.treewatch import TreeKernelTracker, TreeWindow
 from multifd_cli.send.tree.diff import ScanItem, TreeTracker
 from multifd_cli.send.tree.files import read_spans
 from multifd_cli.send.tree.scan import scan_tree
@@ -217,6 +219,73 @@ def test_tracker_kernel_on_a_tmpfs_tree(kit: Kit) -> None:
         assert_replica(src, kit.tmp / "dst2", owners=True)
     finally:
         subprocess.run(["rm", "-rf", str(src)], check=False)
+
+
+# -- the tracker itself, in process ---------------------------------------------------------------
+
+
+def _odirect_write(path: Path, offset: int) -> None:
+    buf = mmap.mmap(-1, PAGE)  # page-aligned, as O_DIRECT wants
+    buf.write(b"d" * PAGE)
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    try:
+        os.pwritev(fd, [buf], offset)
+    finally:
+        os.close(fd)
+
+
+def test_tree_tracker_sees_every_kind_of_write(kdir: Path) -> None:  # noqa: F811
+    """pwrite, a shared mapping's store, O_DIRECT, a punched hole, a truncate, and a file
+    created after the tracker started: each reaches the next window under its inode."""
+    names = ("pw", "mm", "direct", "punch", "trunc")
+    for n in names:
+        make_source(kdir / n, 1 * MiB, seed=3)
+    ino = {n: os.stat(kdir / n).st_ino for n in names}
+    with TreeKernelTracker({os.stat(kdir).st_dev: str(kdir)}) as t:
+        assert t.begin_pass().full  # the first pass reads everything
+        with open(kdir / "pw", "r+b") as f:
+            f.seek(5 * PAGE)
+            f.write(b"x")
+        with open(kdir / "mm", "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+            m[9 * PAGE] = 1
+        _odirect_write(kdir / "direct", 2 * PAGE)
+        fd = os.open(kdir / "punch", os.O_RDWR)
+        try:
+            fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+            fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+            assert fallocate(fd, 3, 0, PAGE) == 0  # PUNCH_HOLE | KEEP_SIZE
+        finally:
+            os.close(fd)
+        os.truncate(kdir / "trunc", PAGE)
+        (kdir / "new").write_bytes(b"n" * 100)
+        w = t.begin_pass()
+    assert not w.full, w.reason
+    assert any(i * PAGE <= 5 * PAGE < t.extent(i)[1] for i in w.folios.get(ino["pw"], ())), w
+    assert any(i * PAGE <= 9 * PAGE < t.extent(i)[1] for i in w.folios.get(ino["mm"], ())), w
+    assert w.nopage.get(ino["direct"], "").startswith("iomap_dio"), w.nopage
+    assert w.nopage.get(ino["punch"]) == "ext4_punch_hole", w.nopage
+    assert w.nopage.get(ino["trunc"]) == "ext4_truncate_enter", w.nopage
+    assert os.stat(kdir / "new").st_ino in w.folios, w
+
+
+@pytest.mark.parametrize("syncfs", [True, False], ids=["syncfs", "no-writeback"])
+def test_syncfs_makes_a_dirty_folio_report_again(kdir: Path, syncfs: bool) -> None:  # noqa: F811
+    """The pass start's syncfs cleans every folio, so a store to a folio dirtied before the
+    marker is reported again. The control: a pass start without writeback (as the final
+    one is) leaves it dirty, and the second store emits nothing; that is the write a
+    tracker without the writeback would miss."""
+    src = make_source(kdir / "f", 1 * MiB, seed=4)
+    ino = os.stat(src).st_ino
+    with TreeKernelTracker({os.stat(kdir).st_dev: str(kdir)}) as t:
+        t.begin_pass()
+        with open(src, "r+b") as f:
+            f.write(b"a")
+            f.flush()
+            t.begin_pass(final=not syncfs)  # final: no syncfs
+            f.seek(0)
+            f.write(b"b")
+        w = t.begin_pass()
+    assert (0 in w.folios.get(ino, ())) == syncfs, w.folios
 
 
 # -- the pure parts ----------------------------------------------------------------------------

@@ -106,6 +106,7 @@ class TreeKernelTracker(MarkedTrace):
         self.safety_net = safety_net
         self._blind = blind
         self._fds: list[int] = []
+        self._sync_error = ""
         page = os.sysconf("SC_PAGE_SIZE")
         max_pages = max(MAX_FOLIO_BYTES // page, 1)
         self.extent: Callable[[int], tuple[int, int]] = lambda i: parse.folio_extent(
@@ -144,7 +145,12 @@ class TreeKernelTracker(MarkedTrace):
         """
         t0 = time.perf_counter()
         first = self._seq == 0
+        self._sync_error = ""
         w: Window = self._close_window(lambda: None if final else self._syncfs())
+        if self._sync_error:
+            # Folios it left dirty emit nothing when stored to again: the window this
+            # marker opens cannot be trusted (the next syncfs starts a sound one).
+            self._window.lost.append(f"syncfs failed ({self._sync_error})")
         full = first or bool(w.lost)
         reason = "first pass" if first else "; ".join(dict.fromkeys(w.lost))
         return TreeWindow(self._seq, full, reason, w.folios, w.nopage, w.events,
@@ -158,7 +164,10 @@ class TreeKernelTracker(MarkedTrace):
 
     def _syncfs(self) -> None:
         for fd in self._fds:
-            syncfs(fd)
+            try:
+                syncfs(fd)
+            except OSError as e:
+                self._sync_error = e.strerror or str(e)
 
     def _ingest(self, win: Window, ev: parse.Event) -> bool:
         if isinstance(ev, parse.Folio):
