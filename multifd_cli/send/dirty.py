@@ -68,6 +68,10 @@ class Tracking:
     def tick(self) -> None:
         """Called often while a pass hands out work."""
 
+    def settle(self) -> None:
+        """Just before the pause: take in what the tracker has queued, so the final
+        pass start, which is downtime, handles only what arrives after."""
+
     def vouched(self) -> Collection[int]:
         """Filesystems (st_dev) whose tree files this pass's window accounts for: their
         mapped files need not be read for being mapped."""
@@ -130,9 +134,13 @@ class KernelTracking(Tracking):
         if not w.full:
             # What the final pass would cost the tracker: its own pass start, then reading
             # what the window reports (a source hashed whole costs its size).
+            # A final pass start that will not narrow skips the writeback, and reads
+            # the widened extents instead (narrowing kept `kept` of them).
             est = self.estimator
-            est.tracker_cost = w.cost_s
-            est.scan_bytes = w.dirty_bytes() + sum(
+            narrows, kept = self.tracker.final_narrows(), self.tracker.narrow_kept
+            est.tracker_cost = w.cost_s - (0.0 if narrows else w.writeback_s)
+            read = w.dirty_bytes() if narrows or not kept else int(w.dirty_bytes() / kept)
+            est.scan_bytes = read + sum(
                 os.stat(p).st_size for p in w.rescan if os.path.isfile(p))
 
     def spans(self, block: int, pages: int, step: int, full: bool) -> Spans:
@@ -147,6 +155,10 @@ class KernelTracking(Tracking):
         if now - self._polled >= POLL_S:
             self._polled = now
             self.tracker.poll()
+
+    def settle(self) -> None:
+        self._polled = time.monotonic()
+        self.tracker.poll()
 
     def close(self) -> None:
         self.tracker.close()
@@ -207,6 +219,10 @@ class TreeKernelTracking(Tracking):
         if now - self._polled >= POLL_S:
             self._polled = now
             self.tracker.poll()
+
+    def settle(self) -> None:
+        self._polled = time.monotonic()
+        self.tracker.poll()
 
     def fields(self) -> dict[str, Any]:
         out = super().fields()

@@ -195,6 +195,7 @@ class Switchover:
             expected_downtime_ms=round(expected * 1000, 1) if math.isfinite(expected) else None,
             remaining_bytes=self.estimator.remaining,
         )
+        self.runner.tracking.settle()
         self.writer.pause()
         self.state.stats.paused = True
         self.state.stats.final_pass_started = self.writer.paused_at  # downtime runs from here

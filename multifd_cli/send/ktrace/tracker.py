@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from multifd_cli.send.ktrace import bio, parse, tracefs
+from multifd_cli.send.ktrace.inflight import Inflight
 from multifd_cli.send.ktrace.safety import SourceStat, grown_range, rescan_reason
 from multifd_cli.send.ktrace.session import TraceSession
 from multifd_cli.send.ktrace.watched import WatchedSources, fs_reason
@@ -48,6 +49,10 @@ from multifd_cli.send.ktrace.window import MarkedTrace, Window, instance_tag
 
 DEFAULT_BUFFER_KB = 2048  # per CPU: about 30,000 folio events before an overrun
 MAX_FOLIO_BYTES = 2 << 20  # the page cache's largest folio on x86-64 and arm64 (4 KiB pages)
+# The final pass narrows large folios (by writing back their extents) only where the
+# last narrowing kept less than this share of the widened bytes: writing dirty pages
+# to disk under the pause costs more than reading them again from the page cache.
+NARROW_PAYS_BELOW = 0.5
 _MAX_INFLIGHT = 8192
 
 
@@ -67,6 +72,7 @@ class PassWindow:
     rescan: dict[str, str]
     events: int
     cost_s: float
+    writeback_s: float = 0.0  # of cost_s, the writeback (which a final pass may skip)
 
     def dirty_bytes(self) -> int:
         return sum(e - s for rs in self.ranges.values() for s, e in rs)
@@ -92,6 +98,20 @@ def writeback_batches(spans: list[tuple[int, int]], limit: int) -> list[tuple[in
     if lo >= 0:
         out.append((lo, hi))
     return out
+
+
+def overlap_bytes(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
+    """Bytes two sorted lists of disjoint ranges have in common, in one sweep."""
+    i = j = total = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            total += hi - lo
+        if a[i][1] <= b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
 
 
 def available(path: str) -> tuple[bool, str]:
@@ -150,8 +170,12 @@ class KernelTracker(MarkedTrace):
         super().__init__(order, edge_hook)
         self._blind = blind
         self._safety_net = safety_net
-        self._inflight: list[bio.Bio] = []  # queued by others, not yet seen completing
+        self._inflight = Inflight(_MAX_INFLIGHT)  # queued by others, not yet seen completing
         self._tid = -1  # the thread whose bios are our own writeback
+        # Of the bytes the last non-final window's folio extents spanned, the share
+        # that narrowing kept; None until a pass start has narrowed something.
+        self.narrow_kept: float | None = None
+        self.final_narrowed: bool | None = None  # what the final pass start chose
         # Bytes of dirty extents written back between drains: about 4 events per
         # 4 KiB block (queue and completion) must fit in a quarter of the buffer.
         self._flush_bytes = max(buffer_kb * 1024 // 4 // 200 * 4096, 64 << 10)
@@ -185,17 +209,39 @@ class KernelTracker(MarkedTrace):
     def begin_pass(self, final: bool = False) -> PassWindow:
         """Close the current window: stat, marker, writeback, drain. Then the caller reads.
 
-        `final` (the writers are paused, and no window follows): the window's own
-        dirty extents are written back (their bios narrow the folios), but not the
-        rest of the sources, which only makes every folio clean for a next window.
+        `final` (the writers are paused, and no window follows): nothing needs to be
+        clean afterwards, so the only reason to write back is narrowing. The window's
+        own dirty extents are written back (their bios narrow the folios) only where
+        narrowing last paid (NARROW_PAYS_BELOW); otherwise the pass reads the widened
+        extents from the page cache, which is sound because every folio was clean at
+        the previous pass start and so each one stored to since has an event.
         """
         t0 = time.perf_counter()
         now = self._src.stat_all()
         before = self._src.stats
         first = self._seq == 0
-        window = self._close_window(lambda: self._writeback(clean_all=not final))
+        narrow = not final or self.final_narrows()
+        if final:
+            self.final_narrowed = narrow
+        wb = 0.0
+
+        def writeback() -> None:
+            nonlocal wb
+            if narrow:
+                t1 = time.perf_counter()
+                self._writeback(clean_all=not final)
+                wb += time.perf_counter() - t1
+
+        window = self._close_window(writeback)
         self._src.stats = now
-        return self._report(window, before, now, first, time.perf_counter() - t0)
+        pw = self._report(window, before, now, first, time.perf_counter() - t0, narrow)
+        pw.writeback_s = wb
+        return pw
+
+    def final_narrows(self) -> bool:
+        """Whether a final pass start would write back to narrow: unknown (no
+        narrowing seen yet) keeps the writeback, which is safe for sparse writers."""
+        return self.narrow_kept is None or self.narrow_kept < NARROW_PAYS_BELOW
 
     def dirty_ranges(self) -> dict[str, list[tuple[int, int]]]:
         """Byte ranges dirtied since the last marker so far (a peek; begin_pass closes it).
@@ -265,14 +311,10 @@ class KernelTracker(MarkedTrace):
         elif self._blind:
             return
         elif not ev.completion:
-            self._inflight.append(ev)
-            if len(self._inflight) > _MAX_INFLIGHT:
-                # A bio-based disk never completes a request; keep the newest.
-                del self._inflight[: _MAX_INFLIGHT // 2]
+            self._inflight.add(ev)
             win.bios.append(ev)
             win.events += 1
-        elif any(q.overlaps(ev) for q in self._inflight):
-            self._inflight = [q for q in self._inflight if not q.overlaps(ev)]
+        elif self._inflight.complete(ev):
             win.bios.append(ev)
             win.events += 1
 
@@ -283,10 +325,13 @@ class KernelTracker(MarkedTrace):
         now: dict[str, SourceStat],
         first: bool,
         cost: float,
+        narrow: bool = True,
     ) -> PassWindow:
         # The carried tail (now self._window) holds writeback a flusher did after the marker.
-        written = w.own + self._window.bios
+        written = w.own + self._window.bios if narrow else None
         ranges = self._src.ranges(w.folios, w.bios, written, self._extent, w.nopage)
+        if written is not None and not first:
+            self._note_narrowing(w, ranges)
         rescan: dict[str, str] = {}
         for ino, ev in w.nopage.items():
             for p in self._src.inodes.get(ino, []):
@@ -301,6 +346,19 @@ class KernelTracker(MarkedTrace):
         full = first or bool(w.lost)
         reason = "first pass" if first else "; ".join(dict.fromkeys(w.lost))
         return PassWindow(self._seq, full, reason, ranges, rescan, w.events, cost)
+
+    def _note_narrowing(self, w: Window, ranges: dict[str, list[tuple[int, int]]]) -> None:
+        """Remember how much of the window's widened folio extents narrowing kept."""
+        wide = kept = 0
+        for ino, idx in w.folios.items():
+            paths = self._src.inodes.get(ino, [])
+            if not paths or paths[0] not in self._src.narrow:
+                continue
+            extents = parse.merge_ranges([self._extent(i) for i in idx])
+            wide += sum(e - s for s, e in extents)
+            kept += overlap_bytes(extents, ranges.get(paths[0], []))
+        if wide:
+            self.narrow_kept = kept / wide
 
     # -- teardown --------------------------------------------------------
 
