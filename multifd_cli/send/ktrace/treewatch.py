@@ -33,15 +33,15 @@ from typing import Callable, Mapping
 from multifd_cli.common.fsutil import syncfs
 from multifd_cli.send.ktrace import bio, parse, tracefs
 from multifd_cli.send.ktrace.session import TraceSession
-from multifd_cli.send.ktrace.tracker import MAX_FOLIO_BYTES
+from multifd_cli.send.ktrace.tracker import DEFAULT_BUFFER_KB, MAX_FOLIO_BYTES
 from multifd_cli.send.ktrace.watched import fs_reason
 from multifd_cli.send.ktrace.window import MarkedTrace, Window, instance_tag
 
-# Per CPU. recv writing its copy on the same disk floods the first windows with
-# events of inodes outside the tree; the pass drains every POLL_S, so the buffer
-# must hold what a disk can dirty in that time (measured: see the report in
-# tests/test_tree_ktrace.py's module docstring).
-TREE_BUFFER_KB = 8192
+# Per CPU, as for files. recv writing its copy on the same disk floods pass 1's
+# window with events of inodes outside the tree, but the pass drains every POLL_S
+# and recv's writes fill large folios (an event per folio): a 1.4 GiB tree of
+# 50,000 files copied on one disk overran none of its windows even at 512 KiB.
+TREE_BUFFER_KB = DEFAULT_BUFFER_KB
 
 
 def bdi_name(st_dev: int) -> str:
