@@ -68,7 +68,9 @@ def test_a_renamed_file_keeps_its_pages(tmp_path: Path, kit: Kit, rewrite: bool)
     recv.ok()
     second = passes(send)[1]
     assert second["tree_ops"] >= 2  # the move: UNLINK of the old path, LINK of the new
-    assert second["files_read"] == 1  # a rename moves the inode's ctime: it is read again
+    # A rename moves the inode's ctime: the stat rule reads it again; the kernel tracker
+    # (auto, as root on ext4) knows no page changed and reads it only if one was written.
+    assert second["files_read"] == (1 if rewrite or second["tracker"] != "kernel" else 0)
     assert second["normal_pages"] == (1 if rewrite else 0)
     assert second["sent_bytes"] < 64 << 10  # not 16 MiB again
     assert not seg.exists()

@@ -48,5 +48,6 @@ CASES: dict[str, Callable[[Ctx, CaseResult], None]] = {
     "tree-static": tree_static.case_tree_static,
     "tree-scan": tree_static.case_tree_scan,
     "tree-live": tree_live.case_tree_live,
+    "tree-tracker": tree_live.case_tree_tracker,
     "tree-pg": tree_pg.case_tree_pg,
 }

@@ -277,3 +277,128 @@ def case_tree_live(ctx: Ctx, res: CaseResult) -> None:
         res.error = "the copy differs from the tree at the pause" if not all(equal) else \
             "the negative control was not caught: the comparison proves nothing"
     res.raw = {"runs": runs, "control": control, "ratio": rt.as_json()}
+
+
+# -- kernel tracker vs the stat rule on a live tree --------------------------------------
+
+BIG_FILES_ENV = "MULTIFD_BENCH_TREE_TRACKER_MIB"
+BIG_PAGES_PER_S = 200  # 4 KiB stores per second into each big file
+BIG_WRITER_CODE = r"""
+import mmap, os, random, struct, sys, time
+pw, mm, rate, seed = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+rnd = random.Random(seed)
+fd = os.open(pw, os.O_RDWR)
+size = os.fstat(fd).st_size
+mfd = os.open(mm, os.O_RDWR)
+m = mmap.mmap(mfd, os.fstat(mfd).st_size, mmap.MAP_SHARED)
+print("ready", flush=True)
+n, t0 = 0, time.monotonic()
+while True:
+    while n < rate * (time.monotonic() - t0):
+        n += 1
+        data = struct.pack("<QQ", n, seed) * 256
+        os.pwrite(fd, data, rnd.randrange(size // 4096) * 4096)
+        at = rnd.randrange(len(m) // 4096) * 4096
+        m[at:at + 4096] = data
+    time.sleep(0.005)
+"""
+
+
+def tracker_run(src: Path, dst: Path, seed: int, tracker: str) -> Sample:
+    """One live migration with --tracker TRACKER: the small-file writer on src/small, the
+    big-file writer (pwrite and a shared mapping) on src/big; both paused at the end."""
+    ws = [Proc([*CHILD.multifd[:1], "-c", WRITER_CODE, str(src / "small"), "50",
+                str(1 * MiB), str(seed)]),
+          Proc([*CHILD.multifd[:1], "-c", BIG_WRITER_CODE, str(src / "big" / "pwrite.dat"),
+                str(src / "big" / "mmap.dat"), str(BIG_PAGES_PER_S), str(seed)])]
+    try:
+        for w in ws:
+            if w.first_line().strip() != "ready":
+                raise BenchError(f"writer: {w.stderr_tail()}")
+        time.sleep(1.5)
+        pause = [a for w in ws for a in ("--pause-pid", str(w.pid))]
+        s = tree_migrate(src, dst, extra=["--tracker", tracker, *pause,
+                                          "--downtime-limit", str(LIMIT_MS)])
+        if any(process_state(w.pid) != "T" for w in ws) or not s["paused"]:
+            raise BenchError("a writer is not paused after send exited")
+        s["differences"] = tree_differences(src, dst)
+    finally:
+        for w in ws:
+            w.signal(signal.SIGCONT)
+            w.kill()
+    return s
+
+
+def _later_reads(s: Sample) -> list[float]:
+    return [p["read_bytes"] for p in s["pass_events"] if p["pass"] > 1 and not p["final"]]
+
+
+def _final_reads(s: Sample) -> float:
+    return float(next(p["read_bytes"] for p in s["pass_events"] if p["final"]))
+
+
+def case_tree_tracker(ctx: Ctx, res: CaseResult) -> None:
+    """The same live tree with --tracker kernel and --tracker hash (the stat rule), interleaved."""
+    text = os.environ.get(BIG_FILES_ENV, "")
+    big = (int(text) if text.strip() else (64 if ctx.quick else 256)) * MiB
+    res.title = (f"tree-tracker: a live tree (2,000 small files, 50 ops/s) with two "
+                 f"{big // MiB} MiB files rewritten {BIG_PAGES_PER_S} pages/s each by pwrite "
+                 "and through a shared mapping: --tracker kernel vs hash")
+    res.setup = ("2,000 files of 1–64 KiB in small/ (the tree-live writer at 50 ops/s and "
+                 f"1 MiB/s of pages) and big/pwrite.dat, big/mmap.dat of {big // MiB} MiB "
+                 f"({BIG_FILES_ENV}) taking {BIG_PAGES_PER_S} random 4 KiB stores a second "
+                 "each. Both writers start, work 1.5 s, then send (2 channels) runs with "
+                 f"--pause-pid (both) --downtime-limit {LIMIT_MS} and --tracker kernel or hash, "
+                 "interleaved; the copy is compared with the paused tree path by path. "
+                 "read_bytes is the pass event's: what send's channels read from the tree. "
+                 "The hash tracker reads a file whose stat moved, or that is mapped "
+                 "shared-writable, whole; the kernel tracker reads the folios its window "
+                 "reports.")
+    base, why = probe_tree_support(ctx.disk)
+    if base is None:
+        res.error = f"multifd cannot migrate a directory in this build: {why}"
+        return
+    src, dst = ctx.disk / "tree-tracker.src", ctx.disk / "tree-tracker.dst"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir()
+    make_tree(src / "small", 2000, 64 * KiB, seed=12)
+    (src / "big").mkdir()
+    for name in ("pwrite.dat", "mmap.dat"):
+        with open(src / "big" / name, "wb") as f:
+            for _ in range(big // MiB):
+                f.write(os.urandom(MiB))
+            os.fsync(f.fileno())
+    seeds = iter(range(200, 10_000))
+    runs = interleave({"kernel": lambda: tracker_run(src, dst, next(seeds), "kernel"),
+                       "hash": lambda: tracker_run(src, dst, next(seeds), "hash")},
+                      ctx.pairs, ctx.log)
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.rmtree(dst, ignore_errors=True)
+    kn, hs = runs["kernel"], runs["hash"]
+    rows = []
+    for name, rs in (("kernel", kn), ("hash", hs)):
+        later = [med(_later_reads(x)) for x in rs if _later_reads(x)]
+        rows.append([name, spread(secs(rs, "downtime_ms"), 0), spread(secs(rs, "passes"), 0),
+                     spread(later, 1, 1 / MiB), spread([_final_reads(x) for x in rs], 1, 1 / MiB),
+                     spread(secs(rs), 2), f"{sum(not x['differences'] for x in rs)}/{len(rs)}"])
+    res.tables.append(md_table(
+        ["tracker", "downtime_ms", "passes", "MiB read per pass (2..n-1, median per run)",
+         "MiB read, final pass", "wall s", "copy equals the tree at the pause"], rows))
+    res.tables.append(md_table(
+        ["run", "tracker", "pass: read MiB / files_read / duration_ms (F: final)"],
+        [[i + 1, x["pass_events"][0]["tracker"], "; ".join(
+            f"{p['pass']}{'F' if p['final'] else ''}: {p['read_bytes'] / MiB:.1f} / "
+            f"{p['files_read']} / {p['duration_ms']}" for p in x["pass_events"])]
+         for i, x in enumerate(kn + hs)]))
+    down = ratio(secs(kn, "downtime_ms"), secs(hs, "downtime_ms"))
+    final = ratio([_final_reads(x) for x in kn], [_final_reads(x) for x in hs])
+    equal = all(not x["differences"] for x in kn + hs)
+    res.summary += [
+        ["kernel / hash, downtime", down.text(), "< 1", verdict(down.median < 1)],
+        ["kernel / hash, final pass read", final.text(), "< 1", verdict(final.median < 1)],
+        ["copy = tree at the pause", f"{sum(not x['differences'] for x in kn + hs)}/"
+         f"{len(kn + hs)}", "all", verdict(equal)],
+    ]
+    if not equal:
+        res.error = "the copy differs from the tree at the pause"
+    res.raw = {"runs": runs, "downtime_ratio": down.as_json(), "final_ratio": final.as_json()}

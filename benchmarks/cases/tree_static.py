@@ -273,7 +273,7 @@ def tree_migrate(src: Path, dst: Path, *, channels: int = 2, extra: Sequence[str
     # Of the downtime, what follows the final pass: recv's verification and fsyncs.
     after_final = (s["ts"] - final[-1]["ts"]) * 1000 if final and "ts" in s else None
     keys = ("pass", "entries", "tree_ops", "files_read", "dirty_bytes", "sent_bytes",
-            "duration_ms", "expected_downtime_ms", "final")
+            "duration_ms", "expected_downtime_ms", "final", "read_bytes", "tracker")
     return {
         "s": wall, "recv_s": recv_wall, "total_time_ms": s.get("total_time_ms"),
         "downtime_ms": s.get("downtime_ms"), "passes": s.get("passes"),

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterator, Sequence
 
 from multifd_cli.common.tables import chunk_pages
 from multifd_cli.errors import UsageError
@@ -33,6 +34,10 @@ from multifd_cli.send.sources import Source
 
 if TYPE_CHECKING:
     from multifd_cli.send.ktrace import KernelTracker, PassWindow
+    from multifd_cli.send.ktrace.treeplan import PlanStats
+    from multifd_cli.send.ktrace.treewatch import TreeKernelTracker, TreeWindow
+    from multifd_cli.send.tree.diff import ScanItem, TreeDelta
+    from multifd_cli.send.tree.source import TreeSource
 
 log = logging.getLogger("multifd")
 
@@ -66,6 +71,20 @@ class Tracking:
     def settle(self) -> None:
         """Just before the pause: take in what the tracker has queued, so the final
         pass start, which is downtime, handles only what arrives after."""
+
+    def vouched(self) -> Collection[int]:
+        """Filesystems (st_dev) whose tree files this pass's window accounts for: their
+        mapped files need not be read for being mapped."""
+        return frozenset()
+
+    def owed(self) -> Collection[tuple[int, int]]:
+        """(dev, ino) of tree files this pass must read whole whatever their stat says."""
+        return ()
+
+    def tree_items(self, delta: TreeDelta, unread: Collection[tuple[int, int]]
+                   ) -> Iterator[ScanItem]:
+        """The tree files this pass reads: every file the delta lists, whole."""
+        return delta.scan()
 
     def fields(self) -> dict[str, Any]:
         """For the pass event: which tracker, why not the kernel's, and any fallback."""
@@ -145,6 +164,78 @@ class KernelTracking(Tracking):
         self.tracker.close()
 
 
+class TreeKernelTracking(Tracking):
+    """A directory tree's passes read what the kernel window says was written.
+
+    Files on filesystems the tracker cannot watch keep the stat rule (send/tree);
+    `reason` names them, and the pass event's fallback says which files a pass
+    read whole and why.
+    """
+
+    kind = "kernel"
+
+    def __init__(self, tracker: TreeKernelTracker, untraced: str | None) -> None:
+        super().__init__(untraced)
+        self.tracker = tracker
+        self.window: TreeWindow | None = None
+        self.stats: PlanStats | None = None
+        self._owed: Collection[tuple[int, int]] = ()
+        self._polled = 0.0
+
+    def begin(self, epoch: int, full: bool, final: bool = False) -> None:
+        w = self.tracker.begin_pass(final=final)
+        # A lost window cannot vouch for the writes after the last marker: the files the
+        # last plan left to it (PlanStats.owed) are read whole.
+        self._owed = self.stats.owed if self.stats is not None and w.full else ()
+        self.window = w
+        self.stats = None
+        self._polled = time.monotonic()
+        self.fallback = None
+        if w.full and not full and epoch > 1:
+            self.fallback = f"every tree file by its stat: {w.reason}"
+            log.warning("pass %d: the kernel tracker lost events (%s); reading the tree's "
+                        "changed and mapped files whole this pass", epoch, w.reason)
+
+    def vouched(self) -> Collection[int]:
+        w = self.window
+        return frozenset() if w is None or w.full else self.tracker.devs
+
+    def owed(self) -> Collection[tuple[int, int]]:
+        return self._owed
+
+    def tree_items(self, delta: TreeDelta, unread: Collection[tuple[int, int]]
+                   ) -> Iterator[ScanItem]:
+        w = self.window
+        if w is None or w.full:
+            return delta.scan()
+        from multifd_cli.send.ktrace.treeplan import PlanStats, plan_delta
+
+        self.stats = PlanStats()
+        return plan_delta(delta, w, self.tracker.devs, unread, self.tracker.extent,
+                          self.stats, self.tracker.safety_net, self.tracker.since_marker())
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._polled >= POLL_S:
+            self._polled = now
+            self.tracker.poll()
+
+    def settle(self) -> None:
+        self._polled = time.monotonic()
+        self.tracker.poll()
+
+    def fields(self) -> dict[str, Any]:
+        out = super().fields()
+        if self.stats is not None:
+            st = self.stats
+            out.update(tracker_fallback=st.summary(), tracker_ranged_files=st.ranged,
+                       tracker_ranged_bytes=st.ranged_bytes, tracker_skipped_files=st.skipped)
+        return out
+
+    def close(self) -> None:
+        self.tracker.close()
+
+
 def page_spans(ranges: Spans, page_size: int, pages: int, step: int) -> Spans:
     """Byte ranges as page ranges rounded out to whole hash chunks, merged, cut at `step`.
 
@@ -185,18 +276,16 @@ def test_switches() -> dict[str, Any]:
 
 
 def open_tracking(setting: str, sources: Sequence[Source], page_size: int, api: bool,
-                  estimator: Estimator) -> Tracking:
+                  estimator: Estimator, tree: TreeSource | None = None) -> Tracking:
     """The tracker for this migration; UsageError when `kernel` was asked and cannot be had."""
     if api:
         return ApiTracking("the embedding API marks writes")
     if setting == "hash":
         return Tracking("--tracker hash")
+    if tree is not None:
+        return _open_tree_tracking(setting, tree)
     if not sources:
-        tree = ("a directory source reads the files whose stat changed; the kernel tracker "
-                "watches files and block devices")
-        if setting == "kernel":
-            raise UsageError(f"--tracker kernel: {tree}")
-        return Tracking(tree)
+        return Tracking("nothing to track: no file source")
     why = _unavailable(sources)
     tracker = None
     if why is None:
@@ -229,3 +318,50 @@ def _unavailable(sources: Sequence[Source]) -> str | None:
         if not ok:
             return why
     return None
+
+
+def _open_tree_tracking(setting: str, tree: TreeSource) -> Tracking:
+    """The tree tracker over every filesystem of the tree it can watch; the root's must be
+    one of them, or `kernel` is a usage error and `auto` falls back to the stat rule."""
+    fs = tree.filesystems()
+    reasons = {dev: _tree_unavailable(path) for dev, path in fs.items()}
+    root_dev = os.stat(tree.root).st_dev
+    why = reasons.get(root_dev)
+    tracker = None
+    if why is None:
+        from multifd_cli.send.ktrace.bio import DirectUnavailable
+        from multifd_cli.send.ktrace.tracefs import TracefsUnavailable
+        from multifd_cli.send.ktrace.treewatch import TreeKernelTracker
+
+        kw = test_switches()
+        try:
+            tracker = TreeKernelTracker({d: os.fsdecode(p) for d, p in fs.items()
+                                         if reasons[d] is None},
+                                        **kw)
+        except (TracefsUnavailable, DirectUnavailable, OSError) as e:
+            why = f"tracefs could not be set up: {e}"
+    if tracker is None:
+        why = f"{os.fsdecode(tree.root)}: {why}"
+        if setting == "kernel":
+            raise UsageError(f"--tracker kernel: {why}")
+        log.warning("no kernel tracker for the tree (changed and mapped files are read "
+                    "whole): %s", why)
+        return Tracking(why)
+    off = {os.fsdecode(fs[d]): r for d, r in reasons.items() if r is not None}
+    untraced = "; ".join(f"{p}: {r}" for p, r in off.items()) or None
+    if untraced:
+        log.warning("the kernel tracker cannot watch part of the tree (its changed and mapped "
+                    "files are read whole): %s", untraced)
+    log.info("kernel tracker for the tree: tracefs instance %s (%s)", tracker.instance_name,
+             tracker.method)
+    return TreeKernelTracking(tracker, untraced)
+
+
+def _tree_unavailable(path: bytes) -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "the kernel tracker needs Linux tracefs"
+    if os.geteuid() != 0:
+        return "the kernel tracker needs root (CAP_SYS_ADMIN) for tracefs"
+    from multifd_cli.send.ktrace.treewatch import tree_fs_reason
+
+    return tree_fs_reason(os.fsdecode(path))

@@ -91,7 +91,7 @@ class Orchestrator:
             self._open_sources(stack)
             self.tracking = open_tracking(self.cfg.convergence.tracker, self.blocks.sources,
                                           self.cfg.page_size, self.dirty_log is not None,
-                                          self.estimator)
+                                          self.estimator, self.blocks.tree)
             stack.callback(self.tracking.close)  # the tracefs instance, on every exit path
             self._warn_unpaused_writers()
             stack.enter_context(self.steering)

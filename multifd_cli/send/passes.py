@@ -154,7 +154,8 @@ class PassRunner:
         if tree is not None:
             # The tree's shape changes go first: recv applies them before any page of
             # this epoch, once every page of the last one is in.
-            delta = tree.advance(final, self.unread)
+            delta = tree.advance(final, [*self.unread, *self.tracking.owed()],
+                                 self.tracking.vouched())
             ops = self.transport.send_tree(epoch, delta.ops())
             sizes = [tree.total_bytes()]
             # The final pass walks the tree, and recv walks its copy to verify it
@@ -292,9 +293,10 @@ class PassRunner:
                 pool.send(c, Forget(tuple(fids)))
         res = PassResult()
         outstanding = [0] * n
-        batcher = Batcher(delta.scan(), n)
+        batcher = Batcher(self.tracking.tree_items(delta, set(self.unread)), n)
         next_id = 0
         while True:
+            self.tracking.tick()
             batcher.pull(lambda c: outstanding[c] < IN_FLIGHT)
             for c in range(n):
                 while outstanding[c] < IN_FLIGHT and (files := batcher.take(c)) is not None:

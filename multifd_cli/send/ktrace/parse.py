@@ -34,11 +34,17 @@ NOPAGE_EVENTS = (
     "ext4/ext4_truncate_enter",
 )
 
+# Direct I/O through iomap (ext4 since 5.5): its data bypasses the page cache, so no
+# folio event reports it. The events do not say whether it reads or writes (a plain
+# pwrite has no IOCB_WRITE flag), so the tree tracker reads any file they name whole.
+DIO_EVENTS = ("iomap/iomap_dio_rw_begin", "iomap/iomap_dio_complete")
+
 # The comm may hold any byte, spaces and brackets included; anchoring on the
 # end of the line makes the last "[cpu] flags ts: event:" the one that counts.
 _LINE = re.compile(r"^.*-(\d+) +\[(\d+)\] \S+ +(\d+)\.(\d+): (\w+): (.*)$")
 _FOLIO = re.compile(r"^bdi (\S*): ino=(\d+) index=(\d+)$")
 _NOPAGE_INO = re.compile(r"\bino (\d+)\b")
+_DIO_INO = re.compile(r"\bino 0x([0-9a-f]+)\b")
 _LOST = re.compile(r"^CPU:(\d+) \[LOST (\d+) EVENTS\]$")
 MARKER_EVENT = "tracing_mark_write"
 
@@ -113,6 +119,11 @@ def parse_line(line: str) -> Event | None:
         if i is None:
             return Unknown(line)
         return NoPage(ts_us, int(i.group(1)), name)
+    if any(name == e.split("/")[1] for e in DIO_EVENTS):
+        i = _DIO_INO.search(body)
+        if i is None:
+            return Unknown(line)
+        return NoPage(ts_us, int(i.group(1), 16), name)
     return Unknown(line)
 
 

@@ -50,7 +50,24 @@ class TraceSession:
         return self.inst.name
 
     def configure(self, buffer_kb: int, inodes: list[int], disks: list[int]) -> None:
-        """Clock, buffer, filters and enables, all inside the instance; then open it."""
+        """The file tracker's events: folios and no-page changes of these inodes, and
+        the block events of these disks."""
+        filt = parse.inode_filter(inodes)
+        filters = {ev: filt for ev in (parse.FOLIO_EVENT, *parse.NOPAGE_EVENTS)}
+        if disks:
+            # No sector filter: a new extent allocated after it was set would be missed.
+            # Our own writeback's bios are told apart later, by thread id.
+            dev_filt = " || ".join(f"dev == {bio.kernel_dev(d)}" for d in disks)
+            filters[bio.QUEUE_EVENT] = filters[bio.COMPLETE_EVENT] = dev_filt
+        self.start(buffer_kb, filters, optional=parse.NOPAGE_EVENTS)
+
+    def start(self, buffer_kb: int, filters: dict[str, str],
+              optional: tuple[str, ...] = ()) -> list[str]:
+        """Clock, buffer, filters and enables, all inside the instance; then open it.
+
+        An `optional` event the kernel lacks is left out; the others must exist.
+        Returns the events enabled.
+        """
         inst = self.inst
         assert inst is not None
         bad = check_format(inst)
@@ -66,24 +83,18 @@ class TraceSession:
             # The default, local, is not ordered across CPUs: the marker would not split.
             raise tracefs.TracefsUnavailable("the instance takes neither mono nor global clock")
         inst.write("buffer_size_kb", str(buffer_kb))
-        filt = parse.inode_filter(inodes)
-        events = [parse.FOLIO_EVENT] + [
-            e for e in parse.NOPAGE_EVENTS if inst.exists(f"events/{e}/enable")
-        ]
-        for ev in events:
+        enabled = []
+        for ev, filt in filters.items():
+            if ev in optional and not inst.exists(f"events/{ev}/enable"):
+                continue
             inst.write(f"events/{ev}/filter", filt)
             inst.write(f"events/{ev}/enable", "1")
-        if disks:
-            # No sector filter: a new extent allocated after it was set would be missed.
-            # Our own writeback's bios are told apart later, by thread id.
-            dev_filt = " || ".join(f"dev == {bio.kernel_dev(d)}" for d in disks)
-            for ev in (bio.QUEUE_EVENT, bio.COMPLETE_EVENT):
-                inst.write(f"events/{ev}/filter", dev_filt)
-                inst.write(f"events/{ev}/enable", "1")
+            enabled.append(ev)
         inst.write("tracing_on", "1")
         self._pipe = inst.open_fd("trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
         self._marker = inst.open_fd("trace_marker", os.O_WRONLY)
         self.overruns = self.read_overruns()
+        return enabled
 
     def mark(self, text: str) -> None:
         os.write(self._marker, text.encode())

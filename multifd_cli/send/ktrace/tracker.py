@@ -37,7 +37,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from multifd_cli.send.ktrace import bio, parse, tracefs
@@ -45,38 +45,15 @@ from multifd_cli.send.ktrace.inflight import Inflight
 from multifd_cli.send.ktrace.safety import SourceStat, grown_range, rescan_reason
 from multifd_cli.send.ktrace.session import TraceSession
 from multifd_cli.send.ktrace.watched import WatchedSources, fs_reason
+from multifd_cli.send.ktrace.window import MarkedTrace, Window, instance_tag
 
 DEFAULT_BUFFER_KB = 2048  # per CPU: about 30,000 folio events before an overrun
 MAX_FOLIO_BYTES = 2 << 20  # the page cache's largest folio on x86-64 and arm64 (4 KiB pages)
-_RESYNC_ATTEMPTS = 3
 # The final pass narrows large folios (by writing back their extents) only where the
 # last narrowing kept less than this share of the widened bytes: writing dirty pages
 # to disk under the pause costs more than reading them again from the page cache.
 NARROW_PAYS_BELOW = 0.5
 _MAX_INFLIGHT = 8192
-
-_instances_made = 0
-
-
-@dataclass
-class _Window:
-    """What the trace said about the sources since one marker."""
-
-    folios: dict[int, set[int]] = field(default_factory=dict)  # ino -> folio indexes
-    nopage: dict[int, str] = field(default_factory=dict)  # ino -> event name
-    lost: list[str] = field(default_factory=list)  # why events may be missing
-    bios: list[bio.Bio] = field(default_factory=list)  # writes that bypassed the page cache
-    own: list[bio.Bio] = field(default_factory=list)  # our writeback's bios: narrow the folios
-    events: int = 0
-
-    def absorb(self, other: _Window) -> None:
-        for ino, idx in other.folios.items():
-            self.folios.setdefault(ino, set()).update(idx)
-        self.bios.extend(other.bios)
-        self.own.extend(other.own)
-        self.nopage.update(other.nopage)
-        self.lost.extend(other.lost)
-        self.events += other.events
 
 
 @dataclass
@@ -159,7 +136,7 @@ def available(path: str) -> tuple[bool, str]:
     return True, f"tracefs ({how})"
 
 
-class KernelTracker:
+class KernelTracker(MarkedTrace):
     """Dirty folios and direct writes of a set of sources, one window per pass.
 
     Use as a context manager, or call close() on every exit path: the instance
@@ -170,10 +147,9 @@ class KernelTracker:
     `blind` (drop every write event) and `safety_net=False` (trust the events
     even when stat disagrees) exist only for the negative controls, which show
     that the stat net catches a blind tracker and that the copy goes wrong
-    without it. `order="unsound"` and `edge_hook` exist only for tests: the hook runs between
-    the two steps of a pass start ("between") and before the drain ("before
-    drain"), where a racing store shows the unsound order missing a write and
-    the carried tail of a window being needed.
+    without it. `order` and `edge_hook`: see window.MarkedTrace; a racing
+    store there shows the unsound order missing a write and the carried tail
+    of a window being needed.
     """
 
     def __init__(
@@ -191,21 +167,11 @@ class KernelTracker:
         blind: bool = False,
         safety_net: bool = True,
     ) -> None:
-        global _instances_made
-        if order not in ("sound", "unsound"):
-            raise ValueError(f"order {order!r}: sound or unsound")
-        self.order = order
+        super().__init__(order, edge_hook)
         self._blind = blind
         self._safety_net = safety_net
-        self._edge_hook = edge_hook
-        self._window = _Window()
-        self._next = _Window()
-        self._seq = 0
         self._inflight = Inflight(_MAX_INFLIGHT)  # queued by others, not yet seen completing
         self._tid = -1  # the thread whose bios are our own writeback
-        self._target: str | None = None  # the marker text this pass start waits for
-        self._past = False  # the target marker has come back: events belong to _next
-        self._tail_lost = False
         # Of the bytes the last non-final window's folio extents spanned, the share
         # that narrowing kept; None until a pass start has narrowed something.
         self.narrow_kept: float | None = None
@@ -218,10 +184,7 @@ class KernelTracker:
         self._extent: Callable[[int], tuple[int, int]] = lambda i: parse.folio_extent(
             i, page, max_pages
         )
-        if tag is None:
-            _instances_made += 1
-            tag = None if _instances_made == 1 else str(_instances_made)
-        name = f"{tracefs.INSTANCE_PREFIX}{os.getpid()}" + (f"-{tag}" if tag else "")
+        name = instance_tag(tag)
         self._src = WatchedSources(paths, direct)
         if not narrow:
             self._src.narrow.clear()
@@ -235,20 +198,6 @@ class KernelTracker:
         except BaseException:
             self.close()
             raise
-
-    @property
-    def instance_name(self) -> str:
-        return self._trace.name
-
-    @property
-    def method(self) -> str:
-        """How tracefs was reached: mounted:<path>, detached or namespace."""
-        return self._trace.method
-
-    @property
-    def swept(self) -> list[str]:
-        """Stale instances of killed senders that this one removed at start."""
-        return self._trace.swept
 
     @property
     def direct_off(self) -> dict[str, str]:
@@ -272,35 +221,18 @@ class KernelTracker:
         before = self._src.stats
         first = self._seq == 0
         narrow = not final or self.final_narrows()
-        wb = 0.0
         if final:
             self.final_narrowed = narrow
-        for _attempt in range(_RESYNC_ATTEMPTS):
-            self._seq += 1
-            # The next marker's window starts empty; a retry folds the old tail in.
-            self._window.absorb(self._next)
-            self._next = _Window()
-            self._tail_lost = False
-            if self.order == "unsound":
-                self._writeback()
-                self._edge("between")
-                self._mark()
-            else:
-                self._mark()
-                self._edge("between")
-                if narrow:
-                    t1 = time.perf_counter()
-                    self._writeback(clean_all=not final)
-                    wb += time.perf_counter() - t1
-            self._edge("before drain")
-            self._drain(wait_marker=True)
-            if not self._tail_lost:
-                break
-        window, self._window, self._next = self._window, self._next, _Window()
-        self._target = None  # until the next pass start, events belong to the carried window
-        if self._tail_lost:
-            # Even the last marker's tail is incomplete: the next pass is blind too.
-            self._window.lost.append("the trace kept overrunning while re-marking")
+        wb = 0.0
+
+        def writeback() -> None:
+            nonlocal wb
+            if narrow:
+                t1 = time.perf_counter()
+                self._writeback(clean_all=not final)
+                wb += time.perf_counter() - t1
+
+        window = self._close_window(writeback)
         self._src.stats = now
         pw = self._report(window, before, now, first, time.perf_counter() - t0, narrow)
         pw.writeback_s = wb
@@ -311,29 +243,16 @@ class KernelTracker:
         narrowing seen yet) keeps the writeback, which is safe for sparse writers."""
         return self.narrow_kept is None or self.narrow_kept < NARROW_PAYS_BELOW
 
-    def poll(self) -> None:
-        """Drain mid-pass so a long pass does not overrun the buffer."""
-        self._drain(wait_marker=False)
-
     def dirty_ranges(self) -> dict[str, list[tuple[int, int]]]:
         """Byte ranges dirtied since the last marker so far (a peek; begin_pass closes it).
 
         Whole folio extents: narrowing them is only sound after a writeback.
         """
         self.poll()
-        w = _Window()
+        w = Window()
         w.absorb(self._window)
         w.absorb(self._next)
         return self._src.ranges(w.folios, w.bios, None, self._extent, w.nopage)
-
-    def _edge(self, stage: str) -> None:
-        if self._edge_hook is not None:
-            self._edge_hook(stage)
-
-    def _mark(self) -> None:
-        self._target = f"multifd {os.getpid()} {self._seq}"
-        self._past = False
-        self._trace.mark(self._target)
 
     def _writeback(self, clean_all: bool = True) -> None:
         """Write back in pieces the buffer can hold, draining between them.
@@ -357,46 +276,7 @@ class KernelTracker:
         if clean_all:
             self._src.writeback()
 
-    def _drain(self, wait_marker: bool) -> None:
-        """Read the pipe dry, sorting events either side of the current marker.
-
-        With `wait_marker`, keep reading until the marker has come back. A loss
-        seen after the marker, or any overrun, sets _tail_lost: the window the
-        marker opens may be missing events too.
-        """
-        for tries in range(200):
-            got = self._trace.read_lines()
-            for line in got:
-                ev = parse.parse_line(line)
-                if ev is None:
-                    continue
-                if isinstance(ev, parse.Marker):
-                    if self._target is not None and ev.text == self._target:
-                        self._past = True
-                    continue
-                win = self._next if self._past and self._target is not None else self._window
-                if self._ingest(win, ev) and self._past:
-                    self._tail_lost = True
-            done = self._past or not wait_marker or self._target is None
-            if done and not got and not self._trace.split.pending:
-                break
-            if not got:
-                if self._trace.read_overruns() != self._trace.overruns:
-                    break  # the marker was overwritten: waiting cannot bring it back
-                time.sleep(0.001 * min(tries + 1, 10))
-        over = self._trace.read_overruns()
-        if wait_marker and self._target is not None and not self._past:
-            self._window.lost.append("the pass marker never came back from the trace")
-            self._tail_lost = True
-        if over != self._trace.overruns:
-            # The counters cannot say where the loss fell, so assume after the marker too.
-            self._window.lost.append(
-                f"the trace buffer overran ({over - self._trace.overruns} events)"
-            )
-            self._tail_lost = True
-        self._trace.overruns = over
-
-    def _ingest(self, win: _Window, ev: parse.Event) -> bool:
+    def _ingest(self, win: Window, ev: parse.Event) -> bool:
         """Add one event to a window; True if it says events were lost."""
         if self._blind and isinstance(ev, (parse.Folio, parse.NoPage)):
             return False
@@ -420,7 +300,7 @@ class KernelTracker:
             return True
         return False
 
-    def _ingest_bio(self, win: _Window, ev: bio.Bio) -> None:
+    def _ingest_bio(self, win: Window, ev: bio.Bio) -> None:
         if not ev.completion and ev.pid == self._tid:
             # Our own writeback: no write of anyone's, but it narrows folio extents,
             # those of the window being closed and those carried past the marker,
@@ -440,7 +320,7 @@ class KernelTracker:
 
     def _report(
         self,
-        w: _Window,
+        w: Window,
         before: dict[str, SourceStat],
         now: dict[str, SourceStat],
         first: bool,
@@ -467,7 +347,7 @@ class KernelTracker:
         reason = "first pass" if first else "; ".join(dict.fromkeys(w.lost))
         return PassWindow(self._seq, full, reason, ranges, rescan, w.events, cost)
 
-    def _note_narrowing(self, w: _Window, ranges: dict[str, list[tuple[int, int]]]) -> None:
+    def _note_narrowing(self, w: Window, ranges: dict[str, list[tuple[int, int]]]) -> None:
         """Remember how much of the window's widened folio extents narrowing kept."""
         wide = kept = 0
         for ino, idx in w.folios.items():

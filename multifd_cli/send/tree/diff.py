@@ -48,6 +48,7 @@ class ScanItem(NamedTuple):
     dev: int
     ino: int
     size: int
+    ranges: tuple[tuple[int, int], ...] | None = None  # byte ranges to read; None: all
 
 
 class _Found:

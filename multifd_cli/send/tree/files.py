@@ -10,6 +10,7 @@ while it reads it, so no descriptor per file outlives its read.
 from __future__ import annotations
 
 import os
+from array import array
 from typing import Callable
 
 from multifd_cli import wire as P
@@ -21,6 +22,7 @@ from multifd_cli.send.tree.diff import ScanItem
 from multifd_cli.send.tree.scan import open_scanned
 
 READ_BYTES = 1 << 20
+UNKNOWN = (1 << 64) - 1  # a page hash slot no pass filled
 
 
 class TreeReader:
@@ -61,9 +63,18 @@ class TreeReader:
         if len(table) > n + 1:
             del table[n + 1 :]
         base = item.fid << P.TREE_SHIFT
-        pos = 0
-        while pos < size:
-            want = min(READ_BYTES, size - pos)
+        for lo, hi in read_spans(item, ps):
+            if len(table) < lo // ps + 1:
+                # Pages before this range that no pass read (cannot happen while the
+                # kernel tracker reads a file whole first): a hash that matches nothing.
+                table.extend([UNKNOWN] * (lo // ps + 1 - len(table)))
+            self._scan_span(fd, block, base, lo, hi, table, client, res)
+
+    def _scan_span(self, fd: int, block: int, base: int, pos: int, end: int,
+                   table: array[int], client: PagedClient, res: ScanResult) -> None:
+        ps = self.page_size
+        while pos < end:
+            want = min(READ_BYTES, end - pos)
             data = os.pread(fd, want, pos)
             res.read_bytes += len(data)
             if len(data) < want:
@@ -91,3 +102,21 @@ class TreeReader:
             client.detach()
             pos += want
             self._tick()
+
+
+def read_spans(item: ScanItem, page_size: int) -> list[tuple[int, int]]:
+    """The page-aligned byte ranges of ITEM a pass reads: all of it, or the ranges the
+    kernel tracker named (rounded out to whole pages, cut at the walk's size)."""
+    size = item.size
+    if item.ranges is None:
+        return [(0, size)] if size else []
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(item.ranges):
+        lo, hi = s // page_size * page_size, min(size, -(-e // page_size) * page_size)
+        if lo >= hi:
+            continue
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(hi, out[-1][1]))
+        else:
+            out.append((lo, hi))
+    return out

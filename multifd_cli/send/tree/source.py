@@ -18,7 +18,7 @@ import os
 import stat
 import time
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import Callable
 
 from multifd_cli import wire as P
@@ -29,6 +29,7 @@ from multifd_cli.net.address import ImagePath
 from multifd_cli.send.tree.diff import ScanItem, TreeDelta, TreeTracker, diff_snapshots, dir_finish
 from multifd_cli.send.tree.procmaps import shared_writable_mapped
 from multifd_cli.send.tree.scan import (
+    DIR,
     FILE,
     Selection,
     Snapshot,
@@ -63,10 +64,13 @@ class TreeSource:
         self._warned_sockets = False
 
     # -- per pass ---------------------------------------------------------------------------
-    def advance(self, final: bool, unread: Iterable[tuple[int, int]] = ()) -> TreeDelta:
+    def advance(self, final: bool, unread: Iterable[tuple[int, int]] = (),
+                vouched: Collection[int] = ()) -> TreeDelta:
         """Walk the tree and return what changed since the last pass. UNREAD are the
         (dev, ino) of files the last pass could not read at their path: they are read
-        this pass whatever their stat says."""
+        this pass whatever their stat says. VOUCHED are filesystems (st_dev) whose
+        files the kernel tracker's window accounts for: a mapping's stores there
+        dirty folios, which it reports, so being mapped is no reason to read them."""
         t0 = time.monotonic()
         snap = self._next
         self._next = None
@@ -76,6 +80,8 @@ class TreeSource:
             else:
                 snap = self._scan()
         mapped = shared_writable_mapped() if os.geteuid() == 0 else set()
+        if vouched:
+            mapped = {k for k in mapped if k[0] not in vouched}
         mapped.update(unread)
         if snap is self.tracker.snapshot:
             delta, _ = diff_snapshots(snap, snap, self.tracker.next_fid)
@@ -98,6 +104,17 @@ class TreeSource:
         snap = self.tracker.snapshot
         assert snap is not None, "no pass has walked the tree yet"
         return snap
+
+    def filesystems(self) -> dict[int, bytes]:
+        """st_dev -> the path of a directory (or a file) on it, for every filesystem the
+        latest walk found files or directories on."""
+        snap = self._next if self._next is not None else self.snapshot
+        found: dict[int, bytes] = {}
+        kind, dev = snap.kind, snap.dev
+        for i in range(len(snap)):
+            if kind[i] in (DIR, FILE) and dev[i] not in found:
+                found[dev[i]] = os.path.join(self.root, snap.path(i)) if i else self.root
+        return found
 
     def total_bytes(self) -> int:
         """Bytes of regular files in the latest walk: the tree's size for progress."""
@@ -195,7 +212,8 @@ class Batcher:
             c = item.fid % n
             batch = self.open[c]
             batch.append(item)
-            self.bytes[c] += item.size
+            self.bytes[c] += item.size if item.ranges is None else sum(
+                e - s for s, e in item.ranges)
             if len(batch) >= BATCH_FILES or self.bytes[c] >= BATCH_BYTES:
                 self.full[c].append(tuple(batch))
                 self.open[c] = []
