@@ -844,7 +844,11 @@ def _global_state() -> dict[str, str]:
                 out[rel] = os.read(fd, 1 << 16).decode()
             finally:
                 os.close(fd)
-        out["instances"] = " ".join(tracefs.list_instances(root))
+        # Only this process's instances: another multifd on the machine (a guardian
+        # still sweeping an earlier test's, a helper's run) may add or remove its own.
+        mine = f"{tracefs.INSTANCE_PREFIX}{os.getpid()}"
+        out["instances"] = " ".join(
+            i for i in tracefs.list_instances(root) if i == mine or i.startswith(mine + "-"))
     finally:
         os.close(root)
     with open("/proc/self/mountinfo") as f:
