@@ -122,6 +122,33 @@ def test_files_and_a_directory_make_one_tree(tmp_path: Path, kit: Kit) -> None:
     assert sha256(dest / "etc" / "extra.cfg") == sha256(base / "etc" / "extra.cfg")
 
 
+@pytest.mark.parametrize("which", ["named", "walked"])
+def test_a_named_file_replaced_mid_run_is_exit_7_as_alone(tmp_path: Path, kit: Kit,
+                                                         which: str) -> None:
+    """Beside a directory, a file named on the command line keeps a lone file's rule:
+    an atomic save over it is exit 7, with DEST untouched. The same save of a file the
+    walk found inside the directory is followed (the control)."""
+    base = tmp_path / "base"
+    (base / "data").mkdir(parents=True)
+    write_random(base / "data" / "inner", 50_000)
+    write_random(base / "conf.txt", 5000, seed=3)
+    target = base / "conf.txt" if which == "named" else base / "data" / "inner"
+    new = tmp_path / "new"
+    write_random(new, 6000, seed=9)
+    hook = once(tmp_path / "done", f"mv {shlex.quote(str(new))} {shlex.quote(str(target))}")
+    dest = tmp_path / "dest"
+    send, recv = migrate(kit, [base / "data", base / "conf.txt"], dest,
+                         env={"MULTIFD_TEST_BETWEEN_PASSES": hook})
+    if which == "walked":
+        send.ok()
+        recv.ok()
+        assert sha256(dest / "data" / "inner") == sha256(target)
+        return
+    assert "conf.txt was replaced during the migration" in send.error(7)
+    recv.error(2, 3, 4, 7)  # recv lost its peer: no copy to keep
+    assert not dest.exists()
+
+
 def test_an_unchanged_tree_is_not_read_again(tmp_path: Path, kit: Kit) -> None:
     """Pass 2 over a tree nobody writes reads no file: size, mtime, ctime and inode
     decide, under a pause mechanism too (the final pass is pass 2 here)."""

@@ -49,17 +49,23 @@ class Source:
         """The path must still name the file we read. A file renamed over SRC, or
         SRC deleted, would otherwise be copied and verified as it was: a copy of
         something nobody sees any more."""
-        try:
-            now = os.stat(self.path)
-        except FileNotFoundError:
-            raise IOFailure(f"source {self.path} was deleted during the migration") from None
-        except OSError as e:
-            raise IOFailure(f"source {self.path}: {e.strerror}") from None
-        if (now.st_dev, now.st_ino) != self.identity:
-            raise IOFailure(
-                f"source {self.path} was replaced during the migration (a file was renamed "
-                "over it): start again to copy the new file"
-            )
+        check_still_named(self.path, self.identity)
+
+
+def check_still_named(path: str, identity: tuple[int, int], follow: bool = True) -> None:
+    """IOFailure (exit 7) unless PATH still names the file (st_dev, st_ino) IDENTITY:
+    a SOURCE named on the command line is that file, not whatever later takes its name."""
+    try:
+        now = os.stat(path, follow_symlinks=follow)
+    except FileNotFoundError:
+        raise IOFailure(f"source {path} was deleted during the migration") from None
+    except OSError as e:
+        raise IOFailure(f"source {path}: {e.strerror}") from None
+    if (now.st_dev, now.st_ino) != identity:
+        raise IOFailure(
+            f"source {path} was replaced during the migration (a file was renamed "
+            "over it): start again to copy the new file"
+        )
 
 
 def source_names(args: Sequence[str]) -> list[tuple[str, str]]:

@@ -26,6 +26,7 @@ from multifd_cli.common.manifest import ManifestOptions
 from multifd_cli.config import SendConfig
 from multifd_cli.errors import IOFailure, UsageError
 from multifd_cli.net.address import ImagePath
+from multifd_cli.send.sources import check_still_named
 from multifd_cli.send.tree.diff import ScanItem, TreeDelta, TreeTracker, diff_snapshots, dir_finish
 from multifd_cli.send.tree.procmaps import shared_writable_mapped
 from multifd_cli.send.tree.scan import (
@@ -51,10 +52,15 @@ class TreeSource:
     """One directory source, pass after pass."""
 
     def __init__(self, root: str, *, one_file_system: bool = False,
-                 stale_final: bool = False, only: Selection | None = None) -> None:
+                 stale_final: bool = False, only: Selection | None = None,
+                 named: dict[str, tuple[int, int]] | None = None) -> None:
         self.root = os.fsencode(root)
         self.one_file_system = one_file_system
         self.only = only  # several SOURCEs: what of their common directory is walked
+        # Several SOURCEs: the ones that are not directories, with their (dev, ino). A
+        # file named on the command line keeps a lone file's rule: replaced or deleted
+        # during the migration is exit 7, where a file found by the walk is followed.
+        self.named = named or {}
         self.stale_final = stale_final  # test-only: the final pass does not walk again
         self.tracker = TreeTracker()
         t0 = time.monotonic()
@@ -72,6 +78,8 @@ class TreeSource:
         files the kernel tracker's window accounts for: a mapping's stores there
         dirty folios, which it reports, so being mapped is no reason to read them."""
         t0 = time.monotonic()
+        for path, identity in self.named.items():
+            check_still_named(path, identity, follow=False)
         snap = self._next
         self._next = None
         if snap is None:
@@ -262,12 +270,16 @@ def open_tree(cfg: SendConfig, stale_final: bool = False) -> TreeSource | None:
     if len(cfg.sources) == 1:
         return TreeSource(first, one_file_system=cfg.reading.one_file_system,
                           stale_final=stale_final)
-    paths = []
+    paths, named = [], {}
     for arg in cfg.sources:
-        if not os.path.lexists(arg):
-            raise UsageError(f"source {arg} does not exist")
+        try:
+            st = os.lstat(arg)
+        except OSError:
+            raise UsageError(f"source {arg} does not exist") from None
         paths.append(os.path.abspath(arg))
+        if not stat.S_ISDIR(st.st_mode) and arg not in dirs:
+            named[paths[-1]] = (st.st_dev, st.st_ino)
     root = os.path.commonpath([os.path.dirname(p) for p in paths])
     rel = [os.fsencode(os.path.relpath(p, root)) for p in paths]
     return TreeSource(root, one_file_system=cfg.reading.one_file_system,
-                      stale_final=stale_final, only=selection(rel))
+                      stale_final=stale_final, only=selection(rel), named=named)
