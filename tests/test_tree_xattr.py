@@ -370,10 +370,24 @@ def test_a_copy_that_lost_an_xattr_fails_verification_with_exit_6(tmp_path: Path
     src.mkdir()
     build_tagged(src)
     marker = tmp_path / "removed"
-    hook = (f"{sys.executable} -c \"import glob, os, sys; "
-            f"ps = glob.glob('{tmp_path}/.dest.multifd-*/tree/dir/sub/f'); "
-            f"[os.removexattr(p, 'user.deep') for p in ps]; "
-            f"ps and not os.path.exists('{marker}') and open('{marker}', 'w').close()\"")
+    # recv sets a pass's xattrs as it closes the epoch, which may come after send's
+    # hook starts (no pause: send does not wait for the ack), so wait for it first.
+    script = tmp_path / "hook.py"
+    script.write_text(f"""import errno, glob, os, time
+if not os.path.exists({str(marker)!r}):
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            for p in glob.glob({str(tmp_path)!r} + "/.dest.multifd-*/tree/dir/sub/f"):
+                os.removexattr(p, "user.deep")
+                open({str(marker)!r}, "w").close()
+                raise SystemExit(0)
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                raise
+        time.sleep(0.02)
+""")
+    hook = f"{sys.executable} {script}"
     send, recv = migrate(kit, src, dest, "--preserve",
                          env={"MULTIFD_TEST_BETWEEN_PASSES": hook})
     assert marker.exists(), f"the hook never found the copy in the making: {send}"
