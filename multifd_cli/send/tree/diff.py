@@ -144,7 +144,8 @@ class TreeDelta:
     def scan(self) -> Iterator[ScanItem]:
         new = self.new
         for c in self.found.scan:
-            yield ScanItem(new.fid[c], new.path(c), new.dev[c], new.ino[c], new.size[c])
+            dev, ino = new.key(c)
+            yield ScanItem(new.fid[c], new.path(c), dev, ino, new.size[c])
 
 
 def _create_other(new: Snapshot, c: int) -> TreeOp:
@@ -227,7 +228,7 @@ class _Differ:
         # Every file id a path kept, whatever its link count said: a walk that races
         # with link() or unlink() can see one inode with different link counts at its
         # paths, so nlink alone cannot say whether a file that lost a path still has one.
-        self.kept = array("q")
+        self.kept = array("i")
 
     def match(self, old: Snapshot) -> None:
         """Pair old and new entries by path, directory by directory from the root."""
@@ -273,7 +274,7 @@ class _Differ:
         if kind == DIR:
             return True
         if kind == FILE:
-            if old.ino[o] != new.ino[c] or old.dev[o] != new.dev[c]:
+            if old.ino[o] != new.ino[c] or old.devs[old.dev[o]] != new.devs[new.dev[c]]:
                 return False
             new.fid[c] = old.fid[o]
             self.kept.append(old.fid[o])
@@ -378,7 +379,11 @@ class _Differ:
         fresh: set[int] = set()  # new fids with more than one link
         # Fresh paths with several links first, so that a path of the same inode seen
         # with one link (before the link existed) finds their id.
-        self.added_files = array("i", sorted(self.added_files, key=lambda c: new.nlink[c] <= 1))
+        # (Two filtering passes, not sorted(): that would hold a Python int per file.)
+        nlink, added = new.nlink, self.added_files
+        self.added_files = array("i", (c for c in added if nlink[c] > 1))
+        self.added_files.extend(c for c in added if nlink[c] <= 1)
+        del added
         xp = found.xattrs
         for c in self.added_files:
             key = new.key(c)
