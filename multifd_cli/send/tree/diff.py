@@ -274,7 +274,7 @@ class _Differ:
         if kind == DIR:
             return True
         if kind == FILE:
-            if old.ino[o] != new.ino[c] or old.devs[old.dev[o]] != new.devs[new.dev[c]]:
+            if old.ino[o] != new.ino[c] or old.devs.numbers[old.dev[o]] != new.devs.numbers[new.dev[c]]:
                 return False
             new.fid[c] = old.fid[o]
             self.kept.append(old.fid[o])

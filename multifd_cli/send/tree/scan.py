@@ -39,6 +39,24 @@ _KINDS = {
 
 #: The next wider array type of an unsigned column whose value did not fit.
 _WIDER = {"B": "H", "H": "I", "I": "Q"}
+#: Snapshot's columns that start narrow and widen (in the order add() fills them).
+NARROW = ("uid", "gid", "size", "dev", "ino", "nlink", "name_end")
+
+
+class Devices:
+    """The distinct st_dev values one walk met, in the order it met them: a tree
+    spans one device, or a few with mount points inside, so Snapshot.dev holds a
+    1-byte index into `numbers` instead of an 8-byte device number."""
+
+    def __init__(self) -> None:
+        self.numbers: list[int] = []
+        self.index: dict[int, int] = {}  # st_dev -> its position in numbers
+
+    def add(self, dev: int) -> int:
+        """DEV's index, given it one if it is new."""
+        i = self.index[dev] = len(self.numbers)
+        self.numbers.append(dev)
+        return i
 
 
 class Snapshot:
@@ -50,15 +68,11 @@ class Snapshot:
     over 65,535 makes uid 4 bytes, a file of 4 GiB makes size 8 bytes, an inode
     number or a total of names over 4 GiB make ino or name_end 8 bytes. nlink is 1
     byte until some directory has more than 253 subdirectories. dev holds an index
-    into `devs`, the tree's few distinct device numbers (1 byte for up to 256
-    devices, then 2). mtime and ctime stay 8-byte nanoseconds: the diff compares
+    into `devs` (Devices; 1 byte for up to 256 devices, then 2). mtime and ctime stay 8-byte nanoseconds: the diff compares
     them exactly. fid is 4 bytes: file ids stop at wire MAX_FILE_ID (2**24 - 1).
     """
 
-    NARROW = ("uid", "gid", "size", "dev", "ino", "nlink", "name_end")
-
-    def __init__(self, root: bytes, started_ns: int = 0) -> None:
-        self.root = root
+    def __init__(self, started_ns: int = 0) -> None:
         # When the walk began, by the wall clock that stamps ctimes (see diff's RACY_NS).
         self.started_ns = started_ns
         self.kind = array("B")
@@ -75,8 +89,7 @@ class Snapshot:
         self.fid = array("i")  # assigned by the diff; -1 until then and for non-files
         self.names = bytearray()
         self.name_end = array("I")
-        self.devs: list[int] = []  # st_dev of each index dev holds
-        self._dev_index: dict[int, int] = {}
+        self.devs = Devices()
         # Rare per-entry values live in dicts keyed by index, not in a slot per entry.
         self.target: dict[int, bytes] = {}
         self.rdev: dict[int, int] = {}
@@ -89,10 +102,9 @@ class Snapshot:
     def add(self, name: bytes, parent: int, st: os.stat_result, kind: int) -> int:
         """Append one entry; returns its index."""
         n = len(self.kind)
-        d = self._dev_index.get(st.st_dev)
+        d = self.devs.index.get(st.st_dev)
         if d is None:
-            d = self._dev_index[st.st_dev] = len(self.devs)
-            self.devs.append(st.st_dev)
+            d = self.devs.add(st.st_dev)
         self.names += name
         try:
             self.uid.append(st.st_uid)
@@ -116,7 +128,7 @@ class Snapshot:
     def _append_widening(self, n: int, values: Sequence[int]) -> None:
         """Append entry N's NARROW values, widening each column one does not fit.
         Columns before the one that overflowed already hold entry N: trimmed first."""
-        for col, value in zip(self.NARROW, values):
+        for col, value in zip(NARROW, values):
             a: array[int] = getattr(self, col)
             del a[n:]
             while not _fits(a.typecode, value):
@@ -141,7 +153,7 @@ class Snapshot:
 
     def key(self, i: int) -> tuple[int, int]:
         """(st_dev, st_ino): the entry's inode."""
-        return self.devs[self.dev[i]], self.ino[i]
+        return self.devs.numbers[self.dev[i]], self.ino[i]
 
     def per_entry(self) -> int:
         """Bytes one more entry costs in the fixed-width columns (names aside)."""
@@ -223,7 +235,7 @@ def scan_tree(root: str | bytes | os.PathLike[str], *, one_file_system: bool = F
         raise IOFailure(f"{os.fsdecode(rootb)}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{os.fsdecode(rootb)}: not a directory")
-    snap = Snapshot(rootb, time.time_ns())
+    snap = Snapshot(time.time_ns())
     snap.add(b"", -1, st, DIR)
     _walk(snap, rootb, st.st_dev if one_file_system else None, only)
     return snap
