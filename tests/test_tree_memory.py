@@ -1,5 +1,6 @@
-"""What a directory tree costs send per entry (issue 12), and the narrow columns'
-fallbacks when a value does not fit.
+"""What a directory tree costs per entry (issue 12): send's Snapshot columns and their
+fallbacks when a value does not fit, and recv's two per-file structures (the
+manifest walk's link keys, the TREE operations held until an epoch closes).
 
 Send holds two Snapshots at once while it diffs a pass; the issue allows about 200
 bytes per file on each side. These tests bound the bytes the arrays really hold
@@ -11,11 +12,16 @@ The RSS figure itself comes from benchmarks/tree_memory.py, not from a test.
 from __future__ import annotations
 
 import os
+import sys
 from array import array
 from pathlib import Path
 
+from multifd_cli.common.manifest import ManifestOptions, walk_manifest
+from multifd_cli.recv.treeorder import HeldOps
 from multifd_cli.send.tree.diff import diff_snapshots
-from multifd_cli.send.tree.scan import DIR, FILE, Snapshot, scan_tree
+from multifd_cli.send.tree.scan import DIR, FILE, NARROW, Snapshot, scan_tree
+from multifd_cli.wire.treecodec import encode_xattrs
+from multifd_cli.wire.treeops import Op, TreeOp
 
 # Fixed-width bytes per entry of one Snapshot: 45 today (kind 1, mode 2, uid 2, gid 2,
 # size 4, mtime 8, ctime 8, dev 1, ino 4, nlink 1, parent 4, fid 4, name_end 4). Two of
@@ -41,7 +47,7 @@ def _stat(mode: int, *, ino: int, dev: int = 2049, nlink: int = 1, uid: int = 10
 def _synthetic(entries: list[tuple[bytes, os.stat_result]], root_dev: int = 2049) -> Snapshot:
     """A root directory holding ENTRIES, as scan_tree would record them, walked well
     after their ctimes (no entry is racily clean)."""
-    snap = Snapshot(b"/nonexistent", 1_800_000_000 * NS)
+    snap = Snapshot(1_800_000_000 * NS)
     snap.add(b"", -1, _stat(0o40755, ino=2, dev=root_dev, nlink=2), DIR)
     for name, st in entries:
         snap.add(name, 0, st, FILE)
@@ -90,14 +96,14 @@ def test_values_too_big_for_a_column_widen_it_and_keep_every_value() -> None:
         assert snap.nlink[i] == st.st_nlink
         assert (snap.mtime[i], snap.ctime[i], snap.parent[i], snap.fid[i]) == (
             st.st_mtime_ns, st.st_ctime_ns, 0, -1)
-    columns = [getattr(snap, c) for c in Snapshot.NARROW]
+    columns = [getattr(snap, c) for c in NARROW]
     assert {len(a) for a in columns} == {len(snap)}
 
 
 def test_more_than_256_devices_widen_the_device_index() -> None:
     entries = [(b"f%d" % d, _stat(0o100644, ino=7, dev=1000 + d)) for d in range(300)]
     snap = _synthetic(entries)
-    assert snap.dev.typecode == "H" and len(snap.devs) == 301  # and the root's
+    assert snap.dev.typecode == "H" and len(snap.devs.numbers) == 301  # and the root's
     assert [snap.key(i) for i in range(1, len(snap))] == [(1000 + d, 7) for d in range(300)]
 
 
@@ -109,7 +115,7 @@ def test_the_diff_compares_devices_not_their_indices() -> None:
     first = _synthetic([(b"a", one), (b"b", two)], root_dev=111)
     _, next_fid = diff_snapshots(None, first)
     again = _synthetic([(b"a", one), (b"b", two)], root_dev=222)  # met in the other order
-    assert (first.devs, again.devs) == ([111, 222], [222, 111])
+    assert (first.devs.numbers, again.devs.numbers) == ([111, 222], [222, 111])
     assert [again.key(i) for i in (1, 2)] == [(111, 5), (222, 5)]
     delta, _ = diff_snapshots(first, again, next_fid)
     assert delta.empty(), delta.summary()
@@ -117,3 +123,44 @@ def test_the_diff_compares_devices_not_their_indices() -> None:
     moved = _synthetic([(b"a", one), (b"b", _stat(0o100644, ino=5, dev=333))], root_dev=111)
     delta, _ = diff_snapshots(first, moved, next_fid)
     assert delta.summary()["created"] == 1 and delta.dropped == [first.fid[2]]
+
+
+def _linked_tree(root: Path) -> None:
+    root.mkdir()
+    for i in range(20):
+        (root / f"f{i}").write_bytes(b"%d" % i)
+    os.link(root / "f0", root / "f0-again")  # one real hard-link group
+
+
+def test_recv_manifest_ignores_the_id_links_but_keeps_link_groups(tmp_path: Path) -> None:
+    """recv's staged files each have one more link, in its id directory, outside the
+    walked tree: with links_outside=1 its manifest equals the source's, hard-link
+    group included, without remembering every file. Negative control: the same count
+    on a tree without those links drops the group, so the digest changes."""
+    src, staged, ids = tmp_path / "src", tmp_path / "staged", tmp_path / "ids"
+    _linked_tree(src)
+    _linked_tree(staged)
+    ids.mkdir()
+    for i, p in enumerate(sorted(staged.iterdir())):
+        if p.name != "f0-again":
+            os.link(p, ids / f"{i:x}")
+    opts = ManifestOptions(mtimes=False)
+    want = walk_manifest(src, opts)
+    got = walk_manifest(staged, opts, links_outside=1)
+    assert (got.count, got.digest()) == (want.count, want.digest())
+    assert walk_manifest(src, opts, links_outside=1).digest() != want.digest()
+
+
+def test_held_ops_come_back_as_they_arrived() -> None:
+    """recv holds a pass's TIMES (and early shape ops) encoded; applied later, they
+    must be the same operations in the same order, message by message."""
+    first = (TreeOp(Op.MKDIR, b"d", mode=0o755),
+             TreeOp(Op.CREATE, b"d/f\xff", 7, 0o640, 1000, 1000, 4096),
+             TreeOp(Op.SYMLINK, b"d/l", uid=0, gid=0, target=b"../elsewhere"))
+    second = (TreeOp(Op.XATTRS, b"d/f\xff", 7, target=encode_xattrs([(b"user.a", b"1")])),
+              TreeOp(Op.TIMES, b"d/f\xff", 7, mtime_ns=1_700_000_000_123_456_789))
+    held = HeldOps()
+    held.extend(first)
+    held.extend(second)
+    assert list(held.batches()) == [first, second]
+    assert sum(map(len, held.payloads)) < sum(map(sys.getsizeof, first + second))
