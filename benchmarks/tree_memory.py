@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
 """Per-file memory of send's and recv's main processes for a directory tree (issue 12).
 
-    tree_memory.py [--files 100000] [--per-dir 100] [--size 100] [--runs 1] [--workdir DIR]
+    tree_memory.py [--files 100000[,200000...]] [--per-dir 100] [--size 100] [--runs 1]
+                   [--workdir DIR]
 
 Migrates a tree of FILES files of SIZE bytes (PER_DIR to a directory) and a 10-file
 tree over loopback TCP, and prints for each side
 
     (peak RSS of the main process, big tree - same, 10-file tree) / FILES
+
+That figure also holds what does not grow with the tree (one TREE message's batch
+of operations in pass 1 is about 1 MiB of payload and its TreeOps); with several
+FILES sizes it also prints the marginal cost between two sizes,
+(peak RSS at FILES2 - peak RSS at FILES1) / (FILES2 - FILES1), which leaves it out.
 
 The figure is ru_maxrss of the main process alone (getrusage(RUSAGE_SELF), read
 inside it just before it exits): the channel processes are separate processes and
@@ -116,37 +122,42 @@ def migrate(src: Path, dst: Path, work: Path) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--files", type=int, default=100_000)
+    ap.add_argument("--files", default="100000", help="comma-separated sizes")
     ap.add_argument("--per-dir", type=int, default=100)
     ap.add_argument("--size", type=int, default=100)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--workdir", default="/dev/shm")
     a = ap.parse_args()
+    sizes = [int(x) for x in a.files.split(",")]
     work = Path(tempfile.mkdtemp(prefix="multifd-treemem-", dir=a.workdir))
     try:
-        small, big = work / "small", work / "big"
+        small = work / "small"
         make_tree(small, 10, a.per_dir, a.size)
-        make_tree(big, a.files, a.per_dir, a.size)
+        for n in sizes:
+            make_tree(work / f"big{n}", n, a.per_dir, a.size)
         time.sleep(REST_S)
-        results = []
+        per: dict[str, list[float]] = {}
         for _ in range(a.runs):
             base = migrate(small, work / "small.dst", work)
-            run = migrate(big, work / "big.dst", work)
-            row: dict[str, Any] = {"files": a.files, "s": round(run["s"], 2),
-                                   "passes": run["passes"]}
-            for side in ("send", "recv"):
-                for key in (f"{side}_kb", f"{side}_time_kb"):
+            runs = {}
+            for n in sizes:
+                runs[n] = run = migrate(work / f"big{n}", work / "big.dst", work)
+                row: dict[str, Any] = {"files": n, "s": round(run["s"], 2), "passes": run["passes"]}
+                for key in ("send_kb", "send_time_kb", "recv_kb", "recv_time_kb"):
                     row[key] = run[key]
                     row[f"{key}_10files"] = base[key]
-                    row[key.replace("_kb", "_b_per_file")] = round(
-                        (run[key] - base[key]) * 1024 / a.files, 1)
-            results.append(row)
-            print(json.dumps(row), flush=True)
-        for side in ("send", "recv"):
-            per = sorted(r[f"{side}_b_per_file"] for r in results)
-            per_t = sorted(r[f"{side}_time_b_per_file"] for r in results)
-            print(f"{side} main: {per[len(per) // 2]:.0f} B/file (ru_maxrss of the main process; "
-                  f"GNU time %M: {per_t[len(per_t) // 2]:.0f})")
+                    name = f"{key[:-3]} B/file at {n}"
+                    row[name] = round((run[key] - base[key]) * 1024 / n, 1)
+                    per.setdefault(name, []).append(row[name])
+                print(json.dumps(row), flush=True)
+            for n1, n2 in zip(sizes, sizes[1:]):
+                for key in ("send_kb", "recv_kb"):
+                    name = f"{key[:-3]} marginal B/file {n1}->{n2}"
+                    per.setdefault(name, []).append((runs[n2][key] - runs[n1][key]) * 1024 / (n2 - n1))
+        print("main process = ru_maxrss of the main process alone; *_time = GNU time %M")
+        for name, xs in per.items():
+            xs.sort()
+            print(f"{name}: median {xs[len(xs) // 2]:.0f} (min {xs[0]:.0f}, max {xs[-1]:.0f})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
