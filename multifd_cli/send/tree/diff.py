@@ -274,8 +274,10 @@ class _Differ:
         if kind == DIR:
             return True
         if kind == FILE:
-            if old.ino[o] != new.ino[c] or old.devs.numbers[old.dev[o]] != new.devs.numbers[new.dev[c]]:
+            if old.ino[o] != new.ino[c]:
                 return False
+            if old.devs.numbers[old.dev[o]] != new.devs.numbers[new.dev[c]]:
+                return False  # dev holds indices into each walk's own table
             new.fid[c] = old.fid[o]
             self.kept.append(old.fid[o])
             if new.nlink[c] > 1 or old.nlink[o] > 1:

@@ -67,9 +67,11 @@ class Snapshot:
     and widen, the whole column at once, the first time a value does not fit: a uid
     over 65,535 makes uid 4 bytes, a file of 4 GiB makes size 8 bytes, an inode
     number or a total of names over 4 GiB make ino or name_end 8 bytes. nlink is 1
-    byte until some directory has more than 253 subdirectories. dev holds an index
-    into `devs` (Devices; 1 byte for up to 256 devices, then 2). mtime and ctime stay 8-byte nanoseconds: the diff compares
-    them exactly. fid is 4 bytes: file ids stop at wire MAX_FILE_ID (2**24 - 1).
+    byte until some directory has more than 253 subdirectories, or a file more than
+    255 links. dev is an index into `devs` (Devices): 1 byte for up to 256 devices,
+    then 2. mtime and ctime stay 8-byte nanoseconds: the diff compares them exactly.
+    fid is 4 bytes: file ids stop at wire MAX_FILE_ID (2**24 - 1), and source.py
+    fails the run with exit 7 past it, long before a 4-byte id could overflow.
     """
 
     def __init__(self, started_ns: int = 0) -> None:
@@ -135,6 +137,7 @@ class Snapshot:
                 a = array(_WIDER[a.typecode], a)  # KeyError: over 64 bits, not from lstat
             a.append(value)
             setattr(self, col, a)
+
     def name(self, i: int) -> bytes:
         start = self.name_end[i - 1] if i else 0
         return bytes(self.names[start : self.name_end[i]])
