@@ -265,16 +265,16 @@ def test_open_scanned_refuses_a_path_that_no_longer_holds_the_inode(tmp_path: Pa
     snap = scan_tree(tmp_path)
     i = _paths(snap)["seg"]
     root = bytes(tmp_path)
-    fd = open_scanned(root, b"seg", *snap.key(i))
+    fd = open_scanned(root, b"seg", snap.dev[i], snap.ino[i])
     assert fd is not None
     os.close(fd)
     (tmp_path / "seg.new").write_bytes(b"t")
     os.replace(tmp_path / "seg.new", tmp_path / "seg")  # an atomic save since the walk
-    assert open_scanned(root, b"seg", *snap.key(i)) is None
+    assert open_scanned(root, b"seg", snap.dev[i], snap.ino[i]) is None
     os.unlink(tmp_path / "seg")
-    assert open_scanned(root, b"seg", *snap.key(i)) is None
+    assert open_scanned(root, b"seg", snap.dev[i], snap.ino[i]) is None
     os.symlink("elsewhere", tmp_path / "seg")
-    assert open_scanned(root, b"seg", *snap.key(i)) is None
+    assert open_scanned(root, b"seg", snap.dev[i], snap.ino[i]) is None
 
 
 def test_skipped_entries_make_one_warning() -> None:

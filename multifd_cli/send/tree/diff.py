@@ -144,8 +144,7 @@ class TreeDelta:
     def scan(self) -> Iterator[ScanItem]:
         new = self.new
         for c in self.found.scan:
-            dev, ino = new.key(c)
-            yield ScanItem(new.fid[c], new.path(c), dev, ino, new.size[c])
+            yield ScanItem(new.fid[c], new.path(c), new.dev[c], new.ino[c], new.size[c])
 
 
 def _create_other(new: Snapshot, c: int) -> TreeOp:
@@ -274,10 +273,8 @@ class _Differ:
         if kind == DIR:
             return True
         if kind == FILE:
-            if old.ino[o] != new.ino[c]:
+            if old.ino[o] != new.ino[c] or old.dev[o] != new.dev[c]:
                 return False
-            if old.devs.numbers[old.dev[o]] != new.devs.numbers[new.dev[c]]:
-                return False  # dev holds indices into each walk's own table
             new.fid[c] = old.fid[o]
             self.kept.append(old.fid[o])
             if new.nlink[c] > 1 or old.nlink[o] > 1:

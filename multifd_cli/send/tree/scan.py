@@ -43,22 +43,6 @@ _WIDER = {"B": "H", "H": "I", "I": "Q"}
 NARROW = ("uid", "gid", "size", "dev", "ino", "nlink", "name_end")
 
 
-class Devices:
-    """The distinct st_dev values one walk met, in the order it met them: a tree
-    spans one device, or a few with mount points inside, so Snapshot.dev holds a
-    1-byte index into `numbers` instead of an 8-byte device number."""
-
-    def __init__(self) -> None:
-        self.numbers: list[int] = []
-        self.index: dict[int, int] = {}  # st_dev -> its position in numbers
-
-    def add(self, dev: int) -> int:
-        """DEV's index, given it one if it is new."""
-        i = self.index[dev] = len(self.numbers)
-        self.numbers.append(dev)
-        return i
-
-
 class Snapshot:
     """The state of a tree at one walk. Index 0 is the root, whose path is b"".
 
@@ -68,13 +52,15 @@ class Snapshot:
     over 65,535 makes uid 4 bytes, a file of 4 GiB makes size 8 bytes, an inode
     number or a total of names over 4 GiB make ino or name_end 8 bytes. nlink is 1
     byte until some directory has more than 253 subdirectories, or a file more than
-    255 links. dev is an index into `devs` (Devices): 1 byte for up to 256 devices,
-    then 2. mtime and ctime stay 8-byte nanoseconds: the diff compares them exactly.
+    255 links. dev stays the device number (send/ktrace matches it with the kernel's):
+    4 bytes hold every major below 4096 with a minor below 2**20; a larger dev_t
+    widens the column to 8. mtime and ctime stay 8-byte nanoseconds: the diff compares them exactly.
     fid is 4 bytes: file ids stop at wire MAX_FILE_ID (2**24 - 1), and source.py
     fails the run with exit 7 past it, long before a 4-byte id could overflow.
     """
 
-    def __init__(self, started_ns: int = 0) -> None:
+    def __init__(self, root: bytes, started_ns: int = 0) -> None:
+        self.root = root
         # When the walk began, by the wall clock that stamps ctimes (see diff's RACY_NS).
         self.started_ns = started_ns
         self.kind = array("B")
@@ -84,14 +70,13 @@ class Snapshot:
         self.size = array("I")
         self.mtime = array("q")
         self.ctime = array("q")
-        self.dev = array("B")  # index into devs
+        self.dev = array("I")
         self.ino = array("I")
         self.nlink = array("B")
         self.parent = array("i")
         self.fid = array("i")  # assigned by the diff; -1 until then and for non-files
         self.names = bytearray()
         self.name_end = array("I")
-        self.devs = Devices()
         # Rare per-entry values live in dicts keyed by index, not in a slot per entry.
         self.target: dict[int, bytes] = {}
         self.rdev: dict[int, int] = {}
@@ -104,20 +89,17 @@ class Snapshot:
     def add(self, name: bytes, parent: int, st: os.stat_result, kind: int) -> int:
         """Append one entry; returns its index."""
         n = len(self.kind)
-        d = self.devs.index.get(st.st_dev)
-        if d is None:
-            d = self.devs.add(st.st_dev)
         self.names += name
         try:
             self.uid.append(st.st_uid)
             self.gid.append(st.st_gid)
             self.size.append(st.st_size)
-            self.dev.append(d)
+            self.dev.append(st.st_dev)
             self.ino.append(st.st_ino)
             self.nlink.append(st.st_nlink)
             self.name_end.append(len(self.names))
         except OverflowError:
-            self._append_widening(n, (st.st_uid, st.st_gid, st.st_size, d, st.st_ino,
+            self._append_widening(n, (st.st_uid, st.st_gid, st.st_size, st.st_dev, st.st_ino,
                                       st.st_nlink, len(self.names)))
         self.kind.append(kind)
         self.mode.append(st.st_mode & 0o7777)
@@ -156,7 +138,7 @@ class Snapshot:
 
     def key(self, i: int) -> tuple[int, int]:
         """(st_dev, st_ino): the entry's inode."""
-        return self.devs.numbers[self.dev[i]], self.ino[i]
+        return self.dev[i], self.ino[i]
 
     def per_entry(self) -> int:
         """Bytes one more entry costs in the fixed-width columns (names aside)."""
@@ -238,7 +220,7 @@ def scan_tree(root: str | bytes | os.PathLike[str], *, one_file_system: bool = F
         raise IOFailure(f"{os.fsdecode(rootb)}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"{os.fsdecode(rootb)}: not a directory")
-    snap = Snapshot(time.time_ns())
+    snap = Snapshot(rootb, time.time_ns())
     snap.add(b"", -1, st, DIR)
     _walk(snap, rootb, st.st_dev if one_file_system else None, only)
     return snap
