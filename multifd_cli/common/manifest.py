@@ -224,16 +224,20 @@ def walk_manifest(
     *,
     skip_names: frozenset[bytes] = frozenset(),
     keep: bool = False,
+    links_outside: int = 0,
 ) -> ManifestBuilder:
     """The manifest of a directory tree on disk, never following symlinks.
 
     recv uses it on its staging tree at completion. skip_names leaves out top-level
     names (the receiver's hidden id directory, if it lives inside the tree). Only
     files with more than one link are remembered for link groups, so memory stays
-    proportional to hard-linked files. With options.xattrs every entry's xattrs are
+    proportional to hard-linked files. links_outside: how many links every regular
+    file has outside ROOT (recv's staging files have one in its id directory), so
+    that those files are not all remembered. With options.xattrs every entry's xattrs are
     read (one listxattr each, and a getxattr per name).
     """
     builder = ManifestBuilder(options, keep=keep)
+    linked = 1 + links_outside
     for path, st, target, where in _walk(os.fsencode(root), skip_names):
         digest = 0
         if options.xattrs:
@@ -248,7 +252,7 @@ def walk_manifest(
             gid=st.st_gid,
             rdev=st.st_rdev,
             target=target,
-            key=(st.st_dev, st.st_ino) if st.st_nlink > 1 else None,
+            key=(st.st_dev, st.st_ino) if st.st_nlink > linked else None,
             xattrs=digest,
         )
     return builder

@@ -144,7 +144,9 @@ class TreeDest:
         opts = ManifestOptions(mtimes=True, owners=self.owners, devices=self.owners,
                                xattrs=self.xattrs)
         try:
-            ours = walk_manifest(self.staging, opts)
+            # Every staged file also has its id name: without links_outside the walk
+            # would remember every file's (dev, ino), ~170 bytes each.
+            ours = walk_manifest(self.staging, opts, links_outside=1)
         except OSError as e:
             raise IOFailure(f"walking the staging tree: {e.strerror}") from None
         if (ours.count, ours.digest()) != (manifest.entries, manifest.digest):

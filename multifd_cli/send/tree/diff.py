@@ -228,7 +228,7 @@ class _Differ:
         # Every file id a path kept, whatever its link count said: a walk that races
         # with link() or unlink() can see one inode with different link counts at its
         # paths, so nlink alone cannot say whether a file that lost a path still has one.
-        self.kept = array("q")
+        self.kept = array("i")
 
     def match(self, old: Snapshot) -> None:
         """Pair old and new entries by path, directory by directory from the root."""
@@ -379,7 +379,11 @@ class _Differ:
         fresh: set[int] = set()  # new fids with more than one link
         # Fresh paths with several links first, so that a path of the same inode seen
         # with one link (before the link existed) finds their id.
-        self.added_files = array("i", sorted(self.added_files, key=lambda c: new.nlink[c] <= 1))
+        # (Two filtering passes, not sorted(): that would hold a Python int per file.)
+        nlink, added = new.nlink, self.added_files
+        self.added_files = array("i", (c for c in added if nlink[c] > 1))
+        self.added_files.extend(c for c in added if nlink[c] <= 1)
+        del added
         xp = found.xattrs
         for c in self.added_files:
             key = new.key(c)

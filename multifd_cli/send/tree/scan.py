@@ -37,8 +37,27 @@ _KINDS = {
 }
 
 
+#: The next wider array type of an unsigned column whose value did not fit.
+_WIDER = {"B": "H", "H": "I", "I": "Q"}
+#: Snapshot's columns that start narrow and widen (in the order add() fills them).
+NARROW = ("uid", "gid", "size", "dev", "ino", "nlink", "name_end")
+
+
 class Snapshot:
-    """The state of a tree at one walk. Index 0 is the root, whose path is b""."""
+    """The state of a tree at one walk. Index 0 is the root, whose path is b"".
+
+    Send holds two snapshots at once while it diffs a pass, so every column is as
+    narrow as its common values allow. The unsigned columns in NARROW start narrow
+    and widen, the whole column at once, the first time a value does not fit: a uid
+    over 65,535 makes uid 4 bytes, a file of 4 GiB makes size 8 bytes, an inode
+    number or a total of names over 4 GiB make ino or name_end 8 bytes. nlink is 1
+    byte until some directory has more than 253 subdirectories, or a file more than
+    255 links. dev stays the device number (send/ktrace matches it with the kernel's):
+    4 bytes hold every major below 4096 with a minor below 2**20; a larger dev_t
+    widens the column to 8. mtime and ctime stay 8-byte nanoseconds: the diff compares them exactly.
+    fid is 4 bytes: file ids stop at wire MAX_FILE_ID (2**24 - 1), and source.py
+    fails the run with exit 7 past it, long before a 4-byte id could overflow.
+    """
 
     def __init__(self, root: bytes, started_ns: int = 0) -> None:
         self.root = root
@@ -46,18 +65,18 @@ class Snapshot:
         self.started_ns = started_ns
         self.kind = array("B")
         self.mode = array("H")
-        self.uid = array("I")
-        self.gid = array("I")
-        self.size = array("q")
+        self.uid = array("H")
+        self.gid = array("H")
+        self.size = array("I")
         self.mtime = array("q")
         self.ctime = array("q")
-        self.dev = array("Q")
-        self.ino = array("Q")
-        self.nlink = array("I")
+        self.dev = array("I")
+        self.ino = array("I")
+        self.nlink = array("B")
         self.parent = array("i")
-        self.fid = array("q")  # assigned by the diff; -1 until then and for non-files
+        self.fid = array("i")  # assigned by the diff; -1 until then and for non-files
         self.names = bytearray()
-        self.name_end = array("Q")
+        self.name_end = array("I")
         # Rare per-entry values live in dicts keyed by index, not in a slot per entry.
         self.target: dict[int, bytes] = {}
         self.rdev: dict[int, int] = {}
@@ -69,21 +88,37 @@ class Snapshot:
 
     def add(self, name: bytes, parent: int, st: os.stat_result, kind: int) -> int:
         """Append one entry; returns its index."""
+        n = len(self.kind)
+        self.names += name
+        try:
+            self.uid.append(st.st_uid)
+            self.gid.append(st.st_gid)
+            self.size.append(st.st_size)
+            self.dev.append(st.st_dev)
+            self.ino.append(st.st_ino)
+            self.nlink.append(st.st_nlink)
+            self.name_end.append(len(self.names))
+        except OverflowError:
+            self._append_widening(n, (st.st_uid, st.st_gid, st.st_size, st.st_dev, st.st_ino,
+                                      st.st_nlink, len(self.names)))
         self.kind.append(kind)
         self.mode.append(st.st_mode & 0o7777)
-        self.uid.append(st.st_uid)
-        self.gid.append(st.st_gid)
-        self.size.append(st.st_size)
         self.mtime.append(st.st_mtime_ns)
         self.ctime.append(st.st_ctime_ns)
-        self.dev.append(st.st_dev)
-        self.ino.append(st.st_ino)
-        self.nlink.append(st.st_nlink)
         self.parent.append(parent)
         self.fid.append(-1)
-        self.names += name
-        self.name_end.append(len(self.names))
-        return len(self.kind) - 1
+        return n
+
+    def _append_widening(self, n: int, values: Sequence[int]) -> None:
+        """Append entry N's NARROW values, widening each column one does not fit.
+        Columns before the one that overflowed already hold entry N: trimmed first."""
+        for col, value in zip(NARROW, values):
+            a: array[int] = getattr(self, col)
+            del a[n:]
+            while not _fits(a.typecode, value):
+                a = array(_WIDER[a.typecode], a)  # KeyError: over 64 bits, not from lstat
+            a.append(value)
+            setattr(self, col, a)
 
     def name(self, i: int) -> bytes:
         start = self.name_end[i - 1] if i else 0
@@ -102,13 +137,20 @@ class Snapshot:
         return range(first, first + count)
 
     def key(self, i: int) -> tuple[int, int]:
+        """(st_dev, st_ino): the entry's inode."""
         return self.dev[i], self.ino[i]
+
+    def per_entry(self) -> int:
+        """Bytes one more entry costs in the fixed-width columns (names aside)."""
+        return sum(a.itemsize for a in self._columns())
+
+    def _columns(self) -> tuple[array[int], ...]:
+        return (self.kind, self.mode, self.uid, self.gid, self.size, self.mtime, self.ctime,
+                self.dev, self.ino, self.nlink, self.parent, self.fid, self.name_end)
 
     def nbytes(self) -> int:
         """Bytes held by the per-entry arrays (what grows with the tree)."""
-        arrays = (self.kind, self.mode, self.uid, self.gid, self.size, self.mtime, self.ctime,
-                  self.dev, self.ino, self.nlink, self.parent, self.fid, self.name_end)
-        return sum(a.itemsize * len(a) for a in arrays) + len(self.names)
+        return sum(a.itemsize * len(a) for a in self._columns()) + len(self.names)
 
     def walk(self, i: int = 0, path: bytes = b"") -> Iterator[tuple[int, bytes]]:
         """(index, path) in canonical manifest order: pre-order, names sorted."""
@@ -119,6 +161,14 @@ class Snapshot:
             kids = sorted(((self.name(c), c) for c in self.child_range(i)), reverse=True)
             for name, c in kids:
                 stack.append((c, path + b"/" + name if path else name))
+
+
+def _fits(typecode: str, value: int) -> bool:
+    try:
+        array(typecode, (value,))
+    except OverflowError:
+        return False
+    return True
 
 
 #: Which entries of a directory a walk takes: name -> the selection below it, where
