@@ -10,7 +10,7 @@ tree over loopback TCP, and prints for each side
     (peak RSS of the main process, big tree - same, 10-file tree) / FILES
 
 That figure also holds what does not grow with the tree (one TREE message's batch
-of operations in pass 1 is about 1 MiB of payload and its TreeOps); with several
+of operations in pass 1 is about 256 KiB of payload (OPS_BYTES) and its TreeOps); with several
 FILES sizes it also prints the marginal cost between two sizes,
 (peak RSS at FILES2 - peak RSS at FILES1) / (FILES2 - FILES1), which leaves it out.
 

@@ -44,7 +44,7 @@ log = logging.getLogger("multifd")
 
 BATCH_FILES = 256  # files in one TreeWork
 BATCH_BYTES = 8 << 20  # or this many bytes of them, whichever comes first
-OPS_BYTES = 1 << 20  # a TREE message holds about this much
+OPS_BYTES = 1 << 18  # a TREE message holds about this much: its ops and copies are pass 1's peak
 QUEUED = 4  # ready batches a busy channel may have waiting
 
 
