@@ -181,9 +181,13 @@ class TreeKernelTracking(Tracking):
         self.stats: PlanStats | None = None
         self._owed: Collection[tuple[int, int]] = ()
         self._polled = 0.0
+        self._final = False
 
     def begin(self, epoch: int, full: bool, final: bool = False) -> None:
         w = self.tracker.begin_pass(final=final)
+        # No window follows the final pass to carry a write that lands between its
+        # marker and the walk: such a write (a process no pause covers) is read now.
+        self._final = final
         # A lost window cannot vouch for the writes after the last marker: the files the
         # last plan left to it (PlanStats.owed) are read whole.
         self._owed = self.stats.owed if self.stats is not None and w.full else ()
@@ -212,7 +216,8 @@ class TreeKernelTracking(Tracking):
 
         self.stats = PlanStats()
         return plan_delta(delta, w, self.tracker.devs, unread, self.tracker.extent,
-                          self.stats, self.tracker.safety_net, self.tracker.since_marker())
+                          self.stats, self.tracker.safety_net,
+                          () if self._final else self.tracker.since_marker())
 
     def tick(self) -> None:
         now = time.monotonic()
