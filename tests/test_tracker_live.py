@@ -182,8 +182,11 @@ def test_overrun_with_a_tiny_buffer_falls_back(kdir: Path, kit: Kit,  # noqa: F8
     src = make_source(kdir / "src", size, seed=20 + run)
     # A capped pass 1 lasts long enough (over 0.3 s) for pass 2's window to hold far
     # more events than 4 KiB can: without the cap a fast run could overrun nowhere.
+    # The flusher keeps cleaning the source, so every store emits an event again: a
+    # source laid out in a few 2 MiB folios otherwise goes quiet once they are dirty
+    # (a quiet CI run overran nowhere).
     events = live_copy(kit, started, src, kdir / "dst", "pwrite", run, "--max-bandwidth", "200M",
-                       env={"MULTIFD_TEST_KTRACE": "buffer=4"})
+                       env={"MULTIFD_TEST_KTRACE": "buffer=4"}, flusher=True)
     fell = [p for p in passes(events)[1:] if p["tracker_fallback"]]
     assert fell, passes(events)
     assert all("lost" in p["tracker_fallback"] or "overran" in p["tracker_fallback"]
