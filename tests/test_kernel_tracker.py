@@ -908,3 +908,30 @@ def test_cost_scales_with_dirty_pages_not_source_size(kdir: Path) -> None:
             os.close(fd)
     # 32x the source, same 16 dirty pages: the pass start must not grow with size.
     assert cost[256 << 20] < max(4 * cost[8 << 20], 0.02), cost
+
+
+def test_a_forked_child_holding_the_instance_does_not_fail_close(kdir: Path) -> None:
+    """Channels are forked after the tracer opened its fds: on Ctrl-C of the whole group
+    they can outlive send's close, and rmdir is EBUSY while they do (seen once in CI as
+    exit 1 instead of 130). close() must not fail, and the guardian removes the
+    instance once the child is gone."""
+    src = make_source(kdir / "src", 1 << 20)
+    t = KernelTracker([str(src)])
+    name = t.instance_name
+    t.begin_pass()
+    child = os.fork()
+    if child == 0:  # holds every inherited fd, the trace pipe among them, for 2 s
+        time.sleep(2)
+        os._exit(0)
+    try:
+        t.close()  # must not raise EBUSY
+    finally:
+        os.waitpid(child, 0)
+    root, _ = tracefs.open_root()
+    try:
+        deadline = time.monotonic() + 10
+        while name in tracefs.list_instances(root) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert name not in tracefs.list_instances(root)
+    finally:
+        os.close(root)

@@ -128,13 +128,15 @@ class TraceSession:
 
     def close(self) -> None:
         """Remove the instance, release the guardian, drop the root; safe to call twice."""
+        removed = True
         try:
             if self.inst is not None:
                 inst, self.inst = self.inst, None
-                inst.close()
+                removed = inst.close()
         finally:
             if self.guardian is not None:
-                self.guardian.release()
+                # Still busy: the guardian removes it once the fd's holder is gone.
+                self.guardian.release(wait=removed)
                 self.guardian = None
             if self.root >= 0:
                 os.close(self.root)

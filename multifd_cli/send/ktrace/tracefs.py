@@ -253,11 +253,17 @@ class Guardian:
         finally:
             os.close(rd)
 
-    def release(self) -> None:
-        """The owner closed cleanly: let the guardian go (it finds nothing to remove)."""
+    def release(self, wait: bool = True) -> None:
+        """The owner closed cleanly: let the guardian go (it finds nothing to remove).
+
+        `wait=False` when the instance is still there because a forked child holds
+        an fd into it: the guardian then outlives us and removes it once the last
+        holder of the pipe's write end, that child included, is gone."""
         if self._wr >= 0:
             os.close(self._wr)
             self._wr = -1
+            if not wait:
+                return
             try:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -322,8 +328,10 @@ class Instance:
             if n.startswith("cpu") and n[3:].isdigit():
                 yield int(n[3:])
 
-    def close(self) -> None:
-        """Drop every fd into the instance, then remove it (EBUSY while any is open)."""
+    def close(self) -> bool:
+        """Drop every fd into the instance, then remove it. False when it stays busy:
+        a process forked while it was open (a channel) still holds an fd into it,
+        as on Ctrl-C of the whole group, where the channels exit after us."""
         for fd in self._open:
             try:
                 os.close(fd)
@@ -333,4 +341,10 @@ class Instance:
         if self.dir >= 0:
             os.close(self.dir)
             self.dir = -1
-            _remove(self.root, self.name)
+            try:
+                _remove(self.root, self.name)
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                return False
+        return True
