@@ -101,10 +101,30 @@ class ApiTracking(Tracking):
     kind = "api"
 
 
-class KernelTracking(Tracking):
+class _Polled(Tracking):
+    """Drains a kernel tracker's trace every POLL_S while a pass runs, and once more
+    just before the pause (settle), so the buffer never overruns mid-pass and the
+    final pass start parses only what came after."""
+
+    tracker: KernelTracker | TreeKernelTracker
+    _polled: float = 0.0
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._polled >= POLL_S:
+            self._polled = now
+            self.tracker.poll()
+
+    def settle(self) -> None:
+        self._polled = time.monotonic()
+        self.tracker.poll()
+
+
+class KernelTracking(_Polled):
     """Each pass reads what the kernel window since the previous pass start reported."""
 
     kind = "kernel"
+    tracker: KernelTracker
 
     def __init__(self, tracker: KernelTracker, sources: Sequence[Source], page_size: int,
                  estimator: Estimator) -> None:
@@ -150,21 +170,12 @@ class KernelTracking(Tracking):
             return super().spans(block, pages, step, full)
         return page_spans(w.ranges.get(path, []), self.page_size, pages, step)
 
-    def tick(self) -> None:
-        now = time.monotonic()
-        if now - self._polled >= POLL_S:
-            self._polled = now
-            self.tracker.poll()
-
-    def settle(self) -> None:
-        self._polled = time.monotonic()
-        self.tracker.poll()
 
     def close(self) -> None:
         self.tracker.close()
 
 
-class TreeKernelTracking(Tracking):
+class TreeKernelTracking(_Polled):
     """A directory tree's passes read what the kernel window says was written.
 
     Files on filesystems the tracker cannot watch keep the stat rule (send/tree);
@@ -173,6 +184,7 @@ class TreeKernelTracking(Tracking):
     """
 
     kind = "kernel"
+    tracker: TreeKernelTracker
 
     def __init__(self, tracker: TreeKernelTracker, untraced: str | None) -> None:
         super().__init__(untraced)
@@ -219,15 +231,6 @@ class TreeKernelTracking(Tracking):
                           self.stats, self.tracker.safety_net,
                           () if self._final else self.tracker.since_marker())
 
-    def tick(self) -> None:
-        now = time.monotonic()
-        if now - self._polled >= POLL_S:
-            self._polled = now
-            self.tracker.poll()
-
-    def settle(self) -> None:
-        self._polled = time.monotonic()
-        self.tracker.poll()
 
     def fields(self) -> dict[str, Any]:
         out = super().fields()

@@ -292,13 +292,7 @@ class KernelTracker(MarkedTrace):
             if ev.ino in self._src.inodes:
                 win.nopage[ev.ino] = ev.event
             return False
-        if isinstance(ev, parse.Lost):
-            win.lost.append(f"the trace lost {ev.count} events on CPU {ev.cpu}")
-            return True
-        if isinstance(ev, parse.Unknown):
-            win.lost.append(f"unreadable trace line: {ev.line[:80]!r}")
-            return True
-        return False
+        return super()._ingest(win, ev)  # losses and unreadable lines
 
     def _ingest_bio(self, win: Window, ev: bio.Bio) -> None:
         if not ev.completion and ev.pid == self._tid:
